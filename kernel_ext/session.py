@@ -1,0 +1,90 @@
+"""The Session: one per kernel, the single source of truth for models, breakers, checkpoints
+and the audit log. Magics call it; widgets observe its ``events``.
+
+Event kinds published on ``session.events`` (payload keys in brackets):
+- ``model``       [action: "loading"|"loaded"|"unloaded"|"failed", name, info]
+- ``load_progress`` [name, done, total, stage]
+- ``infer``       [action: "start"|"end"|"error", correlation_id, model, result|error]
+- ``breaker``     [name, old, new, snapshot]   (state transitions)
+- ``breaker_call`` [name, outcome, snapshot]   (every recorded call)
+- ``checkpoint``  [action: "committed"|"failed"|"restored"|"skipped", status]
+- ``task``        [name, done, total]
+- ``audit``       [record]
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .audit import AuditLog
+from .config import KernelExtConfig
+from .events import EventBus
+from .paths import notebook_state_dir, user_cache_dir
+
+if TYPE_CHECKING:  # pragma: no cover
+    from IPython.core.interactiveshell import InteractiveShell
+
+__all__ = ["Session"]
+
+log = logging.getLogger(__name__)
+
+
+class Session:
+    """Everything kernel_ext knows about this kernel."""
+
+    def __init__(
+        self,
+        config: KernelExtConfig | None = None,
+        shell: InteractiveShell | None = None,
+        *,
+        state_dir: str | Path | None = None,
+    ) -> None:
+        self.config = config if config is not None else KernelExtConfig()
+        self.shell = shell
+        self.events = EventBus()
+        self.lock = threading.RLock()
+        user_ns = shell.user_ns if shell is not None else None
+        if state_dir is not None:
+            self.state_dir = Path(state_dir)
+        elif self.config.state_dir:
+            self.state_dir = Path(self.config.state_dir).expanduser()
+        else:
+            self.state_dir = notebook_state_dir(user_ns)
+        self.audit = AuditLog(self.state_dir / "audit.jsonl", events=self.events)
+        # Parts attached by their subsystems (models, resilience, checkpoint); see each module.
+        from .models import ModelRegistry
+
+        self.models = ModelRegistry(self)
+        self._closers: list[Callable[[], None]] = []
+
+    # --- paths ----------------------------------------------------------------------------------
+    @property
+    def cache_dir(self) -> Path:
+        return user_cache_dir(self.config.cache_dir)
+
+    # --- lifecycle ------------------------------------------------------------------------------
+    def on_close(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` when the session closes (extension unload, kernel shutdown)."""
+        self._closers.append(fn)
+
+    def close(self) -> None:
+        for fn in reversed(self._closers):
+            try:
+                fn()
+            except Exception:  # closing must finish even if one part fails
+                log.exception("kernel_ext: error while closing %r", fn)
+        self._closers.clear()
+        self.models.unload_all()
+
+    # --- state for checkpoints ------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        """JSON-able session state saved with each snapshot (models, breakers, fallbacks)."""
+        return {"models": self.models.state()}
+
+    def restore_state(self, state: dict[str, Any]) -> list[str]:
+        """Bring back what :meth:`state` saved; returns human-readable lines of what was done."""
+        return self.models.restore_state(state.get("models", []))
