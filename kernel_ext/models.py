@@ -1,22 +1,314 @@
-"""Model registry (placeholder API; implemented by the foundation work)."""
+"""The model registry: load GGUF files safely into Transformers, list, describe, unload.
+
+A load is: resolve the file -> validate it with our bounded reader -> check its SHA-256 against
+the pin (given, or known for the file) -> estimate the footprint and choose a plan that fits
+the memory budget (:mod:`kernel_ext.memory`) -> dequantise into Transformers
+(:mod:`kernel_ext.gguf.loader`) with a progress bar -> register a provider. Every step that
+can fail raises a typed error; every load is written to the audit log.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import gc
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["ModelRegistry"]
+from .default_model import DEFAULT_MODEL_NAME, KNOWN_PINS, default_model_path
+from .errors import KernelExtError, ModelNotFoundError
+from .memory import LoadPlan, choose_plan, format_bytes
+from .providers.transformers_gguf import LocalModel, TransformersGGUFProvider
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .session import Session
+
+__all__ = ["ModelEntry", "ModelRegistry", "resolve_device", "resolve_dtype"]
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ModelNotFoundError(f"device {device!r} was asked for but no CUDA GPU is visible; "
+                                     "use --device cpu (or auto)")
+        index = int(device.split(":", 1)[1]) if ":" in device else 0
+        if index >= torch.cuda.device_count():
+            raise ModelNotFoundError(f"device {device!r} does not exist: "
+                                     f"{torch.cuda.device_count()} GPU(s) visible")
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    if dtype != "auto":
+        return dtype
+    if device.startswith("cuda"):
+        import torch
+
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return "float32"
+
+
+@dataclass
+class ModelEntry:
+    """A loaded model."""
+
+    name: str
+    path: Path
+    sha256: str
+    plan: LoadPlan
+    provider: TransformersGGUFProvider
+    summary: dict[str, Any]
+    load_s: float
+    footprint: int
+    loaded_at: float = field(default_factory=time.time)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def info(self) -> dict[str, Any]:
+        s = self.summary
+        return {
+            "name": self.name,
+            "architecture": s.get("architecture"),
+            "parameters": s.get("n_params"),
+            "quant_types": s.get("quant_types") or s.get("type_counts"),
+            "file": str(self.path),
+            "file_size": s.get("file_size"),
+            "sha256": self.sha256,
+            "estimated_memory": self.plan.estimate_bytes,
+            "footprint": self.footprint,
+            "device": self.plan.device,
+            "dtype": self.plan.dtype,
+            "plan": self.plan.describe(),
+            "load_s": round(self.load_s, 3),
+            "chat_template": bool(self.provider.local and self.provider.local.chat_template),
+        }
 
 
 class ModelRegistry:
-    def __init__(self, session: Any) -> None:
+    """Loaded models by name; the most recently loaded one is the default for ``%%infer``."""
+
+    def __init__(self, session: Session) -> None:
         self.session = session
-        self._models: dict[str, Any] = {}
+        self._entries: dict[str, ModelEntry] = {}
+        self.active: str | None = None
+
+    # --- queries ---------------------------------------------------------------------------------
+    def names(self) -> list[str]:
+        return list(self._entries)
+
+    def entries(self) -> list[ModelEntry]:
+        return list(self._entries.values())
+
+    def get(self, name: str | None = None) -> ModelEntry:
+        if name is None:
+            if self.active is None:
+                raise ModelNotFoundError("no model is loaded; run %model load (the default model) "
+                                         "or %model load PATH.gguf")
+            name = self.active
+        try:
+            return self._entries[name]
+        except KeyError:
+            loaded = ", ".join(self._entries) or "none"
+            raise ModelNotFoundError(f"no model named {name!r} is loaded (loaded: {loaded}); "
+                                     f"load it with %model load PATH --name {name}") from None
+
+    def footprints(self) -> dict[str, int]:
+        return {n: e.footprint for n, e in self._entries.items()}
+
+    # --- loading ---------------------------------------------------------------------------------
+    def resolve(self, target: str | None) -> tuple[Path, str, str | None]:
+        """(path, default name, known pin) for a path, a known name or nothing (the default)."""
+        cfg = self.session.config
+        if target in (None, "", "default", DEFAULT_MODEL_NAME):
+            if cfg.default_model:
+                path = Path(cfg.default_model).expanduser()
+                return path, _name_from_path(path), KNOWN_PINS.get(path.name)
+            path = default_model_path(self.session.cache_dir)
+            return path, DEFAULT_MODEL_NAME, KNOWN_PINS[path.name]
+        path = Path(str(target)).expanduser()
+        if not path.exists():
+            raise ModelNotFoundError(
+                f"{target!r} is neither a file nor a known model name (known: {DEFAULT_MODEL_NAME}); "
+                "give the path of a .gguf file"
+            )
+        if path.is_dir():
+            ggufs = sorted(path.glob("*.gguf"))
+            if len(ggufs) != 1:
+                raise ModelNotFoundError(f"{path} is a directory with {len(ggufs)} .gguf files; "
+                                         "give the file's path")
+            path = ggufs[0]
+        return path, _name_from_path(path), KNOWN_PINS.get(path.name)
+
+    def load(
+        self,
+        target: str | None = None,
+        *,
+        name: str | None = None,
+        dtype: str | None = None,
+        device: str | None = None,
+        sha256: str | None = None,
+        progress: bool = True,
+    ) -> ModelEntry:
+        """Load a GGUF model (see the module docstring); returns its registry entry."""
+        from .gguf.integrity import sha256_file, verify_sha256
+        from .gguf.reader import read_gguf
+
+        session = self.session
+        cfg = session.config
+        path, default_name, known_pin = self.resolve(target)
+        name = name or default_name
+        if not _NAME_RE.match(name):
+            raise ModelNotFoundError(f"model name {name!r} is not valid: use letters, digits, . _ -")
+        if name in self._entries:
+            raise ModelNotFoundError(f"a model named {name!r} is already loaded; "
+                                     f"%model unload {name} first or pass --name")
+        dev = resolve_device(device or cfg.device)
+        dt = resolve_dtype(dtype or cfg.dtype, dev)
+        session.events.emit("model", action="loading", name=name, info={"path": str(path)})
+        t0 = time.perf_counter()
+        try:
+            with read_gguf(path) as gf:  # validates the whole header before anything else
+                summary = gf.summary()
+                chat_template = gf.metadata.get("tokenizer.chat_template")
+            pin = sha256 or known_pin
+            digest = verify_sha256(path, pin) if pin else sha256_file(path)
+            plan = choose_plan(int(summary["n_params"]), device=dev, dtype=dt,
+                               fraction=cfg.memory_fraction)
+            session.audit.write("model.plan", name=name, path=path, sha256=digest, plan=plan.describe())
+            artifacts = self._load_weights(path, digest, plan, name, progress)
+        except KernelExtError as e:
+            session.audit.write("model.load_failed", name=name, path=path, error=e)
+            session.events.emit("model", action="failed", name=name, info={"error": str(e)})
+            raise
+        load_s = time.perf_counter() - t0
+        local = LocalModel(
+            model=artifacts.model, tokenizer=artifacts.tokenizer, path=path, sha256=digest,
+            device=plan.device, dtype=plan.dtype,
+            chat_template=chat_template if isinstance(chat_template, str) else None,
+            info=summary,
+        )
+        caps = {"max_template_chars": cfg.template_max_chars,
+                "max_output_chars": cfg.template_max_output}
+        entry = ModelEntry(
+            name=name, path=path, sha256=digest, plan=plan,
+            provider=TransformersGGUFProvider(name, local, template_caps=caps),
+            summary=summary, load_s=load_s, footprint=_footprint(artifacts.model),
+            timings=dict(getattr(artifacts, "timings", {}) or {}),
+        )
+        self._entries[name] = entry
+        self.active = name
+        session.audit.write("model.load", name=name, path=path, sha256=digest, plan=plan.describe(),
+                            duration_s=round(load_s, 3), footprint=entry.footprint)
+        session.events.emit("model", action="loaded", name=name, info=entry.info())
+        return entry
+
+    def _load_weights(self, path: Path, digest: str, plan: LoadPlan, name: str, progress: bool) -> Any:
+        import torch
+
+        from .gguf.loader import load_transformers
+
+        bar = None
+        events = self.session.events
+
+        def on_progress(done: int, total: int, stage: str) -> None:
+            nonlocal bar
+            events.emit("load_progress", name=name, done=done, total=total, stage=stage)
+            if not progress:
+                return
+            if bar is None:
+                from tqdm.auto import tqdm
+
+                bar = tqdm(total=total, desc=f"loading {name}", unit="tensor", leave=False)
+            bar.update(done - bar.n)
+
+        cache = self.session.cache_dir / "conversions" if self.session.config.conversion_cache else None
+        try:
+            return load_transformers(
+                path, dtype=getattr(torch, plan.dtype), device=plan.device, sha256=digest,
+                cache_dir=cache, progress=on_progress,
+                quantization=plan.quantization, device_map="auto" if plan.offload else None,
+            )
+        finally:
+            if bar is not None:
+                bar.close()
+
+    # --- unloading -------------------------------------------------------------------------------
+    def unload(self, name: str) -> ModelEntry:
+        entry = self.get(name)
+        del self._entries[name]
+        entry.provider.close()
+        if self.active == name:
+            self.active = next(reversed(self._entries), None)
+        gc.collect()
+        self.session.audit.write("model.unload", name=name, freed=entry.footprint)
+        self.session.events.emit("model", action="unloaded", name=name, info={"freed": entry.footprint})
+        return entry
 
     def unload_all(self) -> None:
-        self._models.clear()
+        for name in list(self._entries):
+            self.unload(name)
 
+    # --- checkpoint state ------------------------------------------------------------------------
     def state(self) -> list[dict[str, Any]]:
-        return []
+        """What is needed to load the same models again (same file, hash-checked)."""
+        return [
+            {"name": e.name, "path": str(e.path), "sha256": e.sha256, "dtype": e.plan.dtype,
+             "device": e.plan.device, "active": e.name == self.active}
+            for e in self._entries.values()
+        ]
 
     def restore_state(self, state: list[dict[str, Any]]) -> list[str]:
-        return []
+        lines: list[str] = []
+        active = None
+        for spec in state:
+            name = spec.get("name", "")
+            if name in self._entries:
+                lines.append(f"model {name}: already loaded")
+                continue
+            try:
+                device = spec.get("device", "auto")
+                if device.startswith("cuda"):
+                    import torch
+
+                    if not torch.cuda.is_available():
+                        device = "auto"
+                self.load(spec["path"], name=name, dtype=spec.get("dtype"), device=device,
+                          sha256=spec.get("sha256"))
+                lines.append(f"model {name}: reloaded from {spec['path']} (SHA-256 verified)")
+            except (KernelExtError, OSError) as e:
+                lines.append(f"model {name}: NOT reloaded: {e}")
+            if spec.get("active"):
+                active = name
+        if active in self._entries:
+            self.active = active
+        return lines
+
+    def describe(self, entry: ModelEntry) -> str:
+        i = entry.info()
+        quant = ", ".join(f"{k}×{v}" for k, v in (i["quant_types"] or {}).items())
+        return (
+            f"{i['name']}: {i['architecture']}, {i['parameters']:,} parameters ({quant})\n"
+            f"  file      {i['file']} ({format_bytes(i['file_size'] or 0)}), sha256 {i['sha256'][:16]}…\n"
+            f"  memory    estimated {format_bytes(i['estimated_memory'])}, "
+            f"actual {format_bytes(i['footprint'])}\n"
+            f"  placement {i['plan']}\n"
+            f"  loaded in {i['load_s']:.2f} s; chat template: {'yes' if i['chat_template'] else 'no'}"
+        )
+
+
+def _name_from_path(path: Path) -> str:
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", path.stem).strip("-.") or "model"
+    return stem[:64]
+
+
+def _footprint(model: Any) -> int:
+    total = 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        total += t.numel() * t.element_size()
+    return total

@@ -24,6 +24,7 @@ from .audit import AuditLog
 from .config import KernelExtConfig
 from .events import EventBus
 from .paths import notebook_state_dir, user_cache_dir
+from .providers.base import GenerationParams, GenerationResult, TokenCallback
 
 if TYPE_CHECKING:  # pragma: no cover
     from IPython.core.interactiveshell import InteractiveShell
@@ -59,7 +60,9 @@ class Session:
         from .models import ModelRegistry
 
         self.models = ModelRegistry(self)
+        self.chain: Any = _DirectChain(self)  # replaced by kernel_ext.resilience.attach
         self._closers: list[Callable[[], None]] = []
+        self.last_result: GenerationResult | None = None
 
     # --- paths ----------------------------------------------------------------------------------
     @property
@@ -80,6 +83,21 @@ class Session:
         self._closers.clear()
         self.models.unload_all()
 
+    # --- inference ------------------------------------------------------------------------------
+    def infer(self, prompt: str, params: GenerationParams, *, model: str | None = None,
+              on_token: TokenCallback | None = None) -> GenerationResult:
+        """Answer ``prompt`` through the fallback chain (primary model, fallbacks, offline cache)."""
+        self.events.emit("infer", action="start", model=model)
+        try:
+            result = self.chain.run(prompt, params, model=model, on_token=on_token)
+        except Exception as e:
+            self.events.emit("infer", action="error", model=model, error=e)
+            raise
+        self.last_result = result
+        self.events.emit("infer", action="end", model=result.model, result=result,
+                         correlation_id=result.correlation_id)
+        return result
+
     # --- state for checkpoints ------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
         """JSON-able session state saved with each snapshot (models, breakers, fallbacks)."""
@@ -88,3 +106,21 @@ class Session:
     def restore_state(self, state: dict[str, Any]) -> list[str]:
         """Bring back what :meth:`state` saved; returns human-readable lines of what was done."""
         return self.models.restore_state(state.get("models", []))
+
+
+class _DirectChain:
+    """The chain before resilience is attached: the model's own provider, with its timeout."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def run(self, prompt: str, params: GenerationParams, *, model: str | None = None,
+            on_token: TokenCallback | None = None) -> GenerationResult:
+        import time
+
+        provider = self.session.models.get(model).provider
+        deadline = time.monotonic() + params.timeout if params.timeout else None
+        return provider.generate(
+            prompt, params, on_token=on_token,
+            should_stop=(lambda: time.monotonic() > deadline) if deadline else None,
+        )

@@ -26,9 +26,13 @@ class MagicParser(argparse.ArgumentParser):
     def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
         raise UsageError(message or self.format_usage().strip())
 
-    def parse(self, line: str) -> argparse.Namespace:
+    def parse(self, line: str | list[str]) -> argparse.Namespace:
+        """Parse a magic line (or its already split words); mistakes raise ``UsageError``."""
+        words = split(line) if isinstance(line, str) else list(line)
+        if "--help" in words or "-h" in words:
+            raise UsageError(self.format_help())
         try:
-            return self.parse_args(split(line))
+            return self.parse_args(words)
         except argparse.ArgumentError as e:
             self.error(str(e))
 

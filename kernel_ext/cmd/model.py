@@ -1,0 +1,104 @@
+"""``%model load|list|info|unload|fallback|remote|cache``."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from IPython.core.error import UsageError
+
+from ..config import DEVICE_RE, DTYPES
+from ..memory import format_bytes
+from ._args import MagicParser, dispatch
+
+__all__ = ["run"]
+
+
+def _load_parser() -> MagicParser:
+    p = MagicParser("%model load", description="Load a GGUF model (no argument: the default model).")
+    p.add_argument("target", nargs="?", default=None, help="path of a .gguf file or a known model name")
+    p.add_argument("--name", help="name to register it under (default: from the file name)")
+    p.add_argument("--dtype", choices=DTYPES, help="weights dtype (default: %%config KernelExt.dtype)")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: %%config KernelExt.device)")
+    p.add_argument("--sha256", help="expected SHA-256 of the file; a mismatch refuses the load")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def _load(ext: Any, args: list[str]) -> None:
+    ns = _load_parser().parse(args)
+    if ns.device is not None and not DEVICE_RE.match(ns.device):
+        raise UsageError(f"%model load: --device must be auto, cpu, cuda or cuda:N, not {ns.device!r}")
+    entry = ext.session.models.load(ns.target, name=ns.name, dtype=ns.dtype, device=ns.device,
+                                    sha256=ns.sha256, progress=not ns.no_progress)
+    print(f"loaded {entry.name}: {entry.summary.get('architecture')}, "
+          f"{entry.summary.get('n_params', 0):,} parameters on {entry.plan.describe()} "
+          f"in {entry.load_s:.1f} s")
+
+
+def _list(ext: Any, args: list[str]) -> None:
+    if args:
+        raise UsageError("%model list takes no arguments")
+    models = ext.session.models
+    if not models.names():
+        print("no model loaded; %model load loads the default model")
+        return
+    for e in models.entries():
+        mark = "*" if e.name == models.active else " "
+        print(f"{mark} {e.name:<24} {e.summary.get('architecture', '?'):<10} "
+              f"{e.plan.device:<7} {e.plan.dtype:<9} {format_bytes(e.footprint):>10}  {e.path}")
+
+
+def _info(ext: Any, args: list[str]) -> None:
+    if len(args) > 1:
+        raise UsageError("usage: %model info [NAME]")
+    models = ext.session.models
+    print(models.describe(models.get(args[0] if args else None)))
+
+
+def _unload(ext: Any, args: list[str]) -> None:
+    if len(args) != 1:
+        raise UsageError("usage: %model unload NAME  (see %model list)")
+    entry = ext.session.models.unload(args[0])
+    print(f"unloaded {entry.name}; freed {format_bytes(entry.footprint)}")
+
+
+def _resilience(name: str) -> Any:
+    def handler(ext: Any, args: list[str]) -> Any:
+        module = importlib.import_module("kernel_ext.cmd.resilience")
+        return getattr(module, name)(ext, args)
+
+    return handler
+
+
+def _cache(ext: Any, args: list[str]) -> None:
+    from ..gguf import cache
+
+    root = ext.session.cache_dir / "conversions"
+    if args == ["list"] or not args:
+        entries = cache.list_entries(root)
+        if not entries:
+            print(f"conversion cache {root} is empty")
+        for e in entries:
+            print("  ".join(f"{k}={v}" for k, v in (e.items() if isinstance(e, dict) else vars(e).items())))
+    elif args[0] == "clear" and len(args) <= 2:
+        cache.clear(root, *(args[1:2]))
+        print(f"cleared the conversion cache {root}" + (f" for {args[1]}" if len(args) == 2 else ""))
+    else:
+        raise UsageError("usage: %model cache list | %model cache clear [SHA256]")
+
+
+_TABLE = {
+    "load": _load,
+    "list": _list,
+    "info": _info,
+    "unload": _unload,
+    "fallback": _resilience("fallback"),
+    "remote": _resilience("remote"),
+    "cache": _cache,
+}
+
+
+def run(ext: Any, magic: str, line: str, cell: str | None = None) -> Any:
+    table = {k: (lambda args, f=f: f(ext, args)) for k, f in _TABLE.items()}
+    return dispatch("%model", line, table, default="list")
