@@ -117,8 +117,6 @@ def run(ext: Any, magic: str, line: str, cell: str | None = None) -> Any:
 
 
 def _run_over(ext: Any, ns: Any, template: str, params: GenerationParams, user_ns: dict[str, Any]) -> None:
-    from ..checkpoint.tasks import task
-
     if ns.over is None or ns.into is None:
         raise UsageError("%%infer: --over LIST and --into VAR go together")
     if ns.over not in user_ns:
@@ -127,6 +125,8 @@ def _run_over(ext: Any, ns: Any, template: str, params: GenerationParams, user_n
     if isinstance(items, (str, bytes)) or not isinstance(items, Sequence):
         raise UsageError(f"%%infer --over: {ns.over!r} must be a list (or tuple) of items, "
                          f"not {type(items).__name__}")
+    from ..checkpoint.tasks import task
+
     t = task(f"infer:{ns.into}", list(items), session=ext.session, progress=not ns.quiet)
     for index, item in enumerate(t):
         prompt = interpolate(template, {**user_ns, "item": item, "index": index})

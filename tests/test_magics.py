@@ -1,0 +1,178 @@
+"""%model and %%infer in a real IPython shell: user mistakes are short UsageErrors, tiny real
+GGUF models load and answer, settings work through %config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from IPython.core.error import UsageError
+
+from tinymodels import write_tiny_gemma3, write_tiny_llama
+
+CHAT = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def line(ip: Any, magic: str, text: str = "") -> Any:
+    return ip.run_line_magic(magic, text)
+
+
+def cell(ip: Any, args: str, body: str) -> Any:
+    return ip.run_cell_magic("infer", args, body)
+
+
+@pytest.fixture
+def tiny(tmp_path: Path) -> Path:
+    return write_tiny_llama(tmp_path / "tiny-llama.gguf", seed=1)
+
+
+@pytest.fixture
+def tiny_chat(tmp_path: Path) -> Path:
+    return write_tiny_gemma3(tmp_path / "tiny-gemma3-chat.gguf", seed=2, chat_template=CHAT)
+
+
+# --- user mistakes -----------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "magic, text, fragment",
+    [
+        ("model", "frobnicate", "unknown subcommand 'frobnicate'"),
+        ("model", "load /nonexistent/model.gguf", "neither a file nor a known model name"),
+        ("model", "load --dtype int3", "invalid choice"),
+        ("model", "load --device tpu", "--device must be"),
+        ("model", "info", "no model is loaded"),
+        ("model", "unload nothing", "no model named 'nothing'"),
+        ("model", "unload", "usage: %model unload NAME"),
+        ("model", "load 'unterminated", "check your quotes"),
+    ],
+)
+def test_model_mistakes_are_usage_errors(ip: Any, magic: str, text: str, fragment: str) -> None:
+    with pytest.raises(UsageError) as info:
+        line(ip, magic, text)
+    assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "args, body, fragment",
+    [
+        ("", "   \n", "the cell is empty"),
+        ("", "Hello", "no model to run"),
+        ("--max-new-tokens 0", "x", "--max-new-tokens must be between 1"),
+        ("--temperature -1", "x", "--temperature must be >= 0"),
+        ("--top-p 0", "x", "--top-p must be in (0, 1]"),
+        ("--timeout -2", "x", "--timeout must be >= 0"),
+        ("--bogus", "x", "unrecognized arguments: --bogus"),
+        ("--quiet", "x", "give -o VAR"),
+        ("-o 1abc", "x", "needs a Python variable name"),
+        ("--chat --no-chat", "x", "not allowed with argument"),
+        ("--over items", "{item}", "go together"),
+        ("", "Hi {nobody}", "no variable 'nobody'"),
+        ("", "Hi {name.upper()}", "not evaluated"),
+    ],
+)
+def test_infer_mistakes_are_usage_errors(ip: Any, args: str, body: str, fragment: str) -> None:
+    ip.user_ns["name"] = "Ada"
+    with pytest.raises(UsageError) as info:
+        cell(ip, args, body)
+    assert fragment in str(info.value)
+
+
+def test_a_magic_error_in_a_cell_shows_one_line_not_a_traceback(ip: Any, capsys: Any) -> None:
+    ip.run_cell("%model load /nonexistent.gguf")
+    err = capsys.readouterr().err
+    assert "UsageError" in err and "neither a file" in err
+    assert "Traceback" not in err
+
+
+def test_config_traits_validate(ip: Any) -> None:
+    ext = ip.configurables[-1]
+    line(ip, "config", "KernelExt.max_new_tokens = 7")
+    assert ext.max_new_tokens == 7 and ext.session.config.max_new_tokens == 7
+    line(ip, "config", "KernelExt.memory_fraction = 1.5")  # refused, value kept
+    assert ext.memory_fraction == 0.8
+
+
+# --- tiny real models ------------------------------------------------------------------------------
+def test_load_list_info_unload(ip: Any, tiny: Path, capsys: Any) -> None:
+    line(ip, "model", f"load {tiny} --name tiny --no-progress")
+    out = capsys.readouterr().out
+    assert "loaded tiny: llama" in out and "cpu / float32" in out
+    line(ip, "model", "list")
+    assert "* tiny" in capsys.readouterr().out
+    line(ip, "model", "info")
+    info = capsys.readouterr().out
+    assert "parameters" in info and "sha256" in info and "estimated" in info and "loaded in" in info
+    with pytest.raises(UsageError, match="already loaded"):
+        line(ip, "model", f"load {tiny} --name tiny")
+    line(ip, "model", "unload tiny")
+    assert "freed" in capsys.readouterr().out
+    with pytest.raises(UsageError, match="no model is loaded"):
+        line(ip, "model", "info")
+
+
+def test_sha256_pin_mismatch_refuses_the_load(ip: Any, tiny: Path) -> None:
+    with pytest.raises(UsageError, match="IntegrityError"):
+        line(ip, "model", f"load {tiny} --sha256 {'0' * 64}")
+    assert ip.configurables[-1].session.models.names() == []
+
+
+def test_malformed_file_is_refused_before_loading(ip: Any, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\xff" * 40)
+    with pytest.raises(UsageError, match="GGUFFormatError"):
+        line(ip, "model", f"load {bad}")
+
+
+def test_infer_streams_stores_and_is_deterministic(ip: Any, tiny: Path, capsys: Any) -> None:
+    line(ip, "model", f"load {tiny} --no-progress")
+    ip.user_ns["topic"] = "cats"
+    cell(ip, "-n 8 -o r1", "Tell me about {topic}")
+    out = capsys.readouterr().out
+    r1 = ip.user_ns["r1"]
+    assert r1.prompt == "Tell me about cats"
+    assert r1.completion_tokens >= 1 and r1.prompt_tokens > 1
+    assert r1.text and r1.text in out  # streamed into the output
+    assert "tok/s" in out  # the footer
+    cell(ip, "-n 8 -o r2 --quiet", "Tell me about {topic}")
+    assert capsys.readouterr().out == ""
+    assert ip.user_ns["r2"].text == r1.text  # greedy: same answer twice
+    assert "InferenceResult(" in repr(r1) and str(r1) == r1.text
+
+
+def test_seeded_sampling_is_reproducible(ip: Any, tiny: Path) -> None:
+    line(ip, "model", f"load {tiny} --no-progress")
+    texts = []
+    for out in ("a", "b"):
+        cell(ip, f"-n 12 -t 1.5 --seed 7 -o {out} -q", "hello")
+        texts.append(ip.user_ns[out].text)
+    assert texts[0] == texts[1]
+    cell(ip, "-n 12 -t 1.5 --seed 8 -o c -q", "hello")
+    cell(ip, "-n 12 -t 1.5 --seed 9 -o d -q", "hello")
+    assert len({texts[0], ip.user_ns["c"].text, ip.user_ns["d"].text}) > 1
+
+
+def test_max_new_tokens_sets_finish_reason(ip: Any, tiny: Path) -> None:
+    line(ip, "model", f"load {tiny} --no-progress")
+    cell(ip, "-n 3 -o r -q", "abc")
+    r = ip.user_ns["r"]
+    assert r.completion_tokens <= 3
+    assert r.finish_reason in {"length", "stop"}
+
+
+def test_chat_template_is_used_when_present(ip: Any, tiny_chat: Path, tiny: Path) -> None:
+    line(ip, "model", f"load {tiny_chat} --name chatty --no-progress")
+    provider = ip.configurables[-1].session.models.get("chatty").provider
+    from kernel_ext.providers.base import GenerationParams
+
+    text, used = provider.build_prompt("hi", GenerationParams(system="be brief"))
+    assert used and text.endswith("<|assistant|>") and "<|system|>be brief" in text
+    text, used = provider.build_prompt("hi", GenerationParams(chat=False))
+    assert not used and text == "hi"
+    cell(ip, "--model chatty -n 4 -o r -q", "hi")
+    assert ip.user_ns["r"].completion_tokens >= 1
+    line(ip, "model", f"load {tiny} --name base --no-progress")
+    with pytest.raises(UsageError, match="has no chat template"):
+        cell(ip, "--model base --chat -n 2 -o r -q", "hi")
