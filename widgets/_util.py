@@ -8,9 +8,10 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from ipywidgets import Widget
+from ipywidgets import VBox, Widget
 
 __all__ = [
+    "Panel",
     "as_dict",
     "close_tree",
     "esc",
@@ -100,3 +101,13 @@ def close_tree(root: Widget) -> None:
     """Close ``root`` and everything it owns, so no comm is left behind."""
     for w in list(widget_tree(root)):
         w.close()
+
+
+class Panel(VBox):
+    """A ``VBox`` that closes everything it owns (children, their layouts and styles)."""
+
+    def close(self) -> None:
+        for child in list(self.children):
+            close_tree(child)
+        self.layout.close()
+        super().close()

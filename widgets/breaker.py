@@ -12,9 +12,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ipywidgets import HTML, Layout, VBox
+from ipywidgets import HTML, Layout
 
-from ._util import as_dict, esc, fmt_seconds
+from ._util import Panel, as_dict, esc, fmt_seconds
 
 __all__ = ["BreakerPanel", "STATE_COLOURS", "STATE_LABELS"]
 
@@ -26,7 +26,7 @@ _UNKNOWN_COLOUR = "#616161"
 _CELL = "padding:2px 8px;text-align:left;"
 
 
-class BreakerPanel(VBox):
+class BreakerPanel(Panel):
     """Every provider's breaker: state (coloured), window failures, failure rate, next trial,
     last error, trip count."""
 

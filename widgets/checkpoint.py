@@ -12,9 +12,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ipywidgets import HTML, VBox
+from ipywidgets import HTML
 
-from ._util import as_dict, esc, fmt_age, fmt_bytes, fmt_seconds
+from ._util import Panel, as_dict, esc, fmt_age, fmt_bytes, fmt_seconds
 
 __all__ = ["CheckpointPanel"]
 
@@ -22,7 +22,7 @@ _ACTION_COLOURS = {"committed": "#2e7d32", "restored": "#1565c0", "skipped": "#7
                    "failed": "#c62828"}
 
 
-class CheckpointPanel(VBox):
+class CheckpointPanel(Panel):
     """What the last checkpoint saved, skipped and how it went."""
 
     def __init__(self, clock: Callable[[], float] = time.time, **kwargs: Any) -> None:

@@ -16,9 +16,9 @@ import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from ipywidgets import HTML, HBox, Layout, VBox
+from ipywidgets import HTML, HBox, Layout
 
-from ._util import close_tree, fmt_clock
+from ._util import Panel, fmt_clock
 from .breaker import BreakerPanel
 from .checkpoint import CheckpointPanel
 from .memory import MemoryPanel
@@ -44,7 +44,7 @@ def _default_sampler() -> Any:
     return sample_memory()
 
 
-class Dashboard(VBox):
+class Dashboard(Panel):
     """Live breaker, memory and checkpoint panels for one Session.
 
     ``sampler`` (default :func:`kernel_ext.memory.sample_memory`), ``clock`` (wall time, for
@@ -66,14 +66,14 @@ class Dashboard(VBox):
     ) -> None:
         self.session = session
         self.interval = float(session.config.dashboard_interval if interval is None else interval)
-        self.breakers = BreakerPanel(clock=monotonic)
-        self.memory = MemoryPanel(history_seconds=history_seconds)
-        self.checkpoints = CheckpointPanel(clock=clock)
+        def box() -> Layout:
+            return Layout(border="1px solid #e0e0e0", padding="4px 8px", margin="2px")
+
+        self.breakers = BreakerPanel(clock=monotonic, layout=box())
+        self.memory = MemoryPanel(history_seconds=history_seconds, layout=box())
+        self.checkpoints = CheckpointPanel(clock=clock, layout=box())
         self.header = HTML("<b style='font-size:110%'>kernel_ext dashboard</b>")
         self.footer = HTML()
-        panel = Layout(border="1px solid #e0e0e0", padding="4px 8px", margin="2px")
-        for p in (self.breakers, self.memory, self.checkpoints):
-            p.layout = panel
         row = HBox([self.memory, self.checkpoints], layout=Layout(flex_flow="row wrap"))
         super().__init__(children=[self.header, self.breakers, row, self.footer], **kwargs)
         self.add_class("kernel-ext-dashboard")
@@ -146,10 +146,6 @@ class Dashboard(VBox):
     def close(self) -> None:
         """Stop, then close every widget of the dashboard (no comm is left behind)."""
         self.stop("closed")
-        for child in list(self.children):
-            close_tree(child)
-        for sub in (self.layout,):
-            sub.close()
         super().close()
 
     def _repr_mimebundle_(self, **kwargs: Any) -> Any:

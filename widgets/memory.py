@@ -13,10 +13,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ipywidgets import HTML, VBox
+from ipywidgets import HTML
 
 from ._svg import sparkline
-from ._util import esc, fmt_bytes, fmt_clock
+from ._util import Panel, esc, fmt_bytes, fmt_clock
 
 __all__ = ["MemoryPanel", "DeviceReading"]
 
@@ -49,7 +49,7 @@ class _Point:
     gpus: dict[int, int]
 
 
-class MemoryPanel(VBox):
+class MemoryPanel(Panel):
     """RAM, GPUs, model footprints and a short history."""
 
     def __init__(self, history_seconds: float = 300.0, **kwargs: Any) -> None:
