@@ -1,12 +1,29 @@
-"""Crash-safe checkpoints of notebook variables to Zarr (issue: checkpoints)."""
+"""Crash-safe checkpoints of notebook variables to Zarr, and resumable tasks.
+
+- :mod:`.store`: the snapshot store (content-addressed objects, manifests, atomic pointer).
+- :mod:`.manager`: what to save and when (post_run_cell, SIGTERM, exit), status, resume.
+- :mod:`.tasks`: resumable loops (``kernel_ext.task``).
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["attach"]
+from .manager import CheckpointManager
+from .store import Store
+from .tasks import Task, task
+
+__all__ = ["attach", "CheckpointManager", "Store", "Task", "task"]
 
 
-def attach(session: Any) -> None:
-    """Create the checkpoint manager for ``session`` and register the IPython hooks."""
-    # Filled in by the checkpoint work: see kernel_ext/checkpoint/.
+def attach(session: Any) -> CheckpointManager:
+    """Create ``session.checkpoints``, register its hooks (undone on close) and tell a fresh
+    kernel when a checkpoint of its notebook exists."""
+    manager = CheckpointManager(session)
+    session.checkpoints = manager
+    manager.install()
+    session.on_close(manager.close)
+    message = manager.startup_message()
+    if message:
+        print(message)
+    return manager

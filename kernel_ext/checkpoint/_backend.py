@@ -1,0 +1,278 @@
+"""Where the bytes go: a local directory (fsync + atomic rename) or any fsspec URL.
+
+The store above only needs a handful of operations: durable atomic ``put`` of small files,
+``get``, listing, removal, and writing one Zarr array so that it appears all at once.
+
+On a local directory every publish follows the same protocol: write a temporary file, fsync
+it, ``os.replace`` it into place, fsync the directory. The ``_os`` attribute (``fsync``,
+``replace``) and the ``on_step`` hook are seams for tests that inject I/O errors or kill the
+writer at each step.
+
+On an fsspec URL (``memory://``, ``s3://``) single-object writes are atomic by the storage's
+own contract; an array is complete once its ``.ok`` marker exists (written last).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import types
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Backend", "LocalBackend", "FsspecBackend", "open_backend"]
+
+TMP = "tmp"
+
+
+class Backend:
+    """The operations the snapshot store needs from its storage."""
+
+    url: str
+
+    def put(self, key: str, data: bytes) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def get(self, key: str) -> bytes:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def exists(self, key: str) -> bool:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def list(self, prefix: str) -> list[str]:  # pragma: no cover - interface
+        """Names directly under ``prefix`` (no error when it does not exist)."""
+        raise NotImplementedError
+
+    def remove(self, key: str) -> None:  # pragma: no cover - interface
+        """Remove a file or a whole tree; missing is fine."""
+        raise NotImplementedError
+
+    def has_array(self, key: str) -> bool:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def write_array(self, key: str, write: Callable[[Any], None]) -> None:  # pragma: no cover
+        """Call ``write(zarr_store)`` to write one array at the store's root, then publish it
+        at ``key`` atomically (all or nothing)."""
+        raise NotImplementedError
+
+    def array_store(self, key: str) -> Any:  # pragma: no cover - interface
+        """A read-only Zarr store whose root is the array at ``key``."""
+        raise NotImplementedError
+
+    def clean_tmp(self) -> int:  # pragma: no cover - interface
+        """Remove leftovers of interrupted writes; returns how many were removed."""
+        raise NotImplementedError
+
+
+class LocalBackend(Backend):
+    """A directory on a local file system."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).expanduser()
+        self.url = str(self.root)
+        # Seams for fault-injection tests: replace with objects whose fsync/replace fail.
+        self._os: Any = types.SimpleNamespace(fsync=os.fsync, replace=os.replace)
+        self.on_step: Callable[[str], None] | None = None
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / TMP).mkdir(exist_ok=True)
+
+    # --- helpers --------------------------------------------------------------------------------
+    def _step(self, name: str) -> None:
+        if self.on_step is not None:
+            self.on_step(name)
+
+    def _path(self, key: str) -> Path:
+        return self.root / key
+
+    def _tmp_path(self, suffix: str = "") -> Path:
+        return self.root / TMP / f"{uuid.uuid4().hex}{suffix}"
+
+    def _fsync_dir(self, path: Path) -> None:
+        self._step("fsync_dir")
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            self._os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _fsync_tree(self, top: Path) -> None:
+        for dirpath, _dirnames, filenames in os.walk(top, topdown=False):
+            for name in filenames:
+                self._step("fsync")
+                fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+                try:
+                    self._os.fsync(fd)
+                finally:
+                    os.close(fd)
+            self._fsync_dir(Path(dirpath))
+
+    # --- operations -----------------------------------------------------------------------------
+    def put(self, key: str, data: bytes) -> None:
+        final = self._path(key)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self._tmp_path(".part")
+        done = False
+        try:
+            self._step("write")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                view = memoryview(data)
+                half = len(view) // 2
+                _write_all(fd, view[:half])
+                self._step("write_half")
+                _write_all(fd, view[half:])
+                self._step("fsync")
+                self._os.fsync(fd)
+            finally:
+                os.close(fd)
+            self._step("replace")
+            self._os.replace(tmp, final)
+            done = True
+        finally:
+            if not done:
+                _unlink(tmp)
+        self._fsync_dir(final.parent)
+
+    def get(self, key: str) -> bytes:
+        return self._path(key).read_bytes()
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).exists()
+
+    def list(self, prefix: str) -> list[str]:
+        try:
+            return sorted(os.listdir(self._path(prefix)))
+        except FileNotFoundError:
+            return []
+
+    def remove(self, key: str) -> None:
+        path = self._path(key)
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=False)
+        else:
+            _unlink(path)
+
+    def has_array(self, key: str) -> bool:
+        return (self._path(key) / "zarr.json").exists()
+
+    def write_array(self, key: str, write: Callable[[Any], None]) -> None:
+        from zarr.storage import LocalStore
+
+        final = self._path(key)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self._tmp_path()
+        done = False
+        try:
+            self._step("array_write")
+            write(LocalStore(tmp))
+            self._fsync_tree(tmp)
+            self._step("rename")
+            try:
+                self._os.replace(tmp, final)
+            except OSError as e:
+                # Another writer published the same content-addressed array first: fine.
+                if e.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not self.has_array(key):
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)
+            done = True
+        finally:
+            if not done:
+                shutil.rmtree(tmp, ignore_errors=True)
+        self._fsync_dir(final.parent)
+
+    def array_store(self, key: str) -> Any:
+        from zarr.storage import LocalStore
+
+        return LocalStore(self._path(key), read_only=True)
+
+    def clean_tmp(self) -> int:
+        tmp = self.root / TMP
+        count = 0
+        for name in self.list(TMP):
+            self.remove(f"{TMP}/{name}")
+            count += 1
+        tmp.mkdir(exist_ok=True)
+        return count
+
+
+class FsspecBackend(Backend):
+    """Any fsspec URL (``memory://``, ``s3://``, ``gs://``): each object is one atomic put."""
+
+    def __init__(self, url: str) -> None:
+        import fsspec
+
+        self.url = url.rstrip("/")
+        self.fs, self._root = fsspec.core.url_to_fs(self.url)
+        self._root = self._root.rstrip("/")
+
+    def _p(self, key: str) -> str:
+        return f"{self._root}/{key}" if key else self._root
+
+    def put(self, key: str, data: bytes) -> None:
+        self.fs.pipe_file(self._p(key), bytes(data))
+
+    def get(self, key: str) -> bytes:
+        return bytes(self.fs.cat_file(self._p(key)))
+
+    def exists(self, key: str) -> bool:
+        return bool(self.fs.exists(self._p(key)))
+
+    def list(self, prefix: str) -> list[str]:
+        try:
+            entries = self.fs.ls(self._p(prefix), detail=False)
+        except FileNotFoundError:
+            return []
+        return sorted(str(e).rstrip("/").rsplit("/", 1)[-1] for e in entries)
+
+    def remove(self, key: str) -> None:
+        path = self._p(key)
+        if self.fs.exists(path):
+            self.fs.rm(path, recursive=True)
+
+    def has_array(self, key: str) -> bool:
+        return self.exists(f"{key}.ok")
+
+    def write_array(self, key: str, write: Callable[[Any], None]) -> None:
+        from zarr.storage import FsspecStore
+
+        self.remove(key)  # a torn earlier attempt (no marker) is replaced
+        write(FsspecStore.from_url(f"{self.url}/{key}"))
+        self.put(f"{key}.ok", b"")
+
+    def array_store(self, key: str) -> Any:
+        from zarr.storage import FsspecStore
+
+        return FsspecStore.from_url(f"{self.url}/{key}", read_only=True)
+
+    def remove_array(self, key: str) -> None:
+        self.remove(f"{key}.ok")
+        self.remove(key)
+
+    def clean_tmp(self) -> int:
+        return 0
+
+
+def open_backend(location: str | Path) -> Backend:
+    """A :class:`LocalBackend` for paths and ``file://`` URLs, else a :class:`FsspecBackend`."""
+    text = str(location)
+    if text.startswith("file://"):
+        return LocalBackend(text[len("file://"):])
+    if "://" in text:
+        return FsspecBackend(text)
+    return LocalBackend(text)
+
+
+def _write_all(fd: int, view: memoryview) -> None:
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def _unlink(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return

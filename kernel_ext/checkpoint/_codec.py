@@ -1,0 +1,348 @@
+"""Turning notebook values into content-addressed parts, and back.
+
+A value becomes an :class:`Encoded`: a ``kind``, JSON ``meta`` (dtype, shape, ...) and one or
+more :class:`Part` objects, each either an array (stored as a Zarr array) or a blob of bytes.
+Parts are named by their xxh3-128 content hash, which is verified on restore.
+
+Kinds: ``ndarray`` (numpy arrays and scalars), ``torch`` (tensors, any device, bfloat16
+included; restored on the CPU unless the original device exists), ``json`` (nested
+dict/list/str/int/float/bool/None), ``bytes``/``bytearray``, ``dataframe`` (pandas, column
+by column) and ``pickle`` (only for variables the user opted in; restoring runs code).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import pickle
+import sys
+import types
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import xxhash
+
+__all__ = ["Part", "Encoded", "Unstorable", "PickleRefused", "encode", "decode", "never_reason",
+           "array_hash", "blob_hash", "json_bytes"]
+
+_ARRAY_KINDS = set("biufc")
+_TIME_KINDS = set("Mm")
+
+
+class Unstorable(Exception):
+    """Internal: a value that cannot be stored; ``str(e)`` is the reason shown to the user."""
+
+
+class PickleRefused(Exception):
+    """Internal: a pickled value that the caller did not allow to be unpickled."""
+
+
+@dataclass
+class Part:
+    """One immutable object of a snapshot: an array or a blob, named by its content hash."""
+
+    hash: str
+    array: np.ndarray | None = None
+    data: bytes | None = None
+
+    @property
+    def is_array(self) -> bool:
+        return self.array is not None
+
+    @property
+    def nbytes(self) -> int:
+        if self.array is not None:
+            return int(self.array.nbytes)
+        return len(self.data or b"")
+
+    def ref(self) -> dict[str, Any]:
+        """How a manifest refers to this part."""
+        if self.array is not None:
+            return {"hash": self.hash, "type": "array", "dtype": self.array.dtype.str,
+                    "shape": list(self.array.shape), "nbytes": self.nbytes}
+        return {"hash": self.hash, "type": "blob", "nbytes": self.nbytes}
+
+
+@dataclass
+class Encoded:
+    kind: str
+    meta: dict[str, Any]
+    parts: list[Part] = field(default_factory=list)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts)
+
+    @property
+    def digest(self) -> str:
+        """Changes whenever the stored form would change (content, dtype, shape, kind)."""
+        h = xxhash.xxh3_128(self.kind.encode())
+        h.update(json.dumps(self.meta, sort_keys=True).encode())
+        for p in self.parts:
+            h.update(p.hash.encode())
+        return h.hexdigest()
+
+
+# --- hashing ------------------------------------------------------------------------------------
+def array_hash(arr: np.ndarray) -> str:
+    """xxh3-128 of dtype, shape and the bytes of a C-contiguous array."""
+    h = xxhash.xxh3_128(f"array:{arr.dtype.str}:{arr.shape}:".encode())
+    if arr.size:
+        h.update(arr.reshape(-1).view(np.uint8))
+    return h.hexdigest()
+
+
+def blob_hash(data: bytes) -> str:
+    h = xxhash.xxh3_128(b"blob:")
+    h.update(data)
+    return h.hexdigest()
+
+
+def json_bytes(value: Any) -> bytes:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+# --- what is never stored -----------------------------------------------------------------------
+def never_reason(value: Any) -> str | None:
+    """Why a value is never checkpointed (modules, functions, classes, model objects), or None."""
+    if isinstance(value, types.ModuleType):
+        return "module (re-import it)"
+    if isinstance(value, type):
+        return "class (re-run its definition)"
+    if isinstance(value, (types.FunctionType, types.BuiltinFunctionType, types.MethodType,
+                          functools.partial)):
+        return "function (re-run its definition)"
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(value, torch.nn.Module):
+        return "model object (torch.nn.Module): %resume reloads models loaded with %model"
+    for cls in type(value).__mro__:
+        module = getattr(cls, "__module__", "") or ""
+        if module.startswith(("transformers.", "tokenizers")):
+            return f"model object ({cls.__name__}): %resume reloads models loaded with %model"
+    return None
+
+
+# --- encoding -----------------------------------------------------------------------------------
+def _array_part(arr: np.ndarray) -> Part:
+    arr = np.ascontiguousarray(arr)
+    if not arr.dtype.isnative:
+        arr = arr.astype(arr.dtype.newbyteorder("="))
+    return Part(hash=array_hash(arr), array=arr)
+
+
+def _blob_part(data: bytes) -> Part:
+    return Part(hash=blob_hash(data), data=data)
+
+
+def _encode_ndarray(arr: np.ndarray, scalar: bool = False) -> Encoded:
+    kind = arr.dtype.kind
+    meta: dict[str, Any] = {"dtype": arr.dtype.str, "shape": list(arr.shape)}
+    if scalar:
+        meta["scalar"] = True
+    if kind in _ARRAY_KINDS:
+        return Encoded("ndarray", meta, [_array_part(arr)])
+    if kind in _TIME_KINDS:
+        stored = np.ascontiguousarray(arr).view(np.int64)
+        return Encoded("ndarray", meta, [_array_part(stored)])
+    raise Unstorable(f"numpy array of dtype {arr.dtype} (only numeric, bool and datetime arrays; "
+                     f"use `%checkpoint track NAME --pickle`)")
+
+
+_TORCH_INT_BY_SIZE = {1: "int8", 2: "int16", 4: "int32", 8: "int64"}
+
+
+def _encode_torch(t: Any) -> Encoded:
+    import torch
+
+    if t.layout != torch.strided or t.is_quantized:
+        raise Unstorable(f"torch tensor with layout {t.layout} (only dense tensors)")
+    device = str(t.device)
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.to("cpu")
+    t = t.resolve_conj().resolve_neg().contiguous()
+    try:
+        arr = t.numpy()
+    except TypeError:  # bfloat16, float8...: keep the bits in an integer of the same size
+        size = t.element_size()
+        if size not in _TORCH_INT_BY_SIZE:
+            raise Unstorable(f"torch tensor of dtype {t.dtype}") from None
+        arr = t.view(getattr(torch, _TORCH_INT_BY_SIZE[size])).numpy()
+    meta = {"torch_dtype": str(t.dtype).removeprefix("torch."), "device": device,
+            "requires_grad": bool(getattr(t, "requires_grad", False)),
+            "dtype": arr.dtype.str, "shape": list(arr.shape)}
+    return Encoded("torch", meta, [_array_part(arr)])
+
+
+def _is_json(value: Any, depth: int = 0) -> bool:
+    if depth > 200:
+        return False
+    t = type(value)
+    if value is None or t in (str, int, float, bool):
+        return True
+    if t is list:
+        return all(_is_json(v, depth + 1) for v in value)
+    if t is dict:
+        return all(type(k) is str and _is_json(v, depth + 1) for k, v in value.items())
+    return False
+
+
+def _encode_column(values: np.ndarray, what: str) -> tuple[dict[str, Any], Part]:
+    if values.dtype.kind in _ARRAY_KINDS or values.dtype.kind in _TIME_KINDS:
+        enc = _encode_ndarray(values)
+        return {"enc": "array", "dtype": values.dtype.str}, enc.parts[0]
+    items = values.tolist()
+    if values.dtype.kind == "O" and _is_json(items):
+        return {"enc": "json"}, _blob_part(json_bytes(items))
+    raise Unstorable(f"DataFrame {what} of dtype {values.dtype} holds values that are not "
+                     "numbers, booleans, datetimes, strings or None")
+
+
+def _encode_frame(df: Any) -> Encoded:
+    import pandas as pd
+
+    labels = list(df.columns)
+    if not _is_json(labels) or len(set(map(repr, labels))) != len(labels):
+        raise Unstorable("DataFrame with non-unique or non-string/int column labels")
+    parts: list[Part] = []
+    columns: list[dict[str, Any]] = []
+    for i, label in enumerate(labels):
+        col = df.iloc[:, i]
+        if isinstance(col.dtype, np.dtype):
+            info, part = _encode_column(col.to_numpy(), f"column {label!r}")
+        elif pd.api.types.is_string_dtype(col.dtype):
+            values = col.astype(object).where(col.notna(), None).tolist()
+            info, part = {"enc": "json", "pandas_dtype": str(col.dtype)}, _blob_part(
+                json_bytes(values))
+        else:
+            raise Unstorable(f"DataFrame column {label!r} has extension dtype {col.dtype}")
+        columns.append({"label": label, **info})
+        parts.append(part)
+    index = df.index
+    meta: dict[str, Any] = {"columns": columns, "shape": list(df.shape)}
+    index_name = index.name if _is_json(index.name) else None
+    if isinstance(index, pd.RangeIndex):
+        meta["index"] = {"range": [index.start, index.stop, index.step], "name": index_name}
+    elif isinstance(index.dtype, np.dtype) and not isinstance(index, pd.MultiIndex):
+        info, part = _encode_column(index.to_numpy(), "index")
+        meta["index"] = {**info, "name": index_name}
+        parts.append(part)
+    else:
+        raise Unstorable(f"DataFrame with index of type {type(index).__name__}")
+    return Encoded("dataframe", meta, parts)
+
+
+def encode(value: Any, *, allow_pickle: bool = False) -> Encoded:
+    """The storable form of ``value``; raises :class:`Unstorable` with the reason otherwise."""
+    if type(value) is np.ndarray:
+        return _encode_ndarray(value)
+    if isinstance(value, np.generic) and type(value).__module__ == "numpy":
+        return _encode_ndarray(np.asarray(value), scalar=True)
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(value, torch.Tensor) and not allow_pickle:
+        return _encode_torch(value)
+    pd = sys.modules.get("pandas")
+    if pd is not None and type(value) is pd.DataFrame and not allow_pickle:
+        return _encode_frame(value)
+    if type(value) is bytes:
+        return Encoded("bytes", {}, [_blob_part(value)])
+    if type(value) is bytearray:
+        return Encoded("bytearray", {}, [_blob_part(bytes(value))])
+    if _is_json(value):
+        return Encoded("json", {}, [_blob_part(json_bytes(value))])
+    if allow_pickle:
+        try:
+            data = pickle.dumps(value, protocol=5)
+        except Exception as e:  # any pickling failure makes the value unstorable, with reason
+            raise Unstorable(f"cannot be pickled: {type(e).__name__}: {e}") from e
+        return Encoded("pickle", {"type": _type_name(value)}, [_blob_part(data)])
+    reason = never_reason(value)
+    if reason is not None:
+        raise Unstorable(reason)
+    if isinstance(value, np.ndarray):
+        raise Unstorable(f"{_type_name(value)} (a numpy array subclass; use --pickle)")
+    if isinstance(value, (tuple, set, frozenset)):
+        raise Unstorable(f"{type(value).__name__} (store a list, or use --pickle)")
+    if isinstance(value, (list, dict)):
+        raise Unstorable(f"{type(value).__name__} holding values that are not JSON "
+                         "(str/int/float/bool/None, str keys); use --pickle")
+    return _unsupported(value)
+
+
+def _unsupported(value: Any) -> Encoded:
+    raise Unstorable(f"{_type_name(value)} is not a storable kind "
+                     "(arrays, tensors, JSON values, bytes, DataFrames); use --pickle")
+
+
+def _type_name(value: Any) -> str:
+    t = type(value)
+    return f"{t.__module__}.{t.__qualname__}" if t.__module__ != "builtins" else t.__qualname__
+
+
+# --- decoding -----------------------------------------------------------------------------------
+def decode(kind: str, meta: dict[str, Any], parts: list[Any], *, allow_pickle: bool = False) -> Any:
+    """Rebuild a value from its kind, meta and verified parts (arrays or bytes)."""
+    if kind == "ndarray":
+        arr = np.asarray(parts[0])
+        dtype = np.dtype(meta["dtype"])
+        if arr.dtype != dtype:
+            arr = arr.view(dtype)
+        arr = arr.reshape(meta["shape"])
+        return arr[()] if meta.get("scalar") else arr
+    if kind == "torch":
+        import torch
+
+        arr = np.asarray(parts[0]).reshape(meta["shape"])
+        t = torch.from_numpy(np.ascontiguousarray(arr))
+        target = getattr(torch, meta["torch_dtype"])
+        if t.dtype != target:
+            t = t.view(target)
+        device = meta.get("device", "cpu")
+        if device.startswith("cuda") and torch.cuda.is_available():
+            t = t.to(device)
+        if meta.get("requires_grad"):
+            t.requires_grad_(True)
+        return t
+    if kind == "json":
+        return json.loads(parts[0])
+    if kind == "bytes":
+        return bytes(parts[0])
+    if kind == "bytearray":
+        return bytearray(parts[0])
+    if kind == "dataframe":
+        return _decode_frame(meta, parts)
+    if kind == "pickle":
+        if not allow_pickle:
+            raise PickleRefused(meta.get("type", "object"))
+        return pickle.loads(parts[0])  # noqa: S301 - the user opted in for this variable
+    raise ValueError(f"unknown kind {kind!r}")
+
+
+def _decode_column(info: dict[str, Any], part: Any) -> np.ndarray:
+    if info["enc"] == "array":
+        arr = np.asarray(part)
+        dtype = np.dtype(info["dtype"])
+        return arr.view(dtype) if arr.dtype != dtype else arr
+    values = json.loads(part)
+    out = np.empty(len(values), dtype=object)
+    out[:] = values
+    return out
+
+
+def _decode_frame(meta: dict[str, Any], parts: list[Any]) -> Any:
+    import pandas as pd
+
+    cols = meta["columns"]
+    data = {i: _decode_column(info, parts[i]) for i, info in enumerate(cols)}
+    idx_meta = meta["index"]
+    if "range" in idx_meta:
+        index: Any = pd.RangeIndex(*idx_meta["range"], name=idx_meta.get("name"))
+    else:
+        index = pd.Index(_decode_column(idx_meta, parts[len(cols)]), name=idx_meta.get("name"))
+    df = pd.DataFrame(data, index=index)
+    for i, info in enumerate(cols):
+        if "pandas_dtype" in info:
+            df[i] = df[i].astype(info["pandas_dtype"])
+    df.columns = [c["label"] for c in cols]
+    return df

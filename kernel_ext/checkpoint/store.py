@@ -1,0 +1,541 @@
+"""The snapshot store: immutable content-addressed objects plus manifests behind one pointer.
+
+Layout under the store's root (a directory or an fsspec URL)::
+
+    zarr.json               Zarr v3 group (so Zarr tools can browse the store)
+    objects/<hash>/         one Zarr v3 array per array part (chunked, compressed where it pays)
+    blobs/<hash>            JSON, bytes, pickles, DataFrame string columns, task segments
+    sealed/<hash>           the same, AES-GCM encrypted (when a key is configured)
+    snapshots/<id>.json     manifests: variables, kinds, hashes, sizes, session state
+    tasks/<slug>.json       pointer of one resumable task to its manifest blob
+    HEAD                    the pointer: current snapshot id and the retained history
+    tmp/                    writes in progress; removed on open
+
+Commit protocol: every object is written and fsync'd first (published under its final name by
+an atomic rename), then the manifest (temp file, fsync, ``os.replace``, fsync of the
+directory), then ``HEAD`` the same way. A crash at any instant leaves ``HEAD`` naming a
+snapshot whose objects are all complete. Restore recomputes every object's xxh3-128 hash; a
+damaged snapshot is skipped in favour of the previous good one, and the caller is told.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import re
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import CheckpointCorruptError, CheckpointError
+from ._backend import Backend, FsspecBackend, open_backend
+from ._codec import Encoded, Part, PickleRefused, array_hash, blob_hash, decode, json_bytes
+from ._crypto import Cipher, is_sealed, key_from_env
+
+__all__ = ["Store", "CommitResult", "Restored", "FORMAT"]
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+CHUNK_BYTES = 16 * 1024 * 1024
+_SLUG = re.compile(r"[^A-Za-z0-9._-]+")
+_ROOT_GROUP = json_bytes({"zarr_format": 3, "node_type": "group",
+                          "attributes": {"kernel_ext_checkpoints": FORMAT}})
+
+
+@dataclass
+class CommitResult:
+    snapshot: str
+    written_bytes: int
+    total_bytes: int
+    objects_written: int
+    duration: float
+    created: float
+
+
+@dataclass
+class Restored:
+    snapshot: str
+    manifest: dict[str, Any]
+    values: dict[str, Any]
+    refused: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+class Store:
+    """A checkpoint store at ``location`` (path or fsspec URL); thread-safe within a process.
+
+    ``keep`` snapshots are retained; ``key_env`` names the environment variable with the
+    AES-GCM key (read at each operation; empty or unset: no encryption).
+    """
+
+    def __init__(self, location: str | Path, *, keep: int = 5, key_env: str = "",
+                 clock: Callable[[], float] = time.time) -> None:
+        self.location = str(location)
+        self.keep = keep
+        self.key_env = key_env
+        self.clock = clock
+        self.lock = threading.RLock()
+        self.writing = False  # True during a commit (a signal handler must not re-enter)
+        self._manifests: dict[str, dict[str, Any]] = {}
+        try:
+            self.backend: Backend = open_backend(location)
+            self.backend.clean_tmp()
+            if not self.backend.exists("zarr.json"):
+                self.backend.put("zarr.json", _ROOT_GROUP)
+        except OSError as e:
+            raise CheckpointError(f"cannot open the checkpoint store at {location}: {e}; check "
+                                  "the path and its permissions, or set "
+                                  "%config KernelExt.checkpoint_url") from e
+
+    # --- keys -----------------------------------------------------------------------------------
+    def _cipher(self) -> Cipher | None:
+        key = key_from_env(self.key_env)
+        return Cipher(key) if key is not None else None
+
+    # --- the pointer ----------------------------------------------------------------------------
+    def head(self) -> dict[str, Any] | None:
+        """The published pointer (``snapshot``, ``history`` newest first), or None."""
+        try:
+            data = self.backend.get("HEAD")
+        except FileNotFoundError:
+            return None
+        try:
+            head = json.loads(data)
+            if not isinstance(head, dict) or not isinstance(head.get("history"), list):
+                raise ValueError("not a HEAD object")
+        except ValueError as e:
+            raise CheckpointCorruptError(f"{self.location}/HEAD is unreadable: {e}") from e
+        return head
+
+    def snapshots(self) -> list[str]:
+        head = self.head()
+        return list(head["history"]) if head else []
+
+    def manifest(self, snapshot: str) -> dict[str, Any]:
+        cached = self._manifests.get(snapshot)
+        if cached is not None:
+            return cached
+        key = f"snapshots/{snapshot}.json"
+        try:
+            data = self.backend.get(key)
+        except FileNotFoundError as e:
+            raise CheckpointCorruptError(f"snapshot {snapshot}: its manifest is missing") from e
+        data = self._unseal_manifest(key, data)
+        try:
+            manifest = json.loads(data)
+        except ValueError as e:
+            raise CheckpointCorruptError(f"snapshot {snapshot}: unreadable manifest: {e}") from e
+        self._manifests[snapshot] = manifest
+        return manifest
+
+    def _unseal_manifest(self, key: str, data: bytes) -> bytes:
+        cipher = self._cipher()
+        if is_sealed(data):
+            if cipher is None:
+                raise CheckpointError(f"{key} is encrypted: set ${self.key_env} to its key")
+            return cipher.open(key, data)
+        if cipher is not None:
+            raise CheckpointCorruptError(f"{key} is not encrypted although a key is set; "
+                                         "refusing it (it may have been replaced)")
+        return data
+
+    def _seal(self, key: str, data: bytes, cipher: Cipher | None) -> bytes:
+        return cipher.seal(key, data) if cipher is not None else data
+
+    # --- writing --------------------------------------------------------------------------------
+    def _write_part(self, part: Part, cipher: Cipher | None) -> int:
+        """Write one object unless it exists already; returns the bytes written."""
+        if cipher is not None:
+            key = f"sealed/{part.hash}"
+            if self.backend.exists(key):
+                return 0
+            raw = part.array.reshape(-1).view(np.uint8) if part.array is not None else part.data
+            self.backend.put(key, cipher.seal(key, memoryview(raw)))
+            return part.nbytes
+        if part.array is not None:
+            key = f"objects/{part.hash}"
+            if self.backend.has_array(key):
+                return 0
+            self.backend.write_array(key, _zarr_writer(part.array))
+            return part.nbytes
+        key = f"blobs/{part.hash}"
+        if self.backend.exists(key):
+            return 0
+        self.backend.put(key, part.data or b"")
+        return part.nbytes
+
+    def _write_parts(self, parts: Iterable[Part], cipher: Cipher | None) -> tuple[int, int]:
+        written = count = 0
+        for part in parts:
+            n = self._write_part(part, cipher)
+            written += n
+            count += 1 if n else 0
+        return written, count
+
+    def commit(self, variables: dict[str, Encoded], *, skipped: dict[str, str] | None = None,
+               session_state: dict[str, Any] | None = None,
+               settings: dict[str, Any] | None = None, reason: str = "manual") -> CommitResult:
+        """Write a snapshot of ``variables`` and publish it; raises :class:`CheckpointError`."""
+        start = time.perf_counter()
+        with self.lock, _writing(self):
+            try:
+                cipher = self._cipher()
+                written, count = self._write_parts(
+                    (p for enc in variables.values() for p in enc.parts), cipher)
+                created = self.clock()
+                snapshot = _new_id(created)
+                head = self.head()
+                history = list(head["history"]) if head else []
+                manifest = {
+                    "format": FORMAT, "id": snapshot, "created": created, "reason": reason,
+                    "parent": history[0] if history else None, "encrypted": cipher is not None,
+                    "variables": {name: _entry(enc, sealed=cipher is not None)
+                                  for name, enc in variables.items()},
+                    "skipped": dict(skipped or {}),
+                    "session": session_state or {},
+                    "settings": settings or {},
+                }
+                key = f"snapshots/{snapshot}.json"
+                self.backend.put(key, self._seal(key, json_bytes(manifest), cipher))
+                history = [snapshot, *history][: max(1, self.keep)]
+                self.backend.put("HEAD", json_bytes(
+                    {"format": FORMAT, "snapshot": snapshot, "history": history}))
+                self._manifests[snapshot] = manifest
+            except OSError as e:
+                if isinstance(e, CheckpointError):
+                    raise
+                raise CheckpointError(f"checkpoint not written to {self.location}: {e} "
+                                      "(the previous snapshot is intact)") from e
+            self._collect_quietly()
+        total = sum(enc.nbytes for enc in variables.values())
+        return CommitResult(snapshot, written, total, count, time.perf_counter() - start, created)
+
+    # --- reading --------------------------------------------------------------------------------
+    def _read_part(self, ref: dict[str, Any], cipher: Cipher | None, what: str) -> Any:
+        h = ref["hash"]
+        try:
+            if ref.get("sealed"):
+                if cipher is None:
+                    raise CheckpointError(f"{what} is encrypted: set ${self.key_env} to its key")
+                raw = cipher.open(f"sealed/{h}", self.backend.get(f"sealed/{h}"))
+                if ref["type"] == "array":
+                    value: Any = np.frombuffer(bytearray(raw), dtype=np.dtype(ref["dtype"]))
+                    value = value.reshape(ref["shape"])
+                else:
+                    value = raw
+            elif ref["type"] == "array":
+                value = self._read_array(f"objects/{h}", ref)
+            else:
+                value = self.backend.get(f"blobs/{h}")
+        except FileNotFoundError as e:
+            raise CheckpointCorruptError(f"{what}: object {h[:12]} is missing") from e
+        except CheckpointError:
+            raise
+        except Exception as e:  # zarr/numcodecs raise many types on damaged chunks
+            raise CheckpointCorruptError(
+                f"{what}: object {h[:12]} is damaged ({type(e).__name__}: {e})") from e
+        actual = array_hash(value) if ref["type"] == "array" else blob_hash(value)
+        if actual != h:
+            raise CheckpointCorruptError(
+                f"{what}: object {h[:12]} does not match its hash (a chunk is missing or damaged)")
+        return value
+
+    def _read_array(self, key: str, ref: dict[str, Any]) -> np.ndarray:
+        import zarr
+
+        if not self.backend.has_array(key):
+            raise FileNotFoundError(key)
+        z = zarr.open_array(store=self.backend.array_store(key), mode="r")
+        if z.dtype != np.dtype(ref["dtype"]) or list(z.shape) != list(ref["shape"]):
+            raise ValueError(f"array is {z.dtype}{tuple(z.shape)}, expected "
+                             f"{ref['dtype']}{tuple(ref['shape'])}")
+        return np.ascontiguousarray(np.asarray(z[...]))
+
+    def _load(self, manifest: dict[str, Any], names: Iterable[str] | None,
+              allow_pickle: Callable[[str], bool]) -> tuple[dict[str, Any], dict[str, str]]:
+        cipher = self._cipher()
+        variables = manifest["variables"]
+        wanted = list(variables) if names is None else list(names)
+        missing = [n for n in wanted if n not in variables]
+        if missing:
+            raise CheckpointError(f"snapshot {manifest['id']} has no variable(s) "
+                                  f"{', '.join(missing)}; it has: {', '.join(variables) or '-'}")
+        values: dict[str, Any] = {}
+        refused: dict[str, str] = {}
+        for name in wanted:
+            entry = variables[name]
+            what = f"snapshot {manifest['id']}, variable {name!r}"
+            if entry["kind"] == "pickle" and not allow_pickle(name):
+                refused[name] = (f"pickled {entry['meta'].get('type', 'object')}: restoring it runs "
+                                 f"code; use %resume --pickle {name} if you trust this checkpoint")
+                continue
+            parts = [self._read_part(ref, cipher, what) for ref in entry["parts"]]
+            try:
+                values[name] = decode(entry["kind"], entry["meta"], parts,
+                                      allow_pickle=allow_pickle(name))
+            except PickleRefused:
+                refused[name] = "pickled object (not allowed)"
+            except (ValueError, TypeError, KeyError) as e:
+                raise CheckpointCorruptError(f"{what}: cannot rebuild the value: {e}") from e
+        return values, refused
+
+    def restore(self, snapshot: str | None = None, names: Iterable[str] | None = None,
+                allow_pickle: Callable[[str], bool] = lambda name: False) -> Restored:
+        """Load and verify a snapshot (default: the newest intact one, falling back)."""
+        with self.lock:
+            history = self.snapshots()
+            if not history:
+                raise CheckpointError(f"no checkpoint in {self.location} yet")
+            if snapshot is not None:
+                snapshot = self.resolve(snapshot)
+            candidates = [snapshot] if snapshot is not None else history
+            notes: list[str] = []
+            last: CheckpointCorruptError | None = None
+            for sid in candidates:
+                try:
+                    manifest = self.manifest(sid)
+                    values, refused = self._load(manifest, names, allow_pickle)
+                    return Restored(sid, manifest, values, refused, notes)
+                except CheckpointCorruptError as e:
+                    last = e
+                    if snapshot is not None:
+                        raise
+                    notes.append(f"snapshot {sid} is damaged: {e}; falling back to the previous one")
+            raise CheckpointCorruptError(
+                f"no intact snapshot in {self.location}: " + " | ".join(notes)) from last
+
+    def resolve(self, snapshot: str) -> str:
+        """A full snapshot id from an id, a unique prefix, or ``-N`` (N-th newest, from 1)."""
+        history = self.snapshots()
+        if re.fullmatch(r"-\d+", snapshot):
+            n = int(snapshot[1:])
+            if 1 <= n <= len(history):
+                return history[n - 1]
+        matches = [s for s in history if s == snapshot] or \
+                  [s for s in history if s.startswith(snapshot)]
+        if len(matches) == 1:
+            return matches[0]
+        raise CheckpointError(f"no single snapshot matches {snapshot!r}; "
+                              f"see %checkpoint list ({len(history)} kept)")
+
+    # --- resumable tasks ------------------------------------------------------------------------
+    def _task_key(self, name: str) -> str:
+        slug = _SLUG.sub("_", name)[:60] or "task"
+        return f"tasks/{slug}-{blob_hash(name.encode())[:8]}.json"
+
+    def task_manifest(self, name: str) -> dict[str, Any] | None:
+        try:
+            pointer = json.loads(self.backend.get(self._task_key(name)))
+        except FileNotFoundError:
+            return None
+        except ValueError as e:
+            raise CheckpointCorruptError(f"task {name!r}: unreadable pointer: {e}") from e
+        h = pointer["manifest"]
+        return json.loads(self._read_blob_ref(h, pointer.get("sealed", False), f"task {name!r}"))
+
+    def _read_blob_ref(self, h: str, sealed: bool, what: str) -> bytes:
+        data = self._read_part({"hash": h, "type": "blob", "sealed": sealed}, self._cipher(), what)
+        return bytes(data)
+
+    def load_task(self, name: str) -> list[tuple[Any, Any, Any]]:
+        """Every stored ``(key, fingerprint, value)`` of task ``name``, in recording order."""
+        with self.lock:
+            manifest = self.task_manifest(name)
+            if manifest is None:
+                return []
+            cipher = self._cipher()
+            out: list[tuple[Any, Any, Any]] = []
+            for seg in manifest["segments"]:
+                entries = json.loads(self._read_blob_ref(seg, manifest.get("sealed", False),
+                                                         f"task {name!r}"))
+                for key, fp, stored in entries:
+                    key = tuple(key) if isinstance(key, list) else key
+                    if "json" in stored:
+                        value = stored["json"]
+                    else:
+                        parts = [self._read_part(r, cipher, f"task {name!r} item {key!r}")
+                                 for r in stored["parts"]]
+                        value = decode(stored["kind"], stored["meta"], parts)
+                    out.append((key, fp, value))
+            return out
+
+    def commit_task(self, name: str, entries: list[tuple[Any, Any, Any]], *, total: int) -> int:
+        """Append ``(key, fingerprint, json-or-Encoded)`` entries to task ``name`` and publish
+        its new manifest atomically; returns the number of items stored in all."""
+        with self.lock, _writing(self):
+            try:
+                cipher = self._cipher()
+                sealed = cipher is not None
+                prev = self.task_manifest(name) or {"segments": [], "refs": [], "done": 0}
+                rows, parts = [], []
+                for key, fp, value in entries:
+                    if isinstance(value, Encoded):
+                        parts.extend(value.parts)
+                        rows.append([key, fp, _entry(value, sealed=sealed)])
+                    else:
+                        rows.append([key, fp, {"json": value}])
+                self._write_parts(parts, cipher)
+                segment = Part(hash="", data=json_bytes(rows))
+                segment.hash = blob_hash(segment.data or b"")
+                self._write_parts([segment], cipher)
+                manifest = {
+                    "format": FORMAT, "name": name, "total": total, "sealed": sealed,
+                    "updated": self.clock(), "done": prev["done"] + len(rows),
+                    "segments": [*prev["segments"], segment.hash],
+                    "refs": sorted({*prev["refs"], segment.hash, *(p.hash for p in parts)}),
+                }
+                mpart = Part(hash="", data=json_bytes(manifest))
+                mpart.hash = blob_hash(mpart.data or b"")
+                self._write_parts([mpart], cipher)
+                self.backend.put(self._task_key(name), json_bytes(
+                    {"name": name, "manifest": mpart.hash, "sealed": sealed}))
+            except OSError as e:
+                if isinstance(e, CheckpointError):
+                    raise
+                raise CheckpointError(f"task {name!r}: progress not saved to {self.location}: "
+                                      f"{e} (the previous progress is intact)") from e
+            return int(manifest["done"])
+
+    def drop_task(self, name: str) -> None:
+        """Forget a task's stored progress (its objects are collected later)."""
+        with self.lock:
+            self.backend.remove(self._task_key(name))
+
+    def tasks(self) -> list[dict[str, Any]]:
+        """Stored tasks: ``name``, ``done``, ``total``, ``updated``."""
+        out = []
+        for entry in self.backend.list("tasks"):
+            try:
+                pointer = json.loads(self.backend.get(f"tasks/{entry}"))
+                m = self.task_manifest(pointer["name"]) or {}
+            except (OSError, ValueError, KeyError) as e:
+                log.warning("kernel_ext: unreadable task pointer %s: %s", entry, e)
+                continue
+            out.append({"name": pointer["name"], "done": m.get("done", 0),
+                        "total": m.get("total"), "updated": m.get("updated")})
+        return out
+
+    # --- retention ------------------------------------------------------------------------------
+    def _collect_quietly(self) -> None:
+        try:
+            self.collect()
+        except (OSError, ValueError, KeyError) as e:
+            log.warning("kernel_ext: checkpoint garbage collection skipped: %s", e)
+
+    def collect(self) -> int:
+        """Remove snapshots beyond the retained history and objects nothing refers to.
+
+        Nothing is removed when any retained manifest or task cannot be read (it might refer
+        to the objects). Returns the number of entries removed.
+        """
+        with self.lock:
+            history = self.snapshots()
+            removed = 0
+            keep = {f"{sid}.json" for sid in history}
+            for name in self.backend.list("snapshots"):
+                if name not in keep:
+                    self.backend.remove(f"snapshots/{name}")
+                    self._manifests.pop(name.removesuffix(".json"), None)
+                    removed += 1
+            live: set[str] = set()
+            try:
+                for sid in history:
+                    for entry in self.manifest(sid)["variables"].values():
+                        live.update(ref["hash"] for ref in entry["parts"])
+                for entry in self.backend.list("tasks"):
+                    pointer = json.loads(self.backend.get(f"tasks/{entry}"))
+                    live.add(pointer["manifest"])
+                    m = self.task_manifest(pointer["name"]) or {}
+                    live.update(m.get("refs", []))
+            except CheckpointError as e:
+                log.warning("kernel_ext: not collecting objects: %s", e)
+                return removed
+            for prefix in ("objects", "blobs", "sealed"):
+                for name in self.backend.list(prefix):
+                    h = name.removesuffix(".ok")
+                    if h in live or name == "zarr.json":
+                        continue
+                    if isinstance(self.backend, FsspecBackend) and prefix == "objects":
+                        self.backend.remove_array(f"objects/{h}")
+                    else:
+                        self.backend.remove(f"{prefix}/{name}")
+                    removed += 1
+            removed += self.backend.clean_tmp()
+            return removed
+
+
+@contextlib.contextmanager
+def _writing(store: Store) -> Iterator[None]:
+    store.writing = True
+    try:
+        yield
+    finally:
+        store.writing = False
+
+
+def _entry(enc: Encoded, *, sealed: bool) -> dict[str, Any]:
+    refs = []
+    for p in enc.parts:
+        ref = p.ref()
+        if sealed:
+            ref["sealed"] = True
+        refs.append(ref)
+    return {"kind": enc.kind, "meta": enc.meta, "parts": refs, "nbytes": enc.nbytes,
+            "digest": enc.digest}
+
+
+def _new_id(created: float) -> str:
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(created))
+    return f"{stamp}.{int(created * 1e6) % 1_000_000:06d}Z-{uuid.uuid4().hex[:6]}"
+
+
+def _chunks(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
+    chunks = [max(1, n) for n in shape]
+    for i in range(len(chunks)):
+        rest = int(np.prod(chunks[i + 1:], dtype=np.int64)) * itemsize
+        if rest * chunks[i] <= CHUNK_BYTES:
+            break
+        chunks[i] = max(1, CHUNK_BYTES // rest) if rest <= CHUNK_BYTES else 1
+    return tuple(chunks)
+
+
+def _compressors(arr: np.ndarray) -> Any:
+    """Blosc/LZ4 with shuffle when a sample compresses to < 80 %, else none."""
+    import numcodecs
+    from zarr.codecs import BloscCodec
+
+    flat = arr.reshape(-1).view(np.uint8)
+    if flat.size < 4096:
+        return None
+    step = max(1, flat.size // 4)
+    sample = b"".join(bytes(flat[i:i + 65536]) for i in range(0, flat.size, step)[:4])
+    typesize = max(1, arr.dtype.itemsize)
+    word = typesize if typesize in (1, 2, 4, 8) else 1
+    usable = len(sample) // word * word
+    codec = numcodecs.Blosc(cname="lz4", clevel=5, shuffle=numcodecs.Blosc.SHUFFLE)
+    probe = np.frombuffer(sample[:usable], dtype=f"u{word}")
+    ratio = len(codec.encode(probe)) / max(1, usable)
+    if ratio >= 0.8:
+        return None
+    return [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle", typesize=typesize)]
+
+
+def _zarr_writer(arr: np.ndarray) -> Callable[[Any], None]:
+    def write(store: Any) -> None:
+        import zarr
+
+        z = zarr.create_array(store=store, shape=arr.shape, dtype=arr.dtype,
+                              chunks=_chunks(arr.shape, arr.dtype.itemsize),
+                              compressors=_compressors(arr), fill_value=0, zarr_format=3)
+        if arr.size:
+            z[...] = arr
+
+    return write
