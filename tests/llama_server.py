@@ -51,10 +51,11 @@ class LlamaServer:
         deadline = time.monotonic() + self.startup_s
         while time.monotonic() < deadline:
             try:
-                if httpx.get(f"{self.url}/models", timeout=1.0).status_code == 200:
-                    return
+                up = httpx.get(f"{self.url}/models", timeout=1.0).status_code == 200
             except httpx.HTTPError:
-                pass  # not listening yet
+                up = False  # not listening yet
+            if up:
+                return
             try:
                 code = self.proc.wait(timeout=0.25)  # doubles as the poll interval
             except subprocess.TimeoutExpired:
