@@ -138,6 +138,8 @@ def _blob_part(data: bytes) -> Part:
 def _encode_ndarray(arr: np.ndarray, scalar: bool = False) -> Encoded:
     kind = arr.dtype.kind
     meta: dict[str, Any] = {"dtype": arr.dtype.str, "shape": list(arr.shape)}
+    if not arr.dtype.isnative:
+        arr = arr.astype(arr.dtype.newbyteorder("="))
     if scalar:
         meta["scalar"] = True
     if kind in _ARRAY_KINDS:
@@ -158,6 +160,7 @@ def _encode_torch(t: Any) -> Encoded:
     if t.layout != torch.strided or t.is_quantized:
         raise Unstorable(f"torch tensor with layout {t.layout} (only dense tensors)")
     device = str(t.device)
+    requires_grad = bool(t.requires_grad)
     t = t.detach()
     if t.device.type != "cpu":
         t = t.to("cpu")
@@ -170,7 +173,7 @@ def _encode_torch(t: Any) -> Encoded:
             raise Unstorable(f"torch tensor of dtype {t.dtype}") from None
         arr = t.view(getattr(torch, _TORCH_INT_BY_SIZE[size])).numpy()
     meta = {"torch_dtype": str(t.dtype).removeprefix("torch."), "device": device,
-            "requires_grad": bool(getattr(t, "requires_grad", False)),
+            "requires_grad": requires_grad,
             "dtype": arr.dtype.str, "shape": list(arr.shape)}
     return Encoded("torch", meta, [_array_part(arr)])
 
@@ -284,11 +287,7 @@ def _type_name(value: Any) -> str:
 def decode(kind: str, meta: dict[str, Any], parts: list[Any], *, allow_pickle: bool = False) -> Any:
     """Rebuild a value from its kind, meta and verified parts (arrays or bytes)."""
     if kind == "ndarray":
-        arr = np.asarray(parts[0])
-        dtype = np.dtype(meta["dtype"])
-        if arr.dtype != dtype:
-            arr = arr.view(dtype)
-        arr = arr.reshape(meta["shape"])
+        arr = _as_dtype(np.asarray(parts[0]), np.dtype(meta["dtype"])).reshape(meta["shape"])
         return arr[()] if meta.get("scalar") else arr
     if kind == "torch":
         import torch
@@ -319,11 +318,17 @@ def decode(kind: str, meta: dict[str, Any], parts: list[Any], *, allow_pickle: b
     raise ValueError(f"unknown kind {kind!r}")
 
 
+def _as_dtype(arr: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """The stored (native, maybe integer-viewed) array as ``dtype``."""
+    native = dtype.newbyteorder("=")
+    if arr.dtype != native:
+        arr = arr.view(native)
+    return arr.astype(dtype) if dtype != native else arr
+
+
 def _decode_column(info: dict[str, Any], part: Any) -> np.ndarray:
     if info["enc"] == "array":
-        arr = np.asarray(part)
-        dtype = np.dtype(info["dtype"])
-        return arr.view(dtype) if arr.dtype != dtype else arr
+        return _as_dtype(np.asarray(part), np.dtype(info["dtype"]))
     values = json.loads(part)
     out = np.empty(len(values), dtype=object)
     out[:] = values

@@ -206,7 +206,7 @@ class Store:
                 key = f"snapshots/{snapshot}.json"
                 self.backend.put(key, self._seal(key, json_bytes(manifest), cipher))
                 history = [snapshot, *history][: max(1, self.keep)]
-                self.backend.put("HEAD", json_bytes(
+                self._swap_head(json_bytes(
                     {"format": FORMAT, "snapshot": snapshot, "history": history}))
                 self._manifests[snapshot] = manifest
             except OSError as e:
@@ -217,6 +217,26 @@ class Store:
             self._collect_quietly()
         total = sum(enc.nbytes for enc in variables.values())
         return CommitResult(snapshot, written, total, count, time.perf_counter() - start, created)
+
+    def _swap_head(self, data: bytes) -> None:
+        """Publish ``data`` as HEAD; if that fails after the rename (the directory fsync),
+        put the previous HEAD back so a failed commit never stays published."""
+        try:
+            previous: bytes | None = self.backend.get("HEAD")
+        except FileNotFoundError:
+            previous = None
+        try:
+            self.backend.put("HEAD", data)
+        except OSError:
+            try:
+                if self.backend.get("HEAD") == data:
+                    if previous is None:
+                        self.backend.remove("HEAD")
+                    else:
+                        self.backend.put("HEAD", previous)
+            except OSError as e:
+                log.warning("kernel_ext: could not roll HEAD back after a failed commit: %s", e)
+            raise
 
     # --- reading --------------------------------------------------------------------------------
     def _read_part(self, ref: dict[str, Any], cipher: Cipher | None, what: str) -> Any:
