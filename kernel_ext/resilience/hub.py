@@ -1,0 +1,240 @@
+"""``session.resilience``: the breakers, rate limits, retry policy, extra (remote) providers,
+the fallback list and the offline cache of one session, and their saved state.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..errors import ModelNotFoundError
+from ..providers.base import Provider
+from ..providers.offline_cache import OfflineCache
+from .breaker import BreakerEvent, BreakerSettings, CircuitBreaker
+from .ratelimit import TokenBucket
+from .retry import RetryPolicy
+
+__all__ = ["Resilience"]
+
+log = logging.getLogger(__name__)
+
+
+class Resilience:
+    """Owns the per-provider breakers and limiters; publishes their events to the session.
+
+    ``clock`` (monotonic) drives breakers, limiters, retries and deadlines; ``sleep`` is the
+    retry wait; ``wall_clock`` dates cache entries. All injectable for tests.
+    """
+
+    def __init__(self, session: Any, *, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep,
+                 wall_clock: Callable[[], float] = time.time) -> None:
+        self.session = session
+        self.clock = clock
+        self.sleep = sleep
+        self.wall_clock = wall_clock
+        self.breakers: dict[str, CircuitBreaker] = {}
+        self.limiters: dict[str, TokenBucket] = {}
+        self.extra_providers: dict[str, Provider] = {}
+        self.fallbacks: list[str] = []
+        self._lock = threading.RLock()
+        self._cache: OfflineCache | None = None
+
+    @property
+    def config(self) -> Any:
+        return self.session.config
+
+    # --- parts ----------------------------------------------------------------------------------
+    @property
+    def offline_cache(self) -> OfflineCache:
+        root = Path(self.session.state_dir) / "offline_cache"
+        if self._cache is None or self._cache.root != root:
+            self._cache = OfflineCache(root, clock=self.wall_clock)
+        return self._cache
+
+    def retry_policy(self) -> RetryPolicy:
+        return RetryPolicy.from_config(self.config, sleep=self.sleep, clock=self.clock)
+
+    def breaker(self, name: str) -> CircuitBreaker:
+        """The breaker for provider ``name`` (created on first use, settings kept current)."""
+        settings = BreakerSettings.from_config(self.config)
+        with self._lock:
+            b = self.breakers.get(name)
+            if b is None:
+                b = CircuitBreaker(name, settings, clock=self.clock)
+                b.add_listener(self._on_breaker_event)
+                self.breakers[name] = b
+            else:
+                b.configure(settings)
+            return b
+
+    def limiter(self, name: str) -> TokenBucket:
+        rate, burst = float(self.config.rate_limit_per_second), int(self.config.rate_limit_burst)
+        with self._lock:
+            lim = self.limiters.get(name)
+            if lim is None:
+                lim = TokenBucket(rate, burst, name=name, clock=self.clock)
+                self.limiters[name] = lim
+            elif (lim.rate, lim.burst) != (rate, burst):
+                lim.configure(rate, burst)
+            return lim
+
+    def _on_breaker_event(self, event: BreakerEvent) -> None:
+        snap = event.snapshot.to_dict()
+        events = self.session.events
+        if event.kind == "transition":
+            events.emit("breaker", name=event.name, old=event.old, new=event.new, snapshot=snap)
+            self.session.audit.write("breaker", name=event.name, old=event.old, new=event.new,
+                                     trip_count=snap["trip_count"],
+                                     failure_rate=snap["failure_rate"],
+                                     last_error=snap["last_error"], **event.extra)
+        else:
+            events.emit("breaker_call", name=event.name, outcome=event.outcome, snapshot=snap)
+
+    # --- providers ------------------------------------------------------------------------------
+    def add_provider(self, name: str, provider: Provider) -> None:
+        """Register an extra provider (a remote server) under ``name``; replaces an old one."""
+        with self._lock:
+            old = self.extra_providers.get(name)
+            self.extra_providers[name] = provider
+        if old is not None and old is not provider:
+            old.close()
+
+    def remove_provider(self, name: str) -> None:
+        with self._lock:
+            old = self.extra_providers.pop(name, None)
+        if old is not None:
+            old.close()
+
+    def known_names(self) -> list[str]:
+        names = list(self.extra_providers)
+        for n in _model_names(self.session):
+            if n not in names:
+                names.append(n)
+        return names
+
+    def resolve(self, name: str) -> Provider:
+        """The provider called ``name``: an extra provider or a loaded model's provider."""
+        provider = self.extra_providers.get(name)
+        if provider is not None:
+            return provider
+        try:
+            entry = self.session.models.get(name)
+        except ModelNotFoundError:
+            raise
+        except (KeyError, LookupError, AttributeError) as e:
+            raise ModelNotFoundError(self._unknown(name)) from e
+        if entry is None:
+            raise ModelNotFoundError(self._unknown(name))
+        return getattr(entry, "provider", entry)
+
+    def _unknown(self, name: str) -> str:
+        known = ", ".join(self.known_names()) or "none yet"
+        return (f"no model or provider called {name!r} (known: {known}); load it with "
+                "`%model load` or register a server with `%model remote NAME --url ...`")
+
+    def identity(self, name: str, provider: Provider | None) -> str:
+        """The offline-cache identity: the model file's SHA-256, else the provider's identity."""
+        if provider is not None:
+            ident = getattr(provider, "cache_identity", None)
+            if callable(ident):
+                return str(ident())
+            for attr in ("sha256", "identity"):
+                value = getattr(provider, attr, None)
+                if isinstance(value, str) and value:
+                    return f"sha256:{value}" if attr == "sha256" else value
+            spec = getattr(provider, "spec", None)
+            sha = getattr(spec, "sha256", None)
+            if isinstance(sha, str) and sha:
+                return f"sha256:{sha}"
+        try:
+            entry = self.session.models.get(name)
+        except (LookupError, AttributeError):
+            entry = None
+        for obj in (entry, getattr(entry, "spec", None), getattr(entry, "info", None)):
+            sha = getattr(obj, "sha256", None)
+            if isinstance(sha, str) and sha:
+                return f"sha256:{sha}"
+        return f"name:{name}"
+
+    def default_model(self) -> str | None:
+        models = self.session.models
+        for attr in ("active", "default_name", "current"):
+            value = getattr(models, attr, None)
+            if callable(value):
+                try:
+                    value = value()
+                except (TypeError, LookupError):
+                    value = None
+            if isinstance(value, str) and value:
+                return value
+        names = _model_names(self.session)
+        if names:
+            return names[-1]
+        if self.extra_providers:
+            return next(iter(self.extra_providers))
+        return None
+
+    # --- state ----------------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        with self._lock:
+            breakers = {n: b.state_dict() for n, b in self.breakers.items()}
+            return {
+                "breakers": breakers,
+                "fallbacks": list(self.fallbacks),
+                "remotes": {n: _remote_spec(p) for n, p in self.extra_providers.items()
+                            if _remote_spec(p) is not None},
+            }
+
+    def restore_state(self, state: dict[str, Any]) -> list[str]:
+        lines: list[str] = []
+        from ..providers.remote import RemoteProvider
+
+        for name, spec in (state.get("remotes") or {}).items():
+            if name not in self.extra_providers:
+                try:
+                    self.add_provider(name, RemoteProvider(name, spec["url"], model=spec.get("model"),
+                                                           chat=bool(spec.get("chat"))))
+                    lines.append(f"remote provider {name} -> {spec['url']}")
+                except (KeyError, ValueError) as e:
+                    lines.append(f"remote provider {name} not restored: {e}")
+        fallbacks = [str(n) for n in state.get("fallbacks") or []]
+        if fallbacks:
+            self.fallbacks = fallbacks
+            lines.append(f"fallbacks: {' -> '.join(fallbacks)}")
+        for name, saved in (state.get("breakers") or {}).items():
+            self.breaker(name).load_state_dict(saved)
+            lines.append(f"breaker {name}: {saved.get('state', 'closed')}")
+        return lines
+
+    def close(self) -> None:
+        with self._lock:
+            providers = list(self.extra_providers.values())
+            self.extra_providers.clear()
+        for p in providers:
+            try:
+                p.close()
+            except Exception:  # closing must finish for every provider
+                log.exception("kernel_ext: closing provider %r failed", p)
+
+
+def _model_names(session: Any) -> list[str]:
+    names = getattr(session.models, "names", None)
+    if not callable(names):
+        return []
+    try:
+        return [str(n) for n in names()]
+    except (TypeError, LookupError):
+        return []
+
+
+def _remote_spec(provider: Any) -> dict[str, Any] | None:
+    url = getattr(provider, "base_url", None)
+    if not isinstance(url, str):
+        return None
+    return {"url": url, "model": getattr(provider, "model", None),
+            "chat": bool(getattr(provider, "chat", False))}
