@@ -101,11 +101,19 @@ class Session:
     # --- state for checkpoints ------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
         """JSON-able session state saved with each snapshot (models, breakers, fallbacks)."""
-        return {"models": self.models.state()}
+        state: dict[str, Any] = {"models": self.models.state()}
+        resilience = getattr(self, "resilience", None)  # kernel_ext.resilience.attach
+        if resilience is not None:
+            state["resilience"] = resilience.state()  # breaker states, fallbacks, remotes
+        return state
 
     def restore_state(self, state: dict[str, Any]) -> list[str]:
         """Bring back what :meth:`state` saved; returns human-readable lines of what was done."""
-        return self.models.restore_state(state.get("models", []))
+        lines = self.models.restore_state(state.get("models", []))
+        resilience = getattr(self, "resilience", None)
+        if resilience is not None and state.get("resilience"):
+            lines += resilience.restore_state(state["resilience"])
+        return lines
 
 
 class _DirectChain:
