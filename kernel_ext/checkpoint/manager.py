@@ -75,6 +75,7 @@ class CheckpointManager:
         self._last_digests: dict[str, str] | None = None
         self._last_session: str | None = None
         self._warned = False
+        self._carried: dict[str, dict[str, Any]] = {}  # saved, not restored (refused pickles)
         self._tasks: weakref.WeakSet[Any] = weakref.WeakSet()
         self._prev_sigterm: Any = None
         self._installed = False
@@ -133,7 +134,7 @@ class CheckpointManager:
         encoded: dict[str, Encoded] = {}
         skipped: dict[str, str] = {}
         names = self.user_variables()
-        for name in sorted(self.tracked - names.keys()):
+        for name in sorted(self.tracked - names.keys() - self._carried.keys()):
             skipped[name] = "tracked but not defined"
         for name, value in names.items():
             reason = self._excluded(name)
@@ -185,6 +186,10 @@ class CheckpointManager:
             encoded, skipped = self.scan()
             state = self._session_state()
             digests = {name: enc.digest for name, enc in encoded.items()}
+            for name in [n for n in self._carried if n in encoded]:
+                del self._carried[name]  # defined again: the new value wins
+            carried = dict(self._carried)
+            digests.update({n: f"carried:{e['digest']}" for n, e in carried.items()})
             state_json = json.dumps(state, sort_keys=True)
             self._update_status(tracked=sorted(encoded), skipped=skipped)
             if not force and digests == self._last_digests and state_json == self._last_session:
@@ -192,7 +197,8 @@ class CheckpointManager:
                 self.session.events.emit("checkpoint", action="skipped", status=dict(self.status))
                 return None
             result = self.store.commit(encoded, skipped=skipped, session_state=state,
-                                       settings=self.settings(), reason=reason)
+                                       settings=self.settings(), reason=reason,
+                                       carried=carried)
         except CheckpointError as e:
             self._record_failure(e, reason)
             raise
@@ -367,7 +373,9 @@ class CheckpointManager:
         for t in self.store.tasks():
             lines.append(f"task {t['name']!r}: {t['done']}/{t['total']} items saved; re-run its "
                          "cell to continue")
-        self.paused = None
+        if names is None:  # a full resume: saving goes on from here
+            self._carried = {n: m["variables"][n] for n in restored.refused}
+            self.paused = None
         self._last_digests = None
         self._update_status(last_snapshot=restored.snapshot, last_time=m["created"])
         self.session.events.emit("checkpoint", action="restored", status=dict(self.status))

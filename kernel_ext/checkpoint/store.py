@@ -182,8 +182,13 @@ class Store:
 
     def commit(self, variables: dict[str, Encoded], *, skipped: dict[str, str] | None = None,
                session_state: dict[str, Any] | None = None,
-               settings: dict[str, Any] | None = None, reason: str = "manual") -> CommitResult:
-        """Write a snapshot of ``variables`` and publish it; raises :class:`CheckpointError`."""
+               settings: dict[str, Any] | None = None, reason: str = "manual",
+               carried: dict[str, dict[str, Any]] | None = None) -> CommitResult:
+        """Write a snapshot of ``variables`` and publish it; raises :class:`CheckpointError`.
+
+        ``carried``: manifest entries of an earlier snapshot kept as they are (variables that
+        were not restored, e.g. pickles the user did not allow); their objects are reused.
+        """
         start = time.perf_counter()
         with self.lock, _writing(self):
             try:
@@ -197,8 +202,10 @@ class Store:
                 manifest = {
                     "format": FORMAT, "id": snapshot, "created": created, "reason": reason,
                     "parent": history[0] if history else None, "encrypted": cipher is not None,
-                    "variables": {name: _entry(enc, sealed=cipher is not None)
-                                  for name, enc in variables.items()},
+                    "variables": {**{n: e for n, e in (carried or {}).items()
+                                     if n not in variables},
+                                  **{name: _entry(enc, sealed=cipher is not None)
+                                     for name, enc in variables.items()}},
                     "skipped": dict(skipped or {}),
                     "session": session_state or {},
                     "settings": settings or {},

@@ -1,0 +1,382 @@
+"""The checkpoint hook and every %checkpoint / %resume subcommand in a real InteractiveShell."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import types
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from IPython.core.interactiveshell import InteractiveShell
+from traitlets.config import Config
+
+import kernel_ext
+from kernel_ext.checkpoint.manager import CheckpointManager
+from kernel_ext.checkpoint.store import Store
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_shell(state: Path, **settings: Any) -> InteractiveShell:
+    config = Config()
+    config.HistoryManager.enabled = False
+    config.KernelExt.state_dir = str(state)
+    for name, value in settings.items():
+        setattr(config.KernelExt, name, value)
+    InteractiveShell.clear_instance()
+    shell = InteractiveShell.instance(config=config)
+    shell.extension_manager.load_extension("kernel_ext")
+    return shell
+
+
+def close_shell(shell: InteractiveShell) -> None:
+    shell.extension_manager.unload_extension("kernel_ext")
+    InteractiveShell.clear_instance()
+
+
+@pytest.fixture
+def state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("JPY_SESSION_NAME", raising=False)
+    return tmp_path / "state"
+
+
+@pytest.fixture
+def shell(state: Path) -> Iterator[InteractiveShell]:
+    sh = make_shell(state)
+    yield sh
+    close_shell(sh)
+
+
+def manager() -> CheckpointManager:
+    return kernel_ext.current_session().checkpoints
+
+
+def run(shell: InteractiveShell, code: str) -> Any:
+    result = shell.run_cell(code)
+    if result.error_in_exec is not None:
+        raise result.error_in_exec
+    if result.error_before_exec is not None:
+        raise result.error_before_exec
+    return result.result
+
+
+def snapshots(state: Path) -> list[str]:
+    return Store(state / "checkpoints").snapshots()
+
+
+def test_hook_is_registered_and_unregistered_exactly(state: Path) -> None:
+    sh = make_shell(state)
+    m = manager()
+    assert m.post_run_cell in sh.events.callbacks["post_run_cell"]
+    before = signal.getsignal(signal.SIGTERM)
+    assert before == m._on_sigterm
+    close_shell(sh)
+    assert m.post_run_cell not in sh.events.callbacks["post_run_cell"]
+    assert signal.getsignal(signal.SIGTERM) != m._on_sigterm
+
+
+def test_cells_are_checkpointed_at_most_every_interval(shell: InteractiveShell,
+                                                       state: Path) -> None:
+    m = manager()
+    clock = FakeClock()
+    m.clock = clock
+    events: list[dict] = []
+    m.session.events.subscribe("checkpoint", events.append)
+    run(shell, "import numpy as np\na = np.arange(10)\nb = {'k': [1, 2]}")
+    assert len(snapshots(state)) == 1
+    run(shell, "a[0] = 5")  # within the interval: not saved yet
+    assert len(snapshots(state)) == 1
+    clock.now += 5.0
+    run(shell, "c = 'text'")
+    assert len(snapshots(state)) == 2
+    clock.now += 5.0
+    run(shell, "x = 1; del x")  # nothing changed: skipped, no new snapshot
+    assert len(snapshots(state)) == 2
+    assert [e["action"] for e in events] == ["committed", "committed", "skipped"]
+    status = events[-1]["status"]
+    assert status["tracked"] == ["a", "b", "c"]
+    assert status["skipped"]["np"].startswith("module")
+    assert status["size_bytes"] > 0 and status["last_time"] is not None
+    restored = Store(state / "checkpoints").restore().values
+    assert restored["a"][0] == 5 and restored["c"] == "text"
+    audit = m.session.audit.read("checkpoint.commit")
+    assert len(audit) == 2 and audit[0]["variables"] == 2
+
+
+def test_default_tracking_skips_code_models_and_ipython_names(shell: InteractiveShell) -> None:
+    run(shell, textwrap.dedent("""
+        import torch, functools
+        class K: pass
+        def f(): pass
+        lin = torch.nn.Linear(2, 2)
+        part = functools.partial(f)
+        _private = 1
+        obj = K()
+        tup = (1, 2)
+        ok = [1, 2]
+        t = torch.ones(2)
+    """))
+    m = manager()
+    encoded, skipped = m.scan()
+    assert sorted(encoded) == ["ok", "t"]
+    assert skipped["lin"].startswith("model object")
+    assert skipped["K"].startswith("class") and skipped["f"].startswith("function")
+    assert skipped["part"].startswith("function") and skipped["torch"].startswith("module")
+    assert "tuple" in skipped["tup"] and "--pickle" in skipped["obj"]
+    for name in ("In", "Out", "exit", "quit", "get_ipython", "_private", "_ih", "_oh", "_dh"):
+        assert name not in encoded and name not in skipped
+
+
+def test_every_subcommand(shell: InteractiveShell, state: Path,
+                          capsys: pytest.CaptureFixture[str]) -> None:
+    m = manager()
+    m.clock = FakeClock()
+    run(shell, "x = [1, 2]\ny = b'raw'\ntmp_a = 1\ntmp_b = 2")
+    capsys.readouterr()
+    run(shell, "%checkpoint status")
+    out = capsys.readouterr().out
+    assert "checkpoints: on" in out and "tracked (4): tmp_a, tmp_b, x, y" in out
+    run(shell, "%checkpoint ignore tmp_*")
+    run(shell, "%checkpoint untrack y")
+    run(shell, "%checkpoint now")
+    out = capsys.readouterr().out
+    assert "2 variable(s)" in out or "1 variable(s)" in out
+    latest = Store(state / "checkpoints").restore()
+    assert set(latest.values) == {"x"}
+    assert "ignored by pattern 'tmp_*'" in latest.manifest["skipped"]["tmp_a"]
+    assert latest.manifest["skipped"]["y"].startswith("untracked")
+    run(shell, "%checkpoint track y tmp_a")
+    run(shell, "x.append(3)")
+    run(shell, "%checkpoint diff")
+    out = capsys.readouterr().out
+    assert "added (2): tmp_a, y" in out and "changed (1): x" in out
+    run(shell, "%checkpoint now")
+    run(shell, "%checkpoint list")
+    out = capsys.readouterr().out
+    assert out.count(" vars ") == 3 and "-1  " in out and "-3  " in out
+    first = snapshots(state)[-1]
+    run(shell, f"%checkpoint diff {first[:20]}")
+    assert "compared with snapshot " + first in capsys.readouterr().out
+    run(shell, "%checkpoint off")
+    m.clock.now += 100
+    head = snapshots(state)[0]
+    run(shell, "z = 1")
+    assert snapshots(state)[0] == head and "checkpoints: off" in _status(shell, capsys)
+    run(shell, "%checkpoint on")
+    m.clock.now += 100
+    run(shell, "z = 2")
+    assert snapshots(state)[0] != head
+    assert Store(state / "checkpoints").restore().values["z"] == 2
+
+
+def _status(shell: InteractiveShell, capsys: pytest.CaptureFixture[str]) -> str:
+    capsys.readouterr()
+    run(shell, "%checkpoint status")
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("line, message", [
+    ("%checkpoint bogus", "unknown subcommand 'bogus'"),
+    ("%checkpoint track", "required: names"),
+    ("%checkpoint untrack", "name at least one variable"),
+    ("%checkpoint track 1abc", "not a variable name"),
+    ("%checkpoint ignore", "one glob pattern"),
+    ("%checkpoint diff", "no checkpoint yet"),
+    ("%checkpoint diff nosuch", "no single snapshot"),
+    ("%resume", "no checkpoint"),
+    ("%resume --bogus", "unrecognized arguments"),
+])
+def test_bad_input_is_a_short_usage_error(shell: InteractiveShell, line: str,
+                                          message: str) -> None:
+    from IPython.core.error import UsageError
+
+    manager().enabled = False
+    with pytest.raises(UsageError, match=message):
+        run(shell, line)
+
+
+def test_failures_warn_once_and_stay_visible(shell: InteractiveShell, state: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    m = manager()
+    clock = FakeClock()
+    m.clock = clock
+    run(shell, "a = [1]")
+    events: list[dict] = []
+    m.session.events.subscribe("checkpoint", events.append)
+
+    def disk_full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    m.store.backend._os = types.SimpleNamespace(fsync=disk_full, replace=os.replace)
+    capsys.readouterr()
+    for i in range(3):
+        clock.now += 10
+        result = shell.run_cell(f"a.append({i})")
+        assert result.success  # the user's cell is never broken by the hook
+    err = capsys.readouterr().err
+    assert err.count("checkpoint failed") == 1 and "No space left" in err
+    assert [e["action"] for e in events] == ["failed"] * 3
+    assert "No space left" in m.status["last_failure"] and m.status["failures"] == 3
+    assert len(m.session.audit.read("checkpoint.failure")) == 3
+    assert "last failure (3 in all)" in _status(shell, capsys)
+    assert Store(state / "checkpoints").restore().values["a"] == [1]
+    m.store.backend._os = types.SimpleNamespace(fsync=os.fsync, replace=os.replace)
+    clock.now += 10
+    run(shell, "a.append(9)")
+    assert m.status["last_failure"] is None
+    assert Store(state / "checkpoints").restore().values["a"] == [1, 0, 1, 2, 9]
+
+
+def test_fresh_kernel_announces_checkpoint_pauses_and_resumes(state: Path,
+                                                              capsys: pytest.CaptureFixture[str]
+                                                              ) -> None:
+    sh = make_shell(state)
+    run(sh, "import numpy as np\nw = np.ones((3, 3))\nmeta = {'epoch': 7}")
+    run(sh, "%checkpoint ignore scratch*")
+    run(sh, "%checkpoint now")
+    close_shell(sh)
+    capsys.readouterr()
+    sh = make_shell(state)
+    try:
+        out = capsys.readouterr().out
+        assert "a checkpoint exists for this notebook" in out and "2 variables" in out
+        assert "%resume" in out
+        n = len(snapshots(state))
+        run(sh, "w = None")  # paused: the old snapshot is not pushed out
+        assert len(snapshots(state)) == n and manager().paused
+        run(sh, "%resume --vars meta")
+        assert sh.user_ns["meta"] == {"epoch": 7} and sh.user_ns["w"] is None
+        run(sh, "%resume")
+        out = capsys.readouterr().out
+        assert "restored 2 variable(s)" in out
+        assert (sh.user_ns["w"] == 1).all() and manager().paused is None
+        assert manager().ignored == ["scratch*"]  # settings come back with the snapshot
+        assert manager().session.audit.read("checkpoint.restore")
+    finally:
+        close_shell(sh)
+
+
+def test_resume_calls_session_restore_state(state: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    sh = make_shell(state)
+    session = manager().session
+    session.state = lambda: {"models": [{"name": "m", "sha256": "ab"}]}
+    run(sh, "v = 1")
+    run(sh, "%checkpoint now")
+    close_shell(sh)
+    sh = make_shell(state)
+    try:
+        seen: list[dict] = []
+        session = manager().session
+
+        def restore_state(state_: dict) -> list[str]:
+            seen.append(state_)
+            return ["reloaded model m (sha256 ok)"]
+
+        session.restore_state = restore_state
+        capsys.readouterr()
+        run(sh, "%resume")
+        assert seen == [{"models": [{"name": "m", "sha256": "ab"}]}]
+        assert "reloaded model m" in capsys.readouterr().out
+    finally:
+        close_shell(sh)
+
+
+def test_pickle_opt_in_is_needed_to_run_code_on_resume(state: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]
+                                                       ) -> None:
+    marker = tmp_path / "code-ran"
+    sh = make_shell(state)
+    run(sh, textwrap.dedent(f"""
+        from pathlib import Path
+        class RunsCode:
+            def __reduce__(self):
+                return (Path.touch, (Path({str(marker)!r}),))
+        evil = RunsCode()
+        plain = 1
+    """))
+    run(sh, "%checkpoint now")
+    assert Store(state / "checkpoints").restore().manifest["skipped"]["evil"]
+    run(sh, "%checkpoint track evil --pickle")
+    assert "restoring a pickle runs code" in capsys.readouterr().out
+    run(sh, "%checkpoint now")
+    close_shell(sh)
+    sh = make_shell(state)
+    try:
+        run(sh, "%resume")
+        out = capsys.readouterr().out
+        assert "not restored: evil" in out and "--pickle evil" in out
+        assert not marker.exists() and "evil" not in sh.user_ns
+        run(sh, "x = 1")  # the hook saves again: the refused pickle is carried over, not lost
+        run(sh, "%checkpoint now")
+        assert Store(state / "checkpoints").manifest(snapshots(state)[0])["variables"]["evil"]
+        run(sh, "%resume --pickle evil")
+        assert marker.exists()
+    finally:
+        close_shell(sh)
+
+
+def test_sigterm_saves_then_chains_to_the_previous_handler(state: Path) -> None:
+    calls: list[int] = []
+    original = signal.signal(signal.SIGTERM, lambda signum, frame: calls.append(signum))
+    try:
+        sh = make_shell(state)
+        m = manager()
+        m.enabled = True
+        m.clock = FakeClock()
+        run(sh, "data = [1, 2, 3]")
+        run(sh, "data.append(4)")  # within the interval: not saved by the hook
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert calls == [signal.SIGTERM]
+        restored = Store(state / "checkpoints").restore()
+        assert restored.values["data"] == [1, 2, 3, 4]
+        assert restored.manifest["reason"] == "sigterm"
+        close_shell(sh)
+        assert calls == [signal.SIGTERM]
+        assert signal.getsignal(signal.SIGTERM) not in (m._on_sigterm, None)
+    finally:
+        signal.signal(signal.SIGTERM, original)
+
+
+def test_exit_saves_the_last_changes(tmp_path: Path) -> None:
+    script = textwrap.dedent(f"""
+        from IPython.core.interactiveshell import InteractiveShell
+        from traitlets.config import Config
+        c = Config(); c.HistoryManager.enabled = False
+        c.KernelExt.state_dir = {str(tmp_path / 'st')!r}
+        c.KernelExt.checkpoint_interval = 3600.0
+        sh = InteractiveShell.instance(config=c)
+        sh.extension_manager.load_extension("kernel_ext")
+        sh.run_cell("v = [1]")
+        sh.run_cell("v.append(2)")
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path, timeout=120)
+    restored = Store(tmp_path / "st" / "checkpoints").restore()
+    assert restored.values["v"] == [1, 2] and restored.manifest["reason"] == "exit"
+
+
+def test_checkpoint_url_memory(state: Path) -> None:
+    import uuid
+
+    url = f"memory://kext-shell-{uuid.uuid4().hex}"
+    sh = make_shell(state, checkpoint_url=url)
+    try:
+        run(sh, "q = {'a': 1}")
+        assert Store(url).restore().values["q"] == {"a": 1}
+        assert not (state / "checkpoints").exists()
+    finally:
+        close_shell(sh)
