@@ -13,11 +13,29 @@ import struct
 from dataclasses import dataclass, field
 
 __all__ = [
-    "T_UINT8", "T_INT8", "T_UINT16", "T_INT16", "T_UINT32", "T_INT32", "T_FLOAT32", "T_BOOL",
-    "T_STRING", "T_ARRAY", "T_UINT64", "T_INT64", "T_FLOAT64",
-    "F32", "F16", "Q8_0",
-    "u32", "u64", "gstr", "str_items",
-    "GGUFBytes", "valid_file", "rewrite",
+    "F16",
+    "F32",
+    "Q8_0",
+    "T_ARRAY",
+    "T_BOOL",
+    "T_FLOAT32",
+    "T_FLOAT64",
+    "T_INT8",
+    "T_INT16",
+    "T_INT32",
+    "T_INT64",
+    "T_STRING",
+    "T_UINT8",
+    "T_UINT16",
+    "T_UINT32",
+    "T_UINT64",
+    "GGUFBytes",
+    "gstr",
+    "rewrite",
+    "str_items",
+    "u32",
+    "u64",
+    "valid_file",
 ]
 
 T_UINT8, T_INT8, T_UINT16, T_INT16, T_UINT32, T_INT32, T_FLOAT32, T_BOOL = range(8)

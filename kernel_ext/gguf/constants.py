@@ -11,18 +11,18 @@ from __future__ import annotations
 from enum import IntEnum
 
 __all__ = [
-    "GGUF_MAGIC",
-    "SUPPORTED_VERSIONS",
+    "BLOCK_SIZES",
     "DEFAULT_ALIGNMENT",
+    "GGUF_MAGIC",
     "MAX_ALIGNMENT",
     "MAX_DIMS",
+    "NUMPY_DTYPES",
     "QK_K",
-    "GGMLType",
-    "GGUFValueType",
-    "BLOCK_SIZES",
     "REMOVED_TYPES",
     "SCALAR_FORMATS",
-    "NUMPY_DTYPES",
+    "SUPPORTED_VERSIONS",
+    "GGMLType",
+    "GGUFValueType",
     "type_name",
 ]
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..errors import IntegrityError
 
-__all__ = ["sha256_file", "verify_sha256", "normalize_sha256"]
+__all__ = ["normalize_sha256", "sha256_file", "verify_sha256"]
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 

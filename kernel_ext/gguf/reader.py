@@ -21,9 +21,10 @@ import os
 import struct
 from collections import Counter
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 
@@ -44,14 +45,14 @@ from .constants import (
 )
 
 __all__ = [
-    "TensorInfo",
-    "GGUFFile",
-    "read_gguf",
     "GGUFClosedError",
-    "GGUFOpenError",
+    "GGUFFile",
     "GGUFFileNotFoundError",
     "GGUFIsADirectoryError",
+    "GGUFOpenError",
+    "TensorInfo",
     "TensorNotFoundError",
+    "read_gguf",
 ]
 
 _HEADER = struct.Struct("<4sIQQ")
@@ -74,6 +75,8 @@ _REDO = "download or convert the file again and check its SHA-256"
 # (name, dims, ggml type, offset relative to the data section, byte offset of the dims field,
 #  byte offset of the offset field): a tensor-table entry before it is checked against the data.
 _RawTensor = tuple[str, tuple[int, ...], int, int, int, int]
+# metadata key -> (value type, item type for arrays else None)
+_ValueTypes = dict[str, tuple[GGUFValueType, GGUFValueType | None]]
 
 
 class GGUFClosedError(GGUFError, ValueError):
@@ -124,7 +127,7 @@ class GGUFFile:
 
     def __init__(self, *, path: Path, version: int, file_size: int, alignment: int,
                  data_offset: int, metadata: dict[str, Any],
-                 value_types: dict[str, tuple[GGUFValueType, GGUFValueType | None]],
+                 value_types: _ValueTypes,
                  tensors: dict[str, TensorInfo], mm: mmap.mmap | None) -> None:
         self.path = path
         self.version = version
@@ -154,7 +157,7 @@ class GGUFFile:
             # all we can do: the mapping is unmapped when the last of them is collected.
             del mm
 
-    def __enter__(self) -> GGUFFile:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -373,7 +376,7 @@ class _Parser:
     # -- sections ------------------------------------------------------------------------------
     def parse(self) -> GGUFFile:
         version, n_tensors, n_kv = self.header()
-        metadata, value_types, kv_at = self.metadata(n_kv, n_tensors)
+        metadata, value_types, kv_at = self.metadata(n_kv)
         alignment = self.alignment(metadata, value_types, kv_at)
         raw = self.tensor_table(n_tensors)
         data_offset = -(-self.pos // alignment) * alignment
@@ -414,11 +417,9 @@ class _Parser:
                 f"after the header; the file is corrupt: {_REDO}", "header.tensor_count", 8)
         return version, n_tensors, n_kv
 
-    def metadata(self, n_kv: int, n_tensors: int
-                 ) -> tuple[dict[str, Any], dict[str, tuple[GGUFValueType, GGUFValueType | None]],
-                            dict[str, int]]:
+    def metadata(self, n_kv: int) -> tuple[dict[str, Any], _ValueTypes, dict[str, int]]:
         metadata: dict[str, Any] = {}
-        value_types: dict[str, tuple[GGUFValueType, GGUFValueType | None]] = {}
+        value_types: _ValueTypes = {}
         kv_at: dict[str, int] = {}
         for i in range(n_kv):
             at = self.pos
@@ -517,7 +518,7 @@ class _Parser:
         return out
 
     def alignment(self, metadata: dict[str, Any],
-                  value_types: dict[str, tuple[GGUFValueType, GGUFValueType | None]],
+                  value_types: _ValueTypes,
                   kv_at: dict[str, int]) -> int:
         key = "general.alignment"
         if key not in metadata:
@@ -628,7 +629,7 @@ class _Parser:
     def check_overlaps(self, tensors: dict[str, TensorInfo],
                        raw: list[_RawTensor]) -> None:
         ordered = sorted(tensors.values(), key=lambda t: t.offset)
-        for prev, cur in zip(ordered, ordered[1:]):
+        for prev, cur in pairwise(ordered):
             if cur.offset < prev.offset + prev.nbytes:
                 off_at = next(r[5] for r in raw if r[0] == cur.name)
                 raise self.fail(
