@@ -37,39 +37,70 @@ def _half(blocks: torch.Tensor, start: int, dtype: torch.dtype) -> torch.Tensor:
     return blocks[:, start : start + 2].contiguous().view(torch.float16).to(dtype)
 
 
-def _five_bit(blocks: torch.Tensor, qh_at: int, qs_at: int) -> torch.Tensor:
-    """The 32 five-bit quants of a Q5_0/Q5_1 block as ``uint8`` ``(nb, 32)``.
+# Five-bit quants, eight at a time: the 16 ``qs`` bytes are read as two ``int64`` words, so a
+# nibble mask or shift handles eight values per element instead of one (torch's ``uint8`` ops
+# are the bottleneck otherwise). The fifth bits (the little-endian ``uint32`` ``qh``, bit ``j``
+# for element ``j``) are spread to one byte each through a 256-entry table of ``int64`` words.
+_NIBBLES = 0x0F0F0F0F0F0F0F0F
 
-    Low nibbles of the 16 ``qs`` bytes are elements 0..15, high nibbles 16..31; bit ``j`` of the
-    little-endian ``uint32`` ``qh`` is the fifth bit of element ``j``.
-    """
-    nb = blocks.shape[0]
-    qs = blocks[:, qs_at : qs_at + 16]
-    low = torch.cat([qs & 0xF, qs >> 4], dim=1)
-    qh = blocks[:, qh_at : qh_at + 4]
-    bit = torch.arange(8, device=blocks.device, dtype=torch.uint8).reshape(1, 1, 8)
-    high = ((qh.reshape(nb, 4, 1) >> bit) & 1).reshape(nb, 32)
-    return low | (high << 4)
+
+def _spread_table(one: int, zero: int) -> torch.Tensor:
+    """byte ``v`` -> an int64 whose byte ``k`` is ``one`` if bit ``k`` of ``v`` is set, else ``zero``."""
+    bits = (np.arange(256)[:, None] >> np.arange(8)) & 1
+    table = np.where(bits == 1, one, zero).astype(np.uint8)
+    return torch.from_numpy(np.ascontiguousarray(table)).view(torch.int64).reshape(256)
+
+
+# Q5_0 stores q in 0..31 and means q - 16. As an int8 that is the low nibble with the high
+# nibble 0x0 when the fifth bit is set and 0xF (a borrow) when it is clear.
+_Q5_0_HIGH = _spread_table(0x00, 0xF0)
+# Q5_1 means q itself: the fifth bit is 0x10.
+_Q5_1_HIGH = _spread_table(0x10, 0x00)
+_TABLES: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def _table(table: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type == "cpu":
+        return table
+    key = (id(table), device)
+    if key not in _TABLES:
+        _TABLES[key] = table.to(device)
+    return _TABLES[key]
+
+
+def _five_bit(blocks: torch.Tensor, qh_at: int, qs_at: int, high: torch.Tensor) -> torch.Tensor:
+    """The 32 quants of a Q5_0/Q5_1 block as ``(nb, 32)`` bytes (elements 0..15 are the low
+    nibbles of ``qs``, 16..31 the high ones), with the fifth bit mapped through ``high``."""
+    qs = blocks[:, qs_at : qs_at + 16].contiguous().view(torch.int64)
+    low = qs & _NIBBLES
+    top = (qs >> 4) & _NIBBLES
+    fifth = _table(high, blocks.device)[blocks[:, qh_at : qh_at + 4].long()]
+    return torch.cat([low | fifth[:, :2], top | fifth[:, 2:]], dim=1).view(torch.uint8)
+
+
+def _scaled(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``scale * q`` for ``(nb, n)`` integer quants, written once into a fresh ``dtype`` tensor."""
+    out = torch.empty(q.shape, dtype=dtype, device=q.device)
+    out.copy_(q)
+    return out.mul_(scale)
 
 
 def _dequant_q5_0(blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     # block: d (f16) | qh (4 bytes) | qs (16 bytes); value = d * (q - 16)
-    q = _five_bit(blocks, 2, 6).to(torch.int8) - 16
-    return _half(blocks, 0, dtype) * q
+    q = _five_bit(blocks, 2, 6, _Q5_0_HIGH).view(torch.int8)
+    return _scaled(q, _half(blocks, 0, dtype), dtype)
 
 
 def _dequant_q5_1(blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     # block: d (f16) | m (f16) | qh (4 bytes) | qs (16 bytes); value = d * q + m
-    q = _five_bit(blocks, 4, 8)
-    return _half(blocks, 0, dtype) * q + _half(blocks, 2, dtype)
+    q = _five_bit(blocks, 4, 8, _Q5_1_HIGH)
+    return _scaled(q, _half(blocks, 0, dtype), dtype).add_(_half(blocks, 2, dtype))
 
 
 def _dequant_q8_0(blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     # block: d (f16) | 32 x int8. Convert into a fresh output, then scale in place: no int8 x fp16
     # broadcast temporaries.
-    out = torch.empty((blocks.shape[0], 32), dtype=dtype, device=blocks.device)
-    out.copy_(blocks[:, 2:34].view(torch.int8))
-    return out.mul_(_half(blocks, 0, dtype))
+    return _scaled(blocks[:, 2:34].view(torch.int8), _half(blocks, 0, dtype), dtype)
 
 
 def _plain(source: torch.dtype) -> _Kernel:

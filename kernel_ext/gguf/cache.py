@@ -1,0 +1,353 @@
+"""Conversion cache: what converting a GGUF file produced, keyed by the file's SHA-256.
+
+Layout (one directory per file content, so a changed file can never hit a stale entry)::
+
+    <cache_dir>/<sha256>/
+        meta.json                      source name and size, format version, created/used times
+        config.json                    the Transformers config (always)
+        tokenizer/                     tokenizer.json, tokenizer_config.json, ... (always)
+        weights-<dtype>.safetensors    dequantised weights (optional, under the size cap)
+
+Writes are atomic (a temporary file or directory, then ``os.replace``). A piece that cannot be
+read back (truncated, not JSON, a safetensors header that does not match the file) is reported
+with a log warning, deleted and rebuilt by the caller. Weight files are read memory-mapped
+(copy-on-write): loading them costs page faults, not copies.
+
+The weights are plain safetensors files (``safetensors.safe_open`` reads them); they are
+written tensor by tensor from the live model, so writing needs no second copy in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = [
+    "CacheEntryInfo",
+    "entry_dir",
+    "list_entries",
+    "clear",
+    "read_json",
+    "write_json",
+    "write_tree",
+    "weights_path",
+    "save_weights",
+    "load_weights",
+    "touch",
+    "enforce_cap",
+    "discard",
+    "CorruptEntryError",
+    "FORMAT_VERSION",
+]
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+_HEX = frozenset("0123456789abcdef")
+_ST_DTYPES: dict[torch.dtype, str] = {torch.float32: "F32", torch.float16: "F16",
+                                      torch.bfloat16: "BF16"}
+_ST_TORCH = {v: k for k, v in _ST_DTYPES.items()}
+_ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2}
+_NP_VIEW = {"F32": np.float32, "F16": np.float16, "BF16": np.int16}
+
+
+class CorruptEntryError(ValueError):
+    """A cache piece that cannot be used; callers log it, discard it and rebuild."""
+
+
+@dataclass(frozen=True)
+class CacheEntryInfo:
+    sha256: str
+    path: Path
+    size_bytes: int
+    source: str | None
+    created: float | None
+    last_used: float
+    weights: tuple[str, ...]  # dtypes with cached weights, e.g. ("float32",)
+
+
+def _check_sha(sha: str) -> str:
+    s = str(sha).strip().lower()
+    if len(s) != 64 or not set(s) <= _HEX:
+        raise ValueError(f"cache keys are SHA-256 hex digests (64 characters 0-9a-f), got {sha!r}")
+    return s
+
+
+def entry_dir(cache_dir: str | os.PathLike[str], sha: str) -> Path:
+    return Path(cache_dir) / _check_sha(sha)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def weights_path(entry: Path, dtype: torch.dtype) -> Path:
+    return entry / f"weights-{_dtype_name(dtype)}.safetensors"
+
+
+# --- small atomic writes ---------------------------------------------------------------------------
+def _tmp_near(target: Path, suffix: str = "") -> Path:
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix + ".tmp", dir=target.parent)
+    os.close(fd)
+    return Path(name)
+
+
+def write_json(path: Path, value: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_near(path)
+    done = False
+    try:
+        tmp.write_text(json.dumps(value, indent=1, sort_keys=True), encoding="utf-8")
+        os.replace(tmp, path)
+        done = True
+    finally:
+        if not done:
+            tmp.unlink(missing_ok=True)
+
+
+def read_json(path: Path) -> Any:
+    """Parsed JSON, or :class:`CorruptEntryError` if the file is unreadable or not JSON.
+    ``FileNotFoundError`` passes through (a miss, not a corruption)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorruptEntryError(f"{path}: {e}") from e
+
+
+def write_tree(target: Path, fill: Callable[[Path], None]) -> None:
+    """Create directory ``target`` atomically: ``fill(tmpdir)`` writes it, then a rename."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    done = False
+    try:
+        fill(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+        done = True
+    finally:
+        if not done:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def touch(entry: Path, *, source: str | None = None) -> None:
+    """Record a use of ``entry`` (its LRU time), creating ``meta.json`` if needed."""
+    meta_path = entry / "meta.json"
+    now = time.time()
+    try:
+        meta = read_json(meta_path)
+        if not isinstance(meta, dict):
+            raise CorruptEntryError(f"{meta_path}: not an object")
+    except (FileNotFoundError, CorruptEntryError):
+        meta = {"format": FORMAT_VERSION, "created": now}
+    meta["last_used"] = now
+    if source is not None:
+        meta["source"] = source
+    write_json(meta_path, meta)
+
+
+def discard(path: Path, why: str) -> None:
+    """Delete a corrupt cache piece, with a warning that says so."""
+    log.warning("kernel_ext conversion cache: ignoring and rebuilding %s (%s)", path, why)
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+# --- weights ---------------------------------------------------------------------------------------
+def _header(tensors: Mapping[str, torch.Tensor]) -> tuple[bytes, list[tuple[str, torch.Tensor]]]:
+    header: dict[str, Any] = {"__metadata__": {"format": "pt", "writer": "kernel_ext"}}
+    order: list[tuple[str, torch.Tensor]] = []
+    offset = 0
+    for name, t in tensors.items():
+        st = _ST_DTYPES.get(t.dtype)
+        if st is None:
+            raise TypeError(f"cannot cache weights of dtype {t.dtype}")
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": st, "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        order.append((name, t))
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-(len(raw) + 8) % 8)  # data starts 8-byte aligned
+    return raw, order
+
+
+def save_weights(path: Path, tensors: Mapping[str, torch.Tensor]) -> int:
+    """Write ``tensors`` (CPU or not) as one safetensors file, atomically; returns its size.
+
+    Tensors are streamed one at a time (a GPU tensor is copied to the host on its own), so
+    writing needs no second copy of the model."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header, order = _header(tensors)
+    tmp = _tmp_near(path)
+    done = False
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(len(header).to_bytes(8, "little"))
+            fh.write(header)
+            for _, t in order:
+                t = t.detach()
+                if t.device.type != "cpu":
+                    t = t.cpu()
+                t = t.contiguous()
+                if t.numel():
+                    fh.write(memoryview(t.view(torch.uint8).reshape(-1).numpy()))
+        size = tmp.stat().st_size
+        os.replace(tmp, path)
+        done = True
+        return size
+    finally:
+        if not done:
+            tmp.unlink(missing_ok=True)
+
+
+def load_weights(path: Path, expected: Mapping[str, tuple[tuple[int, ...], torch.dtype]] | None = None
+                 ) -> dict[str, torch.Tensor]:
+    """Memory-map a safetensors file (copy-on-write) and return its tensors, zero-copy.
+
+    ``expected`` maps names to ``(shape, dtype)``; any difference is a :class:`CorruptEntryError`,
+    as is a header that does not fit the file. ``FileNotFoundError`` passes through."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            if len(head) != 8:
+                raise CorruptEntryError(f"{path}: shorter than a safetensors header")
+            n = int.from_bytes(head, "little")
+            if n <= 0 or 8 + n > size or n > 100 << 20:
+                raise CorruptEntryError(f"{path}: header length {n} does not fit the file ({size} bytes)")
+            header = json.loads(fh.read(n))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorruptEntryError(f"{path}: unreadable header: {e}") from e
+    if not isinstance(header, dict):
+        raise CorruptEntryError(f"{path}: header is not an object")
+    header.pop("__metadata__", None)
+    base = 8 + n
+    mm = np.memmap(path, dtype=np.uint8, mode="c")
+    out: dict[str, torch.Tensor] = {}
+    for name, spec in header.items():
+        try:
+            st, shape, (start, end) = spec["dtype"], [int(d) for d in spec["shape"]], spec["data_offsets"]
+            start, end = int(start), int(end)
+        except (KeyError, TypeError, ValueError) as e:
+            raise CorruptEntryError(f"{path}: bad header entry for {name!r}") from e
+        if st not in _ST_TORCH:
+            raise CorruptEntryError(f"{path}: unsupported dtype {st!r} for {name!r}")
+        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        if end - start != count * _ITEMSIZE[st] or start < 0 or base + end > size:
+            raise CorruptEntryError(f"{path}: tensor {name!r} does not fit the file")
+        arr = mm[base + start: base + end].view(_NP_VIEW[st])
+        t = torch.from_numpy(arr)
+        if st == "BF16":
+            t = t.view(torch.bfloat16)
+        out[name] = t.reshape(shape)
+    if expected is not None:
+        for name, (shape, dtype) in expected.items():
+            t = out.get(name)
+            if t is None:
+                raise CorruptEntryError(f"{path}: no tensor {name!r}")
+            if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+                raise CorruptEntryError(f"{path}: {name!r} is {tuple(t.shape)} {t.dtype}, "
+                                        f"expected {tuple(shape)} {dtype}")
+    return out
+
+
+# --- management ------------------------------------------------------------------------------------
+def _size(path: Path) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += (Path(root) / f).stat().st_size
+            except OSError:
+                continue
+    return total
+
+
+def _entries(cache_dir: Path) -> Iterable[Path]:
+    if not cache_dir.is_dir():
+        return []
+    return [p for p in cache_dir.iterdir() if p.is_dir() and len(p.name) == 64 and set(p.name) <= _HEX]
+
+
+def list_entries(cache_dir: str | os.PathLike[str]) -> list[CacheEntryInfo]:
+    """Every entry, least recently used first."""
+    infos = []
+    for entry in _entries(Path(cache_dir)):
+        try:
+            meta = read_json(entry / "meta.json")
+            meta = meta if isinstance(meta, dict) else {}
+        except (FileNotFoundError, CorruptEntryError):
+            meta = {}
+        try:
+            mtime = entry.stat().st_mtime
+        except OSError:
+            continue
+        weights = tuple(sorted(p.name[len("weights-"):-len(".safetensors")]
+                               for p in entry.glob("weights-*.safetensors")))
+        infos.append(CacheEntryInfo(
+            sha256=entry.name, path=entry, size_bytes=_size(entry), source=meta.get("source"),
+            created=meta.get("created"), last_used=float(meta.get("last_used", mtime)),
+            weights=weights))
+    return sorted(infos, key=lambda i: i.last_used)
+
+
+def clear(cache_dir: str | os.PathLike[str], sha: str | None = None) -> int:
+    """Remove one entry (``sha``) or all of them; returns the bytes freed."""
+    root = Path(cache_dir)
+    targets = [entry_dir(root, sha)] if sha is not None else list(_entries(root))
+    freed = 0
+    for entry in targets:
+        if entry.is_dir():
+            freed += _size(entry)
+            shutil.rmtree(entry, ignore_errors=True)
+    return freed
+
+
+def enforce_cap(cache_dir: str | os.PathLike[str], max_bytes: int, *, keep: str | None = None) -> list[str]:
+    """Delete weight files, least recently used entries first, until the cache fits ``max_bytes``.
+
+    Configs and tokenizers are small and stay; an entry's weights go first, then (if still over)
+    whole entries. ``keep`` (a sha) is evicted last. Returns what was removed."""
+    root = Path(cache_dir)
+    infos = list_entries(root)
+    total = sum(i.size_bytes for i in infos)
+    removed: list[str] = []
+    ordered = [i for i in infos if i.sha256 != keep] + [i for i in infos if i.sha256 == keep]
+    for info in ordered:
+        if total <= max_bytes:
+            break
+        for w in sorted(info.path.glob("weights-*.safetensors")):
+            if total <= max_bytes:
+                break
+            try:
+                size = w.stat().st_size
+                w.unlink()
+            except OSError:
+                continue
+            total -= size
+            removed.append(str(w))
+    for info in ordered:
+        if total <= max_bytes:
+            break
+        if info.sha256 == keep:
+            continue
+        size = _size(info.path)
+        shutil.rmtree(info.path, ignore_errors=True)
+        total -= size
+        removed.append(str(info.path))
+    return removed

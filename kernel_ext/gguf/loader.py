@@ -1,0 +1,425 @@
+"""Load a GGUF file into a Transformers model + tokenizer, fast and lean.
+
+One parse of the file (our bounded reader), the model built on the ``meta`` device and filled
+tensor by tensor (read the quantised bytes -> dequantise on the target device in the target
+dtype -> per-architecture fix-up -> assign), so peak memory stays near the final model size.
+The converted tokenizer and config (and optionally the dequantised weights) go to a conversion
+cache keyed by the file's SHA-256 (:mod:`kernel_ext.gguf.cache`).
+
+``device_map`` / ``quantization`` are hooks for the memory-plan ladder (GPU only): they hand a
+dequantised state dict to Transformers' own ``from_pretrained(None, state_dict=...)`` with a
+bitsandbytes config and/or an accelerate device map. Written from the documented APIs; no GPU
+was available to run them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import logging
+import os
+import resource
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import GGUFFormatError, GGUFUnsupportedError, KernelExtError
+from . import cache as _cache
+from . import convert
+from .dequant import dequantize
+from .reader import GGUFFile, TensorInfo, read_gguf
+
+__all__ = ["LoadedArtifacts", "load_transformers", "estimate_bytes", "resolve_dtype"]
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int, str], None]
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+           "fp16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16}
+# Tensors stored in a float format, or this small, are decoded in fp32 and cast afterwards, so
+# fix-ups such as gemma's ``norm - 1`` round once, as in Transformers' own loader.
+_FP32_WORK_MAX = 1 << 20
+_FLOAT_TYPES = frozenset({0, 1, 30})  # F32, F16, BF16
+
+
+@dataclass
+class LoadedArtifacts:
+    """What :func:`load_transformers` returns."""
+
+    model: Any  # a Transformers causal LM in eval mode
+    tokenizer: Any  # a PreTrainedTokenizerFast subclass
+    config: Any
+    summary: dict[str, Any]  # GGUFFile.summary()
+    chat_template: str | None
+    sha256: str | None
+    dtype: torch.dtype
+    device: str
+    load_s: float
+    timings: dict[str, float] = field(default_factory=dict)
+    cache_hits: dict[str, bool] = field(default_factory=dict)  # config/tokenizer/weights
+    peak_rss: int | None = None  # bytes, the process's peak so far (ru_maxrss)
+
+
+def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+        return dtype
+    key = str(dtype).strip().lower().removeprefix("torch.")
+    if key not in _DTYPES:
+        raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype!r}")
+    return _DTYPES[key]
+
+
+def estimate_bytes(gf: GGUFFile, dtype: torch.dtype | str = torch.float32) -> int:
+    """Dequantised footprint: parameters x dtype size, plus 2 % (at least 16 MiB) for buffers
+    and allocator slack. Reads only the tensor table."""
+    size = torch.tensor([], dtype=resolve_dtype(dtype)).element_size()
+    n = sum(t.n_elements for t in gf.tensors.values())
+    raw = n * size
+    return raw + max(16 << 20, raw // 50)
+
+
+# --- helpers ---------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _intra_op_threads(n: int | None) -> Iterator[None]:
+    """Decode with ``n`` intra-op threads, then restore torch's setting.
+
+    The kernels are memory-bound element-wise passes; on small, shared machines OpenMP's
+    barrier between them costs far more than a second thread gains (measured 5x slower with 2
+    threads on a loaded 2-core box), so the loader defaults to one.
+    """
+    before = torch.get_num_threads()
+    if n is None or n == before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _trim_heap() -> None:
+    """Give freed heap pages back to the OS (glibc), so conversion garbage does not stay in RSS."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        return
+
+
+def _peak_rss() -> int | None:
+    try:
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    except (OSError, ValueError):
+        return None
+
+
+def _read_bytes(fh: Any, info: TensorInfo) -> torch.Tensor:
+    """The tensor's raw bytes, read into a fresh buffer.
+
+    Reading (instead of viewing the file's memory map) keeps the file's pages out of this
+    process's RSS once a tensor is decoded; the buffer is freed right after."""
+    buf = torch.empty(info.nbytes, dtype=torch.uint8)
+    view = memoryview(buf.numpy())
+    fh.seek(info.offset)
+    got = 0
+    while got < info.nbytes:
+        n = fh.readinto(view[got:])
+        if not n:
+            raise GGUFFormatError(f"the file ended while reading tensor {info.name!r}; it was "
+                                  "truncated after it was opened", field=info.name,
+                                  offset=info.offset + got)
+        got += n
+    return buf
+
+
+def _set_tensor(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
+    module_name, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    if leaf in module._parameters:
+        module._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
+    elif leaf in module._buffers:
+        module._buffers[leaf] = value
+    else:
+        raise GGUFFormatError(f"the model has no parameter {name!r}")
+
+
+def _decode(fh: Any, info: TensorInfo, processor: Any, dtype: torch.dtype, device: str,
+            target_shape: tuple[int, ...]) -> torch.Tensor:
+    raw = _read_bytes(fh, info)
+    small = info.ggml_type in _FLOAT_TYPES or info.n_elements <= _FP32_WORK_MAX
+    work = torch.float32 if small else dtype
+    t = dequantize(raw, info.ggml_type, info.shape, dtype=work, device=device)
+    del raw
+    t = processor.process(weights=t, name=info.name).weights
+    if tuple(t.shape) != target_shape:
+        if t.numel() != int(torch.Size(target_shape).numel()):
+            raise GGUFFormatError(f"tensor {info.name!r} has shape {tuple(t.shape)}, the model "
+                                  f"expects {target_shape}", field=info.name)
+        t = t.reshape(target_shape)
+    if t.dtype != dtype:
+        t = t.to(dtype)
+    return t.contiguous()
+
+
+def _new_model(config: Any, dtype: torch.dtype) -> Any:
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with init_empty_weights(include_buffers=False):
+            return AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except (ValueError, KeyError) as e:
+        raise GGUFUnsupportedError(
+            f"Transformers has no causal LM for model type {config.model_type!r}: {e}") from e
+
+
+def _expected(model: Any, hf_names: list[str]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    state = dict(model.named_parameters(remove_duplicate=False))
+    return {n: (tuple(state[n].shape), state[n].dtype) for n in hf_names}
+
+
+# --- the loader ------------------------------------------------------------------------------------
+def load_transformers(
+    path: str | os.PathLike[str],
+    *,
+    dtype: torch.dtype | str = torch.float32,
+    device: str = "cpu",
+    sha256: str | None = None,
+    cache_dir: Path | str | None = None,
+    progress: Progress | None = None,
+    device_map: Any = None,
+    quantization: str | None = None,
+    cache_weights: bool = True,
+    cache_max_bytes: int = 4 << 30,
+    decode_threads: int | None = 1,
+) -> LoadedArtifacts:
+    """Load the GGUF at ``path`` as a Transformers model and tokenizer.
+
+    ``sha256``: the file's digest if already known (it keys the cache; computed when a cache is
+    used and it is not given; it is trusted, not re-checked: pin checks live in
+    :mod:`kernel_ext.gguf.integrity`). ``cache_dir``: conversion cache root (None: no cache).
+    ``cache_weights``: also keep the dequantised weights there (safetensors, memory-mapped on
+    the next load), within ``cache_max_bytes`` (least recently used entries are evicted).
+    ``progress(done, total, stage)`` is called once per tensor. ``device_map`` and
+    ``quantization`` ("8bit" / "4bit", bitsandbytes, CUDA only) route the weights through
+    Transformers' ``from_pretrained`` (see the module docstring). ``decode_threads``: torch
+    intra-op threads while decoding (None: leave torch's setting).
+    """
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    hits: dict[str, bool] = {}
+    dt = resolve_dtype(dtype)
+    device = str(device)
+    if quantization not in (None, "8bit", "4bit"):
+        raise ValueError(f"quantization must be None, '8bit' or '4bit', got {quantization!r}")
+    if quantization and not device.startswith("cuda"):
+        raise GGUFUnsupportedError(
+            f"{quantization} quantization (bitsandbytes) needs a CUDA device; load in "
+            "float32/bfloat16 on the CPU instead")
+
+    def mark(stage: str, since: float) -> float:
+        now = time.perf_counter()
+        timings[stage] = timings.get(stage, 0.0) + now - since
+        return now
+
+    t = time.perf_counter()
+    with read_gguf(path) as gf:
+        t = mark("parse", t)
+        summary = gf.summary()
+        arch = convert.check_architecture(gf.metadata)
+        entry: Path | None = None
+        if cache_dir is not None:
+            if sha256 is None:
+                from .integrity import sha256_file
+
+                sha256 = sha256_file(path)
+                t = mark("hash", t)
+            entry = _cache.entry_dir(cache_dir, sha256)
+
+        # config --------------------------------------------------------------------------------
+        cfg_dict = convert.config_dict(gf.metadata, frozenset(gf.tensors))
+        config = convert.build_config(gf.metadata, frozenset(gf.tensors), dtype=dt)
+        hits["config"] = entry is not None and (entry / "config.json").is_file()
+        if entry is not None and not hits["config"]:
+            _cache.write_json(entry / "config.json", config.to_dict())
+        t = mark("config", t)
+
+        # tokenizer -----------------------------------------------------------------------------
+        tokenizer = _cached_tokenizer(entry, config.model_type) if entry is not None else None
+        hits["tokenizer"] = tokenizer is not None
+        if tokenizer is None:
+            tokenizer = convert.build_tokenizer(gf.metadata, config.model_type)
+            _trim_heap()
+            if entry is not None:
+                _store_tokenizer(entry, tokenizer)
+        t = mark("tokenizer", t)
+
+        # model ---------------------------------------------------------------------------------
+        if quantization or device_map is not None:
+            model = _load_via_transformers(gf, arch, cfg_dict, config, dt, device, device_map,
+                                           quantization, progress, decode_threads)
+            hits["weights"] = False
+            t = mark("weights", t)
+        else:
+            model = _new_model(config, dt)
+            t = mark("model_init", t)
+            processor = convert.tensor_processor(arch, cfg_dict)
+            plan = convert.tensor_plan(model, arch, processor, list(gf.tensors))
+            if plan.missing:
+                raise GGUFFormatError(
+                    f"the file has no tensors for {len(plan.missing)} model parameters "
+                    f"(e.g. {', '.join(plan.missing[:3])}); it is incomplete or not a "
+                    f"{arch} model", field="tensors")
+            wpath = _cache.weights_path(entry, dt) if entry is not None else None
+            hits["weights"] = wpath is not None and _fill_from_cache(model, plan, wpath, device,
+                                                                     progress)
+            if not hits["weights"]:
+                with _intra_op_threads(decode_threads if device == "cpu" else None):
+                    _fill_from_gguf(model, gf, plan, processor, dt, device, progress)
+            t = mark("weights", t)
+            model.tie_weights()
+            leftover = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+            if leftover:
+                raise GGUFFormatError(f"no data for parameters {', '.join(leftover[:5])}")
+            model.to(device)
+            if wpath is not None and cache_weights and not hits["weights"]:
+                _store_weights(entry, wpath, model, plan, cache_dir, cache_max_bytes)
+                t = mark("cache_write", t)
+        model.eval()
+        if entry is not None:
+            _cache.touch(entry, source=Path(path).name)
+        template = convert.chat_template(gf.metadata)
+    load_s = time.perf_counter() - t_start
+    timings["total"] = load_s
+    return LoadedArtifacts(model=model, tokenizer=tokenizer, config=config, summary=summary,
+                           chat_template=template, sha256=sha256, dtype=dt, device=device,
+                           load_s=load_s, timings=timings, cache_hits=hits, peak_rss=_peak_rss())
+
+
+def _fill_from_gguf(model: Any, gf: GGUFFile, plan: convert.TensorPlan, processor: Any,
+                    dtype: torch.dtype, device: str, progress: Progress | None) -> None:
+    expected = _expected(model, list(plan.gguf_to_hf.values()))
+    names = list(plan.gguf_to_hf)
+    total = len(names)
+    with open(gf.path, "rb", buffering=0) as fh:
+        for done, name in enumerate(names, 1):
+            hf_name = plan.gguf_to_hf[name]
+            shape, _ = expected[hf_name]
+            value = _decode(fh, gf.tensors[name], processor, dtype, device, shape)
+            _set_tensor(model, hf_name, value)
+            if progress is not None:
+                progress(done, total, "weights")
+
+
+def _fill_from_cache(model: Any, plan: convert.TensorPlan, wpath: Path, device: str,
+                     progress: Progress | None) -> bool:
+    hf_names = list(dict.fromkeys(plan.gguf_to_hf.values()))
+    try:
+        tensors = _cache.load_weights(wpath, _expected(model, hf_names))
+    except FileNotFoundError:
+        return False
+    except _cache.CorruptEntryError as e:
+        _cache.discard(wpath, str(e))
+        return False
+    total = len(hf_names)
+    for done, name in enumerate(hf_names, 1):
+        value = tensors[name]
+        if device != "cpu":
+            value = value.to(device)
+        _set_tensor(model, name, value)
+        if progress is not None:
+            progress(done, total, "weights (cached)")
+    return True
+
+
+def _cached_tokenizer(entry: Path, model_type: str) -> Any:
+    tdir = entry / "tokenizer"
+    if not (tdir / "tokenizer.json").is_file():
+        return None
+    try:
+        config = _cache.read_json(tdir / "tokenizer_config.json")
+        if not isinstance(config, dict):
+            raise _cache.CorruptEntryError("tokenizer_config.json is not an object")
+        kwargs = {k: v for k, v in config.items()
+                  if k not in ("backend", "tokenizer_class", "is_local", "local_files_only",
+                               "name_or_path", "auto_map")}
+        template = tdir / "chat_template.jinja"
+        if template.is_file():
+            kwargs["chat_template"] = template.read_text(encoding="utf-8")
+        cls = convert.tokenizer_class(model_type)
+        return cls(tokenizer_file=str(tdir / "tokenizer.json"), **kwargs)
+    except FileNotFoundError:
+        return None
+    except Exception as e:  # noqa: BLE001 - tokenizers reports bad JSON as a bare Exception
+        _cache.discard(tdir, f"unreadable tokenizer: {e}")
+        return None
+
+
+def _store_tokenizer(entry: Path, tokenizer: Any) -> None:
+    try:
+        _cache.write_tree(entry / "tokenizer", lambda d: tokenizer.save_pretrained(str(d)))
+    except OSError as e:
+        log.warning("kernel_ext conversion cache: could not store the tokenizer in %s: %s", entry, e)
+
+
+def _store_weights(entry: Path, wpath: Path, model: Any, plan: convert.TensorPlan,
+                   cache_dir: Path | str, cap: int) -> None:
+    state = dict(model.named_parameters(remove_duplicate=False))
+    names = list(dict.fromkeys(plan.gguf_to_hf.values()))
+    need = sum(state[n].numel() * state[n].element_size() for n in names)
+    if need > cap:
+        log.info("not caching %s of weights: over the %s byte cap", need, cap)
+        return
+    try:
+        _cache.enforce_cap(cache_dir, max(0, cap - need), keep=entry.name)
+        _cache.save_weights(wpath, {n: state[n] for n in names})
+    except OSError as e:
+        log.warning("kernel_ext conversion cache: could not store weights in %s: %s", wpath, e)
+
+
+def _load_via_transformers(gf: GGUFFile, arch: str, cfg_dict: dict[str, Any], config: Any,
+                           dtype: torch.dtype, device: str, device_map: Any,
+                           quantization: str | None, progress: Progress | None,
+                           decode_threads: int | None) -> Any:
+    """The memory-plan ladder's rungs: decode to a CPU state dict in ``dtype``, then let
+    Transformers place it (accelerate ``device_map``) and quantise it (bitsandbytes)."""
+    from transformers import AutoModelForCausalLM
+
+    model = _new_model(config, dtype)
+    processor = convert.tensor_processor(arch, cfg_dict)
+    plan = convert.tensor_plan(model, arch, processor, list(gf.tensors))
+    expected = _expected(model, list(plan.gguf_to_hf.values()))
+    del model
+    state: dict[str, torch.Tensor] = {}
+    names = list(plan.gguf_to_hf)
+    with _intra_op_threads(decode_threads), open(gf.path, "rb", buffering=0) as fh:
+        for done, name in enumerate(names, 1):
+            hf_name = plan.gguf_to_hf[name]
+            state[hf_name] = _decode(fh, gf.tensors[name], processor, dtype, "cpu",
+                                     expected[hf_name][0])
+            if progress is not None:
+                progress(done, len(names), "weights")
+    kwargs: dict[str, Any] = {"config": config, "state_dict": state, "dtype": dtype,
+                              "device_map": device_map if device_map is not None else device}
+    if quantization is not None:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = (
+            BitsAndBytesConfig(load_in_8bit=True) if quantization == "8bit"
+            else BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype,
+                                    bnb_4bit_quant_type="nf4"))
+    try:
+        return AutoModelForCausalLM.from_pretrained(None, **kwargs)
+    except (ImportError, ValueError, RuntimeError) as e:
+        raise KernelExtError(f"Transformers could not place/quantise the model "
+                             f"(device_map={device_map!r}, quantization={quantization!r}): {e}") from e
