@@ -7,6 +7,7 @@ metadata, the tensor table and the tensor bytes.
 from __future__ import annotations
 
 import hashlib
+import os
 import struct
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from kernel_ext.gguf import (
     GGUFClosedError,
     GGUFFileNotFoundError,
     GGUFIsADirectoryError,
+    GGUFOpenError,
     TensorNotFoundError,
     read_gguf,
     sha256_file,
@@ -253,6 +255,14 @@ def test_missing_file_and_directory_give_clear_os_errors(tmp_path: Path) -> None
     with pytest.raises(IsADirectoryError, match=r"is a directory.*contains model\.gguf") as d:
         read_gguf(tmp_path)
     assert isinstance(d.value, GGUFIsADirectoryError) and isinstance(d.value, KernelExtError)
+
+
+@pytest.mark.timeout(10)
+def test_named_pipe_is_refused_without_waiting_for_a_writer(tmp_path: Path) -> None:
+    fifo = tmp_path / "pipe.gguf"
+    os.mkfifo(fifo)
+    with pytest.raises(GGUFOpenError, match="not a regular file"):
+        read_gguf(fifo)
 
 
 def test_constants_match_gguf_py() -> None:

@@ -16,8 +16,10 @@ byte length and UTF-8 bytes; an array is u32 item type, u64 count, items.
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
+import stat
 import struct
 from collections import Counter
 from dataclasses import dataclass
@@ -235,17 +237,28 @@ def read_gguf(path: str | os.PathLike[str], *, max_string_bytes: int = 1 << 20,
     p = Path(os.fspath(path))
     if max_string_bytes < 1:
         raise ValueError(f"max_string_bytes must be positive, got {max_string_bytes}")
-    fh = _open(p)
-    with fh:
-        size = os.fstat(fh.fileno()).st_size
+    fd = _open(p)
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise _is_a_directory(p, errno.EISDIR)
+        if not stat.S_ISREG(st.st_mode):
+            raise GGUFOpenError(errno.EINVAL, f"{p} is not a regular file (a pipe, socket or "
+                                "device): save the model to a file and pass that path", str(p))
+        size = st.st_size
         if size < _HEADER.size:
-            head = fh.read(_HEADER.size)
-            _check_magic(head, p)
+            _check_magic(os.pread(fd, _HEADER.size, 0), p)
             raise GGUFFormatError(
                 f"the file is only {size} bytes long, shorter than the {_HEADER.size}-byte "
                 f"GGUF header; it is truncated: {_REDO}",
                 field=_header_field_at(size), offset=size, path=str(p))
-        mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        try:
+            mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+        except OSError as e:
+            raise GGUFOpenError(e.errno, f"cannot memory-map {p}: {e.strerror}; copy it to a "
+                                "local disk", str(p)) from e
+    finally:
+        os.close(fd)  # the map keeps its own reference to the file
     try:
         return _Parser(mm, size, p, max_string_bytes, strict).parse()
     except Exception:
@@ -254,22 +267,28 @@ def read_gguf(path: str | os.PathLike[str], *, max_string_bytes: int = 1 << 20,
 
 
 # --- opening -----------------------------------------------------------------------------------
-def _open(p: Path) -> Any:
+def _open(p: Path) -> int:
+    # O_NONBLOCK: opening a named pipe must not wait for a writer (it is refused right after).
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
-        return open(p, "rb")
+        return os.open(p, flags)
     except FileNotFoundError as e:
         raise GGUFFileNotFoundError(
             e.errno, f"no GGUF file at {p}: check the path (relative paths are resolved "
             f"against {os.getcwd()})", str(p)) from e
     except IsADirectoryError as e:
-        found = sorted(x.name for x in p.glob("*.gguf"))[:5]
-        hint = (f"; it contains {', '.join(found)}" if found else "; it contains no .gguf files")
-        raise GGUFIsADirectoryError(
-            e.errno, f"{p} is a directory, not a GGUF file: pass the path of the .gguf file"
-            f"{hint}", str(p)) from e
+        raise _is_a_directory(p, e.errno) from e
     except OSError as e:
         raise GGUFOpenError(e.errno, f"cannot open {p} for reading: {e.strerror}",
                             str(p)) from e
+
+
+def _is_a_directory(p: Path, err: int | None) -> GGUFIsADirectoryError:
+    found = sorted(x.name for x in p.glob("*.gguf"))[:5]
+    hint = f"; it contains {', '.join(found)}" if found else "; it contains no .gguf files"
+    return GGUFIsADirectoryError(
+        err, f"{p} is a directory, not a GGUF file: pass the path of the .gguf file{hint}",
+        str(p))
 
 
 def _header_field_at(offset: int) -> str:
