@@ -16,7 +16,7 @@ from typing import Any
 
 from .events import EventBus
 
-__all__ = ["AuditLog"]
+__all__ = ["AuditLog", "metrics"]
 
 log = logging.getLogger(__name__)
 
@@ -79,3 +79,61 @@ class AuditLog:
                 if kind is None or str(rec.get("kind", "")).startswith(kind):
                     out.append(rec)
         return out[-tail:] if tail else out
+
+    def metrics(self) -> dict[str, Any]:
+        """:func:`metrics` over the whole log."""
+        return metrics(self.read())
+
+
+# --- metrics -----------------------------------------------------------------------------------
+def _percentile(sorted_values: list[float], q: float) -> float:
+    """Linear-interpolated percentile (``q`` in 0..100) of an already sorted list."""
+    if not sorted_values:
+        return float("nan")
+    k = (len(sorted_values) - 1) * q / 100.0
+    lo = int(k)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (k - lo)
+
+
+def metrics(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Summary numbers from audit records (as :meth:`AuditLog.read` returns them).
+
+    - model loads: count and load-time mean/max (``model.load`` records' ``duration_s``);
+    - inferences: count by outcome, latency p50/p90/p99/max (``latency_s``), tokens, cache hits;
+    - breakers: trips (transitions into ``open``/``forced_open``), trip rate per 100
+      inferences and per hour of log.
+    """
+    loads = [float(r["duration_s"]) for r in records
+             if r.get("kind") == "model.load" and isinstance(r.get("duration_s"), (int, float))]
+    infers = [r for r in records if r.get("kind") == "infer"]
+    latencies = sorted(float(r["latency_s"]) for r in infers
+                       if isinstance(r.get("latency_s"), (int, float)))
+    outcomes: dict[str, int] = {}
+    for r in infers:
+        key = str(r.get("outcome", "?"))
+        outcomes[key] = outcomes.get(key, 0) + 1
+    trips = [r for r in records if r.get("kind") == "breaker"
+             and r.get("new") in ("open", "forced_open")]
+    trips_by: dict[str, int] = {}
+    for r in trips:
+        trips_by[str(r.get("name"))] = trips_by.get(str(r.get("name")), 0) + 1
+    stamps = [float(r["ts"]) for r in records if isinstance(r.get("ts"), (int, float))]
+    span_h = (max(stamps) - min(stamps)) / 3600.0 if len(stamps) > 1 else 0.0
+    return {
+        "model_loads": len(loads),
+        "load_s_mean": sum(loads) / len(loads) if loads else None,
+        "load_s_max": max(loads) if loads else None,
+        "inferences": len(infers),
+        "outcomes": outcomes,
+        "latency_s_p50": _percentile(latencies, 50) if latencies else None,
+        "latency_s_p90": _percentile(latencies, 90) if latencies else None,
+        "latency_s_p99": _percentile(latencies, 99) if latencies else None,
+        "latency_s_max": latencies[-1] if latencies else None,
+        "completion_tokens": sum(int(r.get("completion_tokens") or 0) for r in infers),
+        "cache_hits": sum(1 for r in infers if r.get("cached")),
+        "breaker_trips": len(trips),
+        "breaker_trips_by_name": trips_by,
+        "breaker_trips_per_100_inferences": (100.0 * len(trips) / len(infers)) if infers else None,
+        "breaker_trips_per_hour": (len(trips) / span_h) if span_h > 0 else None,
+    }
