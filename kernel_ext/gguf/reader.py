@@ -352,9 +352,12 @@ class _Parser:
 
     def need(self, n: int, field: str) -> None:
         if n > self.size - self.pos:
-            raise self.fail(
-                f"the file ends at byte {self.size} but {field} needs {n} bytes from byte "
-                f"{self.pos}: the file is truncated or corrupt; {_REDO}", field, self.pos)
+            raise self.truncated(n, field)
+
+    def truncated(self, n: int, field: str) -> GGUFFormatError:
+        return self.fail(
+            f"the file ends at byte {self.size} but {field} needs {n} bytes from byte "
+            f"{self.pos}: the file is truncated or corrupt; {_REDO}", field, self.pos)
 
     def u32(self, field: str) -> int:
         self.need(4, field)
@@ -514,25 +517,31 @@ class _Parser:
 
     def string_array(self, key: str, count: int) -> list[str]:
         # The hot loop of the reader (262,144 vocabulary entries in the demo model): locals
-        # only, each length checked against both limits before its bytes are touched.
+        # only, and the rare failures (a short length prefix, bad UTF-8) left to exceptions.
+        # Each length is checked against both limits before its bytes are touched; the list
+        # grows to at most count * 8 bytes <= the bytes left (checked by the caller).
         buf, size, limit, errors = self.buf, self.size, self.max_string_bytes, self.value_errors
         unpack = _U64.unpack_from
+        out: list[str] = []
+        append = out.append
         pos = self.pos
-        out: list[str] = [""] * count  # count * 8 bytes <= bytes left: checked by the caller
-        for i in range(count):
-            if pos + 8 > size:
-                self.pos = pos
-                self.need(8, f"{key}[{i}].length")
-            (n,) = unpack(buf, pos)
-            if n > limit or n > size - pos - 8:
-                self.pos = pos + 8
-                self.check_length(n, f"{key}[{i}]", pos)
-            try:
-                out[i] = buf[pos + 8:pos + 8 + n].decode("utf-8", errors)
-            except UnicodeDecodeError as e:
-                raise self.fail(f"{key}[{i}] is not valid UTF-8 ({e.reason} at byte {e.start} "
-                                f"of the string); {_REDO}", f"{key}[{i}]", pos) from e
-            pos += 8 + n
+        i = 0
+        try:
+            for i in range(count):
+                (n,) = unpack(buf, pos)
+                start = pos + 8
+                end = start + n
+                if end > size or n > limit:
+                    self.pos = start
+                    self.check_length(n, f"{key}[{i}]", pos)
+                append(buf[start:end].decode("utf-8", errors))
+                pos = end
+        except struct.error as e:  # fewer than 8 bytes left for the length
+            self.pos = pos
+            raise self.truncated(8, f"{key}[{i}].length") from e
+        except UnicodeDecodeError as e:
+            raise self.fail(f"{key}[{i}] is not valid UTF-8 ({e.reason} at byte {e.start} "
+                            f"of the string); {_REDO}", f"{key}[{i}]", pos) from e
         self.pos = pos
         return out
 
