@@ -288,6 +288,32 @@ def test_nothing_cached_one_clear_error_with_every_cause(session: Session, hub: 
     assert [x["outcome"] for x in line["attempts"]] == ["failed", "failed", "unavailable", "miss"]
 
 
+def test_a_model_that_is_not_loaded_counts_against_its_breaker(session: Session,
+                                                               hub: Resilience) -> None:
+    b = ScriptedProvider("b")
+    add(hub, b)
+    hub.fallbacks = ["b"]
+    for _ in range(2):
+        r = session.infer("Q", P, model="primary")
+        assert r.provider == "b" and r.attempts[0]["outcome"] == "unavailable"
+        assert "ModelNotFoundError" in r.attempts[0]["error"]
+    assert hub.breakers["primary"].state.value == "open"
+    r = session.infer("Q", P, model="primary")
+    assert r.attempts[0]["outcome"] == "rejected"
+
+
+def test_cache_identity_is_remembered_after_a_provider_goes_away(session: Session,
+                                                                 hub: Resilience) -> None:
+    a = ScriptedProvider("a")
+    add(hub, a)
+    first = session.infer("Q", P, model="a")
+    hub.remove_provider("a")
+    assert a.closed == 1
+    r = session.infer("Q", P, model="a")
+    assert r.cached and r.text == first.text
+    assert session.state()["resilience"]["identities"] == {"a": "scripted:a"}
+
+
 def test_no_model_at_all(session: Session) -> None:
     with pytest.raises(AllProvidersFailedError, match="no model to run"):
         session.infer("Q", P)
@@ -471,7 +497,7 @@ def test_tiny_local_model_behind_a_failing_primary(tiny_session: Session) -> Non
         assert r.provider == "tiny" and r.completion_tokens >= 1
         ident = tiny_session.models.get("tiny").sha256
         assert len(hub.offline_cache) >= 1
-        assert hub.identity("tiny", tiny_session.models.get("tiny").provider) == ident
+        assert hub.identity("tiny", tiny_session.models.get("tiny").provider) == f"sha256:{ident}"
     finally:
         hub.remove_provider("broken")
         hub.fallbacks = []

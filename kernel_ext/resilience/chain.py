@@ -119,15 +119,24 @@ class FallbackChain:
     # --- one provider ---------------------------------------------------------------------------
     def _try(self, run: _Run, name: str, identities: list[str]) -> GenerationResult | None:
         hub = self.hub
+        breaker = hub.breaker(name)
         try:
             provider = hub.resolve(name)
         except ModelNotFoundError as e:
-            run.causes[name] = e
-            run.attempt(name, "unavailable", e, None)
+            # A model that is not loaded (its file missing or corrupt, so the load failed) is a
+            # failure of that provider: it counts, and an open breaker skips it at once.
             identities.append(hub.identity(name, None))
+            try:
+                breaker.acquire()
+            except BreakerOpenError as rejected:
+                run.causes[name] = rejected
+                run.attempt(name, "rejected", rejected, breaker.state.value)
+                return None
+            breaker.record_error(e)
+            run.causes[name] = e
+            run.attempt(name, "unavailable", e, breaker.state.value)
             return None
         identities.append(hub.identity(name, provider))
-        breaker = hub.breaker(name)
         if run.deadline is not None and run.should_stop():
             err = f"skipped: the {run.params.timeout:g} s timeout had passed"
             run.causes[name] = TimeoutError(err)

@@ -41,6 +41,7 @@ class Resilience:
         self.limiters: dict[str, TokenBucket] = {}
         self.extra_providers: dict[str, Provider] = {}
         self.fallbacks: list[str] = []
+        self.identities: dict[str, str] = {}  # name -> last known cache identity
         self._lock = threading.RLock()
         self._cache: OfflineCache | None = None
 
@@ -138,28 +139,21 @@ class Resilience:
                 "`%model load` or register a server with `%model remote NAME --url ...`")
 
     def identity(self, name: str, provider: Provider | None) -> str:
-        """The offline-cache identity: the model file's SHA-256, else the provider's identity."""
-        if provider is not None:
-            ident = getattr(provider, "cache_identity", None)
-            if callable(ident):
-                return str(ident())
-            for attr in ("sha256", "identity"):
-                value = getattr(provider, attr, None)
-                if isinstance(value, str) and value:
-                    return f"sha256:{value}" if attr == "sha256" else value
-            spec = getattr(provider, "spec", None)
-            sha = getattr(spec, "sha256", None)
-            if isinstance(sha, str) and sha:
-                return f"sha256:{sha}"
-        try:
-            entry = self.session.models.get(name)
-        except (LookupError, AttributeError):
-            entry = None
-        for obj in (entry, getattr(entry, "spec", None), getattr(entry, "info", None)):
-            sha = getattr(obj, "sha256", None)
-            if isinstance(sha, str) and sha:
-                return f"sha256:{sha}"
-        return f"name:{name}"
+        """The offline-cache identity: the model file's SHA-256, else the provider's identity.
+
+        Remembered per name, so answers stay reachable after the model is unloaded.
+        """
+        ident = _identity_of(provider) if provider is not None else None
+        if ident is None:
+            try:
+                entry = self.session.models.get(name)
+            except (LookupError, AttributeError):
+                entry = None
+            ident = _sha_of(entry)
+        if ident is not None:
+            self.identities[name] = ident
+            return ident
+        return self.identities.get(name, f"name:{name}")
 
     def default_model(self) -> str | None:
         models = self.session.models
@@ -186,6 +180,7 @@ class Resilience:
             return {
                 "breakers": breakers,
                 "fallbacks": list(self.fallbacks),
+                "identities": dict(self.identities),
                 "remotes": {n: _remote_spec(p) for n, p in self.extra_providers.items()
                             if _remote_spec(p) is not None},
             }
@@ -202,6 +197,8 @@ class Resilience:
                     lines.append(f"remote provider {name} -> {spec['url']}")
                 except (KeyError, ValueError) as e:
                     lines.append(f"remote provider {name} not restored: {e}")
+        for name, ident in (state.get("identities") or {}).items():
+            self.identities.setdefault(str(name), str(ident))
         fallbacks = [str(n) for n in state.get("fallbacks") or []]
         if fallbacks:
             self.fallbacks = fallbacks
@@ -220,6 +217,27 @@ class Resilience:
                 p.close()
             except Exception:  # closing must finish for every provider
                 log.exception("kernel_ext: closing provider %r failed", p)
+
+
+def _sha_of(obj: Any) -> str | None:
+    for o in (obj, getattr(obj, "spec", None), getattr(obj, "local", None)):
+        sha = getattr(o, "sha256", None)
+        if isinstance(sha, str) and sha:
+            return f"sha256:{sha}"
+    return None
+
+
+def _identity_of(provider: Any) -> str | None:
+    ident = getattr(provider, "cache_identity", None)
+    if callable(ident):
+        return str(ident())
+    sha = _sha_of(provider)
+    if sha is not None:
+        return sha
+    value = getattr(provider, "identity", None)
+    if isinstance(value, str) and value:
+        return value
+    return None
 
 
 def _model_names(session: Any) -> list[str]:
