@@ -302,6 +302,15 @@ def test_non_strict_mode_still_refuses_invalid_utf8_keys(tmp_path: Path) -> None
         read_gguf(p, strict=False)
 
 
+def test_long_names_are_shortened_in_messages(tmp_path: Path) -> None:
+    key = "k" * 10_000
+    p = _write(tmp_path, valid_file().kv(key, 13, b"").build())
+    with pytest.raises(GGUFFormatError, match="unknown value type 13") as info:
+        read_gguf(p)
+    assert info.value.field is not None and info.value.field.startswith("k" * 100 + "...")
+    assert "10000 characters" in str(info.value) and len(str(info.value)) < 1000
+
+
 def test_max_string_bytes_must_be_positive(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="max_string_bytes"):
         read_gguf(_write(tmp_path, valid_file().build()), max_string_bytes=0)

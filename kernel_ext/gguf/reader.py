@@ -191,7 +191,7 @@ class GGUFFile:
             near = [n for n in self.tensors if name.split(".")[-1] in n][:5]
             hint = f"; similar names: {', '.join(near)}" if near else ""
             raise TensorNotFoundError(
-                f"{self.path}: no tensor named {name!r} among its {len(self.tensors)} "
+                f"{self.path}: no tensor named {_label(name)!r} among its {len(self.tensors)} "
                 f"tensors{hint}")
         if self._mm is None:
             raise GGUFClosedError(f"{self.path} was closed; open it again with read_gguf()")
@@ -323,6 +323,11 @@ def _check_magic(head: bytes, p: Path) -> None:
         field="header.magic", offset=0, path=str(p))
 
 
+def _label(name: str) -> str:
+    """``name`` shortened for error messages and field names."""
+    return name if len(name) <= 120 else f"{name[:100]}...({len(name)} characters)"
+
+
 def _as_int(value: Any) -> int | None:
     if isinstance(value, bool):
         return None
@@ -446,20 +451,21 @@ class _Parser:
         for i in range(n_kv):
             at = self.pos
             key = self.string(f"kv[{i}].key", is_key=True)
+            label = _label(key)  # for messages: a key may be up to max_string_bytes long
             if not key:
                 raise self.fail(f"metadata entry {i} has an empty key; {_REDO}",
                                 f"kv[{i}].key", at)
             if key in metadata:
                 raise self.fail(
-                    f"metadata key {key!r} appears twice (first at byte {kv_at[key]}), so its "
-                    f"value is ambiguous; {_REDO}", key, at)
+                    f"metadata key {label!r} appears twice (first at byte {kv_at[key]}), so its "
+                    f"value is ambiguous; {_REDO}", label, at)
             type_at = self.pos
-            vtype = self.u32(f"{key}.type")
+            vtype = self.u32(f"{label}.type")
             if vtype not in _VALUE_TYPES:
                 raise self.fail(
-                    f"metadata key {key!r} has unknown value type {vtype} (known: 0-12); "
-                    f"the file is corrupt or from a newer GGUF version", f"{key}.type", type_at)
-            metadata[key], item = self.value(key, GGUFValueType(vtype))
+                    f"metadata key {label!r} has unknown value type {vtype} (known: 0-12); "
+                    f"the file is corrupt or from a newer GGUF version", f"{label}.type", type_at)
+            metadata[key], item = self.value(label, GGUFValueType(vtype))
             value_types[key] = (GGUFValueType(vtype), item)
             kv_at[key] = type_at + 4
         return metadata, value_types, kv_at
@@ -570,40 +576,41 @@ class _Parser:
         for i in range(n_tensors):
             at = self.pos
             name = self.string(f"tensor[{i}].name", is_key=True)
+            label = _label(name)
             if not name:
                 raise self.fail(f"tensor {i} has an empty name; {_REDO}", f"tensor[{i}].name", at)
             if name in seen:
-                raise self.fail(f"tensor name {name!r} appears twice (entries {seen[name]} and "
+                raise self.fail(f"tensor name {label!r} appears twice (entries {seen[name]} and "
                                 f"{i}), so its data is ambiguous; {_REDO}", f"tensor[{i}].name",
                                 at)
             seen[name] = i
             nd_at = self.pos
-            n_dims = self.u32(f"{name}.n_dims")
+            n_dims = self.u32(f"{label}.n_dims")
             if not 1 <= n_dims <= MAX_DIMS:
-                raise self.fail(f"tensor {name!r} has {n_dims} dimensions; GGUF allows 1 to "
-                                f"{MAX_DIMS}; {_REDO}", f"{name}.n_dims", nd_at)
+                raise self.fail(f"tensor {label!r} has {n_dims} dimensions; GGUF allows 1 to "
+                                f"{MAX_DIMS}; {_REDO}", f"{label}.n_dims", nd_at)
             dims_at = self.pos
-            self.need(8 * n_dims, f"{name}.dims")
+            self.need(8 * n_dims, f"{label}.dims")
             dims = struct.unpack_from(f"<{n_dims}Q", self.buf, dims_at)
             self.pos += 8 * n_dims
             n_elements = 1
             for k, d in enumerate(dims):
                 if d == 0 or d > _INT64_MAX:
-                    raise self.fail(f"tensor {name!r} has dimension {k} = {d}; each must be "
-                                    f"between 1 and 2**63-1; {_REDO}", f"{name}.dims[{k}]",
+                    raise self.fail(f"tensor {label!r} has dimension {k} = {d}; each must be "
+                                    f"between 1 and 2**63-1; {_REDO}", f"{label}.dims[{k}]",
                                     dims_at + 8 * k)
                 n_elements *= d
             if n_elements > _INT64_MAX:
-                raise self.fail(f"tensor {name!r} has shape {list(dims)}, whose element count "
-                                f"overflows int64; {_REDO}", f"{name}.dims", dims_at)
+                raise self.fail(f"tensor {label!r} has shape {list(dims)}, whose element count "
+                                f"overflows int64; {_REDO}", f"{label}.dims", dims_at)
             type_at = self.pos
-            ggml_type = self.u32(f"{name}.type")
+            ggml_type = self.u32(f"{label}.type")
             if ggml_type >= _MAX_PLAUSIBLE_TYPE:
-                raise self.fail(f"tensor {name!r} has tensor type {ggml_type}, which is not a "
-                                f"ggml type; the file is corrupt: {_REDO}", f"{name}.type",
+                raise self.fail(f"tensor {label!r} has tensor type {ggml_type}, which is not a "
+                                f"ggml type; the file is corrupt: {_REDO}", f"{label}.type",
                                 type_at)
             off_at = self.pos
-            offset = self.u64(f"{name}.offset")
+            offset = self.u64(f"{label}.offset")
             raw.append((name, tuple(int(d) for d in dims), ggml_type, offset, dims_at, off_at))
         return raw
 
@@ -613,16 +620,17 @@ class _Parser:
         unsupported: list[str] = []
         data_size = self.size - data_offset
         for name, dims, ggml_type, offset, dims_at, off_at in raw:
+            label = _label(name)
             if self.strict and offset % alignment:
-                raise self.fail(f"tensor {name!r} starts at data offset {offset}, not a multiple "
-                                f"of the alignment {alignment}; {_REDO}", f"{name}.offset",
+                raise self.fail(f"tensor {label!r} starts at data offset {offset}, not a multiple "
+                                f"of the alignment {alignment}; {_REDO}", f"{label}.offset",
                                 off_at)
             if ggml_type not in BLOCK_SIZES:
                 if offset > data_size:
-                    raise self.fail(f"tensor {name!r} starts {offset} bytes into the data "
+                    raise self.fail(f"tensor {label!r} starts {offset} bytes into the data "
                                     f"section, beyond the end of the file; {_REDO}",
-                                    f"{name}.offset", off_at)
-                unsupported.append(f"{name} ({type_name(ggml_type)}, type id {ggml_type})")
+                                    f"{label}.offset", off_at)
+                unsupported.append(f"{label} ({type_name(ggml_type)}, type id {ggml_type})")
                 continue
             block_elems, block_bytes = BLOCK_SIZES[ggml_type]
             n_elements = 1
@@ -630,16 +638,16 @@ class _Parser:
                 n_elements *= d
             if dims[0] % block_elems:
                 raise self.fail(
-                    f"tensor {name!r} is {GGMLType(ggml_type).name} with {dims[0]} elements per "
+                    f"tensor {label!r} is {GGMLType(ggml_type).name} with {dims[0]} elements per "
                     f"row, not a multiple of its block size {block_elems}; {_REDO}",
-                    f"{name}.dims[0]", dims_at)
+                    f"{label}.dims[0]", dims_at)
             nbytes = n_elements // block_elems * block_bytes
             if offset > data_size or nbytes > data_size - offset:
                 raise self.fail(
-                    f"tensor {name!r} ({nbytes} bytes at data offset {offset}) runs past the end "
+                    f"tensor {label!r} ({nbytes} bytes at data offset {offset}) runs past the end "
                     f"of the file (data section of {max(data_size, 0)} bytes from byte "
                     f"{data_offset}); the file is truncated or corrupt: {_REDO}",
-                    f"{name}.offset", off_at)
+                    f"{label}.offset", off_at)
             tensors[name] = TensorInfo(name=name, shape=dims, ggml_type=ggml_type,
                                        offset=data_offset + offset, nbytes=nbytes,
                                        n_elements=n_elements)
@@ -661,6 +669,6 @@ class _Parser:
             if cur.offset < prev.offset + prev.nbytes:
                 off_at = next(r[5] for r in raw if r[0] == cur.name)
                 raise self.fail(
-                    f"tensor {cur.name!r} (bytes {cur.offset}-{cur.offset + cur.nbytes}) "
-                    f"overlaps tensor {prev.name!r} (bytes {prev.offset}-"
-                    f"{prev.offset + prev.nbytes}); {_REDO}", f"{cur.name}.offset", off_at)
+                    f"tensor {_label(cur.name)!r} (bytes {cur.offset}-{cur.offset + cur.nbytes}) "
+                    f"overlaps tensor {_label(prev.name)!r} (bytes {prev.offset}-"
+                    f"{prev.offset + prev.nbytes}); {_REDO}", f"{_label(cur.name)}.offset", off_at)
