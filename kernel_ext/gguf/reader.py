@@ -457,8 +457,8 @@ class _Parser:
                                 f"kv[{i}].key", at)
             if key in metadata:
                 raise self.fail(
-                    f"metadata key {label!r} appears twice (first at byte {kv_at[key]}), so its "
-                    f"value is ambiguous; {_REDO}", label, at)
+                    f"metadata key {label!r} appears twice (its first value is at byte "
+                    f"{kv_at[key]}), so its value is ambiguous; {_REDO}", label, at)
             type_at = self.pos
             vtype = self.u32(f"{label}.type")
             if vtype not in _VALUE_TYPES:
