@@ -176,3 +176,24 @@ def test_chat_template_is_used_when_present(ip: Any, tiny_chat: Path, tiny: Path
     line(ip, "model", f"load {tiny} --name base --no-progress")
     with pytest.raises(UsageError, match="has no chat template"):
         cell(ip, "--model base --chat -n 2 -o r -q", "hi")
+
+
+def test_infer_over_a_list_is_a_resumable_task(ip: Any, tiny: Path, capsys: Any) -> None:
+    line(ip, "model", f"load {tiny} --no-progress")
+    ip.user_ns["words"] = ["cat", "dog", "owl"]
+    cell(ip, "--over words --into answers -n 3 -q", "{index}: say {item}")
+    answers = ip.user_ns["answers"]
+    assert len(answers) == 3 and all(isinstance(a, str) for a in answers)
+    # each answer is the same as a single %%infer of that item's prompt (greedy)
+    cell(ip, "-n 3 -o one -q", "1: say dog")
+    assert answers[1] == ip.user_ns["one"].text
+    # re-running the cell computes nothing again: the task's results are reused
+    session = ip.configurables[-1].session
+    calls = []
+    session.events.subscribe("infer", lambda e: calls.append(e) if e["action"] == "start" else None)
+    ip.user_ns["answers"] = None
+    cell(ip, "--over words --into answers -n 3 -q", "{index}: say {item}")
+    assert ip.user_ns["answers"] == answers and calls == []
+    with pytest.raises(UsageError, match="must be a list"):
+        ip.user_ns["text"] = "not a list"
+        cell(ip, "--over text --into x -q", "{item}")

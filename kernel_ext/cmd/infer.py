@@ -127,8 +127,10 @@ def _run_over(ext: Any, ns: Any, template: str, params: GenerationParams, user_n
                          f"not {type(items).__name__}")
     from ..checkpoint.tasks import task
 
-    t = task(f"infer:{ns.into}", list(items), session=ext.session, progress=not ns.quiet)
-    for index, item in enumerate(t):
+    # Items travel with their index so {index} is right for the items a resumed run skips to.
+    t = task(f"infer:{ns.into}", list(enumerate(items)), key=lambda pair: pair[0],
+             session=ext.session, progress=not ns.quiet)
+    for index, item in t:
         prompt = interpolate(template, {**user_ns, "item": item, "index": index})
         result = ext.session.infer(prompt, params, model=ns.model)
         t.record(result.text)
