@@ -487,20 +487,27 @@ class TestLocalProviderContract(ProviderTests):
         return tiny_session.models.get("tiny").provider
 
 
-def test_tiny_local_model_behind_a_failing_primary(tiny_session: Session) -> None:
-    hub: Resilience = tiny_session.resilience  # type: ignore[attr-defined]
-    broken = ScriptedProvider("broken").fail_with(GGUFFormatError("truncated", path="broken.gguf"))
-    hub.add_provider("broken", broken)  # type: ignore[arg-type]
-    hub.fallbacks = ["tiny"]
+def test_tiny_local_model_behind_a_failing_primary(tmp_path: Path) -> None:
+    from tinymodels import write_tiny_llama
+
+    path = write_tiny_llama(tmp_path / "tiny-llama.gguf", seed=1)
+    s = Session(KernelExtConfig(), None, state_dir=tmp_path / "state")
+    hub = attach(s)
     try:
-        r = tiny_session.infer("hello world", GenerationParams(max_new_tokens=3), model="broken")
+        entry = s.models.load(str(path), name="tiny", progress=False)
+        broken = ScriptedProvider("broken").fail_with(GGUFFormatError("truncated", path="broken.gguf"))
+        hub.add_provider("broken", broken)  # type: ignore[arg-type]
+        hub.fallbacks = ["tiny"]
+        r = s.infer("hello world", GenerationParams(max_new_tokens=3), model="broken")
         assert r.provider == "tiny" and r.completion_tokens >= 1
-        ident = tiny_session.models.get("tiny").sha256
-        assert len(hub.offline_cache) >= 1
-        assert hub.identity("tiny", tiny_session.models.get("tiny").provider) == f"sha256:{ident}"
+        assert [a["outcome"] for a in r.attempts] == ["failed", "ok"]
+        assert hub.identity("tiny", entry.provider) == f"sha256:{entry.sha256}"
+        s.models.unload("tiny")
+        broken.fail_with(GGUFFormatError("truncated", path="broken.gguf"))
+        again = s.infer("hello world", GenerationParams(max_new_tokens=3), model="broken")
+        assert again.cached and again.text == r.text
     finally:
-        hub.remove_provider("broken")
-        hub.fallbacks = []
+        s.close()
 
 
 # --- the real demo model (slow) ----------------------------------------------------------------
