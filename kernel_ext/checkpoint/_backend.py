@@ -20,6 +20,7 @@ import shutil
 import types
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ class Backend:
 
     url: str
 
-    def put(self, key: str, data: bytes) -> None:  # pragma: no cover - interface
+    def put(self, key: str, data: bytes | memoryview) -> None:  # pragma: no cover
         raise NotImplementedError
 
     def get(self, key: str) -> bytes:  # pragma: no cover - interface
@@ -53,10 +54,15 @@ class Backend:
     def has_array(self, key: str) -> bool:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def write_array(self, key: str, write: Callable[[Any], None]) -> None:  # pragma: no cover
-        """Call ``write(zarr_store)`` to write one array at the store's root, then publish it
-        at ``key`` atomically (all or nothing)."""
-        raise NotImplementedError
+    def write_arrays(self, items: list[tuple[str, Callable[[Any], None]]]) -> None:
+        """For each ``(key, write)``, call ``write(zarr_store)`` to write one array at the
+        store's root, then publish it at ``key`` atomically (each all or nothing)."""
+        raise NotImplementedError  # pragma: no cover - interface
+
+    def put_many(self, items: list[tuple[str, bytes | memoryview]]) -> None:
+        """``put`` several objects (each atomic and durable when this returns)."""
+        for key, data in items:
+            self.put(key, data)  # type: ignore[arg-type]
 
     def array_store(self, key: str) -> Any:  # pragma: no cover - interface
         """A read-only Zarr store whose root is the array at ``key``."""
@@ -98,43 +104,78 @@ class LocalBackend(Backend):
         finally:
             os.close(fd)
 
-    def _fsync_tree(self, top: Path) -> None:
-        for dirpath, _dirnames, filenames in os.walk(top, topdown=False):
-            for name in filenames:
-                self._step("fsync")
-                fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-                try:
-                    self._os.fsync(fd)
-                finally:
-                    os.close(fd)
-            self._fsync_dir(Path(dirpath))
+    def _fsync_path(self, path: str) -> None:
+        self._step("fsync")
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            self._os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _fsync_all(self, paths: list[str]) -> None:
+        """fsync files and directories concurrently: on virtual disks one flush then covers
+        many files (sequential fsyncs of 50 chunk files take ~4x longer here)."""
+        if len(paths) <= 2:
+            for path in paths:
+                self._fsync_path(path)
+            return
+        with ThreadPoolExecutor(max_workers=min(16, len(paths))) as pool:
+            for _ in pool.map(self._fsync_path, paths):
+                pass
+
+    @staticmethod
+    def _tree(top: Path) -> list[str]:
+        out = []
+        for dirpath, _dirnames, filenames in os.walk(top):
+            out.extend(os.path.join(dirpath, name) for name in filenames)
+            out.append(dirpath)
+        return out
 
     # --- operations -----------------------------------------------------------------------------
-    def put(self, key: str, data: bytes) -> None:
-        final = self._path(key)
-        final.parent.mkdir(parents=True, exist_ok=True)
+    def _write_tmp(self, data: bytes | memoryview) -> Path:
         tmp = self._tmp_path(".part")
         done = False
         try:
             self._step("write")
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             try:
-                view = memoryview(data)
+                view = memoryview(data).cast("B")
                 half = len(view) // 2
                 _write_all(fd, view[:half])
                 self._step("write_half")
                 _write_all(fd, view[half:])
-                self._step("fsync")
-                self._os.fsync(fd)
             finally:
                 os.close(fd)
-            self._step("replace")
-            self._os.replace(tmp, final)
             done = True
         finally:
             if not done:
                 _unlink(tmp)
-        self._fsync_dir(final.parent)
+        return tmp
+
+    def put(self, key: str, data: bytes | memoryview) -> None:
+        self.put_many([(key, data)])
+
+    def put_many(self, items: list[tuple[str, bytes | memoryview]]) -> None:
+        tmps: list[Path] = []
+        done = False
+        try:
+            for _key, data in items:
+                tmps.append(self._write_tmp(data))
+            self._fsync_all([str(t) for t in tmps])
+            parents: dict[Path, None] = {}
+            for (key, _data), tmp in zip(items, tmps):
+                final = self._path(key)
+                final.parent.mkdir(parents=True, exist_ok=True)
+                self._step("replace")
+                self._os.replace(tmp, final)
+                parents[final.parent] = None
+            done = True
+        finally:
+            if not done:
+                for tmp in tmps:
+                    _unlink(tmp)
+        for parent in parents:
+            self._fsync_dir(parent)
 
     def get(self, key: str) -> bytes:
         return self._path(key).read_bytes()
@@ -158,30 +199,38 @@ class LocalBackend(Backend):
     def has_array(self, key: str) -> bool:
         return (self._path(key) / "zarr.json").exists()
 
-    def write_array(self, key: str, write: Callable[[Any], None]) -> None:
+    def write_arrays(self, items: list[tuple[str, Callable[[Any], None]]]) -> None:
         from zarr.storage import LocalStore
 
-        final = self._path(key)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self._tmp_path()
+        tmps: list[Path] = []
         done = False
         try:
-            self._step("array_write")
-            write(LocalStore(tmp))
-            self._fsync_tree(tmp)
-            self._step("rename")
-            try:
-                self._os.replace(tmp, final)
-            except OSError as e:
-                # Another writer published the same content-addressed array first: fine.
-                if e.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not self.has_array(key):
-                    raise
-                shutil.rmtree(tmp, ignore_errors=True)
+            for _key, write in items:
+                tmp = self._tmp_path()
+                tmps.append(tmp)
+                self._step("array_write")
+                write(LocalStore(tmp))
+            self._fsync_all([p for tmp in tmps for p in self._tree(tmp)])
+            parents: dict[Path, None] = {}
+            for (key, _write), tmp in zip(items, tmps):
+                final = self._path(key)
+                final.parent.mkdir(parents=True, exist_ok=True)
+                self._step("rename")
+                try:
+                    self._os.replace(tmp, final)
+                except OSError as e:
+                    # The same content-addressed array was published first: fine.
+                    if e.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not self.has_array(key):
+                        raise
+                    shutil.rmtree(tmp, ignore_errors=True)
+                parents[final.parent] = None
             done = True
         finally:
             if not done:
-                shutil.rmtree(tmp, ignore_errors=True)
-        self._fsync_dir(final.parent)
+                for tmp in tmps:
+                    shutil.rmtree(tmp, ignore_errors=True)
+        for parent in parents:
+            self._fsync_dir(parent)
 
     def array_store(self, key: str) -> Any:
         from zarr.storage import LocalStore
@@ -211,7 +260,7 @@ class FsspecBackend(Backend):
     def _p(self, key: str) -> str:
         return f"{self._root}/{key}" if key else self._root
 
-    def put(self, key: str, data: bytes) -> None:
+    def put(self, key: str, data: bytes | memoryview) -> None:
         self.fs.pipe_file(self._p(key), bytes(data))
 
     def get(self, key: str) -> bytes:
@@ -235,12 +284,13 @@ class FsspecBackend(Backend):
     def has_array(self, key: str) -> bool:
         return self.exists(f"{key}.ok")
 
-    def write_array(self, key: str, write: Callable[[Any], None]) -> None:
+    def write_arrays(self, items: list[tuple[str, Callable[[Any], None]]]) -> None:
         from zarr.storage import FsspecStore
 
-        self.remove(key)  # a torn earlier attempt (no marker) is replaced
-        write(FsspecStore.from_url(f"{self.url}/{key}"))
-        self.put(f"{key}.ok", b"")
+        for key, write in items:
+            self.remove(key)  # a torn earlier attempt (no marker) is replaced
+            write(FsspecStore.from_url(f"{self.url}/{key}"))
+            self.put(f"{key}.ok", b"")
 
     def array_store(self, key: str) -> Any:
         from zarr.storage import FsspecStore

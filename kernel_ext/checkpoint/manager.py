@@ -97,7 +97,8 @@ class CheckpointManager:
         """The store for the current settings (reopened when they change)."""
         key = (self.location, int(self.config.checkpoint_keep), self.config.checkpoint_key_env)
         if self._store is None or self._store_key != key:
-            self._store = Store(key[0], keep=key[1], key_env=key[2])
+            # Deleting old objects is slow on some disks: the hook does not wait for it.
+            self._store = Store(key[0], keep=key[1], key_env=key[2], background_gc=True)
             self._store_key = key
         return self._store
 
@@ -371,8 +372,9 @@ class CheckpointManager:
             except Exception as e:  # report, but keep the restored variables
                 lines.append(f"session state not restored: {type(e).__name__}: {e}")
         for t in self.store.tasks():
-            lines.append(f"task {t['name']!r}: {t['done']}/{t['total']} items saved; re-run its "
-                         "cell to continue")
+            todo = "complete" if t["total"] is not None and t["done"] >= t["total"] else \
+                "re-run its cell to continue"
+            lines.append(f"task {t['name']!r}: {t['done']}/{t['total']} items saved; {todo}")
         if names is None:  # a full resume: saving goes on from here
             self._carried = {n: m["variables"][n] for n in restored.refused}
             self.paused = None

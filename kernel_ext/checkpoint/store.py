@@ -24,6 +24,7 @@ import contextlib
 import json
 import logging
 import re
+import sys
 import threading
 import time
 import uuid
@@ -44,7 +45,7 @@ __all__ = ["Store", "CommitResult", "Restored", "FORMAT"]
 log = logging.getLogger(__name__)
 
 FORMAT = 1
-CHUNK_BYTES = 16 * 1024 * 1024
+CHUNK_BYTES = 4 * 1024 * 1024  # ~ raw write speed here; 16 MiB chunks were 2x slower
 _SLUG = re.compile(r"[^A-Za-z0-9._-]+")
 _ROOT_GROUP = json_bytes({"zarr_format": 3, "node_type": "group",
                           "attributes": {"kernel_ext_checkpoints": FORMAT}})
@@ -77,8 +78,10 @@ class Store:
     """
 
     def __init__(self, location: str | Path, *, keep: int = 5, key_env: str = "",
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, background_gc: bool = False) -> None:
         self.location = str(location)
+        self.background_gc = background_gc
+        self._gc_thread: threading.Thread | None = None
         self.keep = keep
         self.key_env = key_env
         self.clock = clock
@@ -151,34 +154,38 @@ class Store:
         return cipher.seal(key, data) if cipher is not None else data
 
     # --- writing --------------------------------------------------------------------------------
-    def _write_part(self, part: Part, cipher: Cipher | None) -> int:
-        """Write one object unless it exists already; returns the bytes written."""
-        if cipher is not None:
-            key = f"sealed/{part.hash}"
-            if self.backend.exists(key):
-                return 0
-            raw = part.array.reshape(-1).view(np.uint8) if part.array is not None else part.data
-            self.backend.put(key, cipher.seal(key, memoryview(raw)))
-            return part.nbytes
-        if part.array is not None:
-            key = f"objects/{part.hash}"
-            if self.backend.has_array(key):
-                return 0
-            self.backend.write_array(key, _zarr_writer(part.array))
-            return part.nbytes
-        key = f"blobs/{part.hash}"
-        if self.backend.exists(key):
-            return 0
-        self.backend.put(key, part.data or b"")
-        return part.nbytes
-
     def _write_parts(self, parts: Iterable[Part], cipher: Cipher | None) -> tuple[int, int]:
-        written = count = 0
+        """Write the objects that do not exist yet (all durable on return); returns
+        ``(bytes written, objects written)``."""
+        new: dict[str, int] = {}  # hash -> logical size of what gets written
+        arrays: list[tuple[str, Callable[[Any], None]]] = []
+        blobs: list[tuple[str, bytes | memoryview]] = []
         for part in parts:
-            n = self._write_part(part, cipher)
-            written += n
-            count += 1 if n else 0
-        return written, count
+            if part.hash in new:
+                continue
+            if cipher is not None:
+                key = f"sealed/{part.hash}"
+                if self.backend.exists(key):
+                    continue
+                raw = (part.array.reshape(-1).view(np.uint8) if part.array is not None
+                       else part.data or b"")
+                blobs.append((key, cipher.seal(key, memoryview(raw))))
+            elif part.array is not None:
+                key = f"objects/{part.hash}"
+                if self.backend.has_array(key):
+                    continue
+                arrays.append((key, _zarr_writer(part.array)))
+            else:
+                key = f"blobs/{part.hash}"
+                if self.backend.exists(key):
+                    continue
+                blobs.append((key, part.data or b""))
+            new[part.hash] = part.nbytes
+        if arrays:
+            self.backend.write_arrays(arrays)
+        if blobs:
+            self.backend.put_many(blobs)
+        return sum(new.values()), len(new)
 
     def commit(self, variables: dict[str, Encoded], *, skipped: dict[str, str] | None = None,
                session_state: dict[str, Any] | None = None,
@@ -221,7 +228,12 @@ class Store:
                     raise
                 raise CheckpointError(f"checkpoint not written to {self.location}: {e} "
                                       "(the previous snapshot is intact)") from e
-            self._collect_quietly()
+            if self.background_gc:
+                self._gc_thread = threading.Thread(target=self._collect_quietly, daemon=True,
+                                                   name="kernel_ext-checkpoint-gc")
+                self._gc_thread.start()
+            else:
+                self._collect_quietly()
         total = sum(enc.nbytes for enc in variables.values())
         return CommitResult(snapshot, written, total, count, time.perf_counter() - start, created)
 
@@ -450,6 +462,12 @@ class Store:
                         "total": m.get("total"), "updated": m.get("updated")})
         return out
 
+    def wait_idle(self, timeout: float | None = None) -> None:
+        """Wait for a background collection to finish."""
+        thread = self._gc_thread
+        if thread is not None:
+            thread.join(timeout)
+
     # --- retention ------------------------------------------------------------------------------
     def _collect_quietly(self) -> None:
         try:
@@ -558,11 +576,41 @@ def _compressors(arr: np.ndarray) -> Any:
 def _zarr_writer(arr: np.ndarray) -> Callable[[Any], None]:
     def write(store: Any) -> None:
         import zarr
+        from zarr.storage import LocalStore
 
-        z = zarr.create_array(store=store, shape=arr.shape, dtype=arr.dtype,
-                              chunks=_chunks(arr.shape, arr.dtype.itemsize),
-                              compressors=_compressors(arr), fill_value=0, zarr_format=3)
-        if arr.size:
+        chunks = _chunks(arr.shape, arr.dtype.itemsize)
+        compressors = _compressors(arr)
+        z = zarr.create_array(store=store, shape=arr.shape, dtype=arr.dtype, chunks=chunks,
+                              compressors=compressors, fill_value=0, zarr_format=3)
+        if not arr.size:
+            return
+        if (compressors is None and isinstance(store, LocalStore) and arr.ndim >= 1
+                and tuple(chunks[1:]) == tuple(arr.shape[1:])
+                and (sys.byteorder == "little" or arr.dtype.itemsize == 1)):
+            _write_row_chunks(Path(str(store.root)), arr, chunks[0])
+        else:
             z[...] = arr
 
     return write
+
+
+def _write_row_chunks(root: Path, arr: np.ndarray, rows: int) -> None:
+    """Write the chunks of an uncompressed array chunked along its first axis only.
+
+    Each such chunk is a contiguous slice of the C-ordered buffer, so it is written straight
+    from the array's memory, sequentially (Zarr's own path copies every chunk and writes them
+    concurrently, ~2x slower on this kind of disk). The bytes are exactly what Zarr writes:
+    the ``bytes`` codec (little endian), default chunk keys ``c/<i>/0/...``, edge chunks
+    padded with the fill value 0.
+    """
+    buf = arr.reshape(-1).view(np.uint8)
+    per_chunk = rows * (arr.nbytes // arr.shape[0])
+    suffix = "/0" * (arr.ndim - 1)
+    for i in range(-(-arr.shape[0] // rows)):
+        path = root / "c" / f"{i}{suffix}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        piece = buf[i * per_chunk:(i + 1) * per_chunk]
+        with open(path, "wb") as f:
+            f.write(memoryview(piece))
+            if len(piece) < per_chunk:
+                f.write(bytes(per_chunk - len(piece)))
