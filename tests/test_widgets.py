@@ -438,3 +438,19 @@ def test_unloading_the_extension_stops_live_dashboards(ip: Any) -> None:
     ip.extension_manager.unload_extension("kernel_ext")
     assert not d.live
     ip.extension_manager.load_extension("kernel_ext")  # the fixture unloads it again
+
+
+def test_interpreter_exit_stops_sampling_threads(session: Session, clock: FakeClock) -> None:
+    from widgets.dashboard import _stop_all_at_exit  # registered with atexit
+
+    d = Dashboard(session, interval=1.0, sampler=Sampler(clock), clock=clock, monotonic=clock,
+                  waiter=Gate())
+    try:
+        d.start()
+        footer = html(d.footer)
+        _stop_all_at_exit()
+        assert d.thread is not None and not d.thread.is_alive()
+        assert not d.live and session.events.listener_count() == 0
+        assert html(d.footer) == footer  # no message sent while the kernel is going away
+    finally:
+        d.close()

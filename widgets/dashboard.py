@@ -9,6 +9,7 @@ session (extension unload, kernel shutdown) or the front end closing the widget 
 
 from __future__ import annotations
 
+import atexit
 import logging
 import threading
 import time
@@ -127,8 +128,11 @@ class Dashboard(Panel):
             self._thread.start()
         return self
 
-    def stop(self, reason: str = "stopped") -> None:
-        """Stop sampling and unsubscribe; the panels keep their last state."""
+    def stop(self, reason: str = "stopped", *, show: bool = True) -> None:
+        """Stop sampling and unsubscribe; the panels keep their last state.
+
+        ``show``: say so in the footer (not at interpreter exit, when the comm may be gone).
+        """
         with self._lock:
             unsubscribe, self._unsubscribe = self._unsubscribe, []
             self._stop.set()
@@ -139,7 +143,7 @@ class Dashboard(Panel):
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=max(5.0, 3 * self.interval))
-        if was_live and self.comm is not None:
+        if was_live and show and self.comm is not None:
             self._set_footer(reason)
         _open.discard(self)
 
@@ -181,7 +185,11 @@ class Dashboard(Panel):
         while not self._waiter(self._stop, self.interval):
             if self._stop.is_set():
                 break
-            self.tick()
+            try:
+                self.tick()
+            except Exception:  # e.g. the comm went away under us: stop quietly, once
+                log.warning("kernel_ext dashboard: live updates stopped", exc_info=True)
+                break
 
     def _on_event(self, event: Mapping[str, Any]) -> None:
         if self._closed:
@@ -248,6 +256,13 @@ def _checkpoint_status(session: Any) -> dict[str, Any] | None:
             value = status()
             return dict(value) if isinstance(value, Mapping) else None
     return None
+
+
+@atexit.register
+def _stop_all_at_exit() -> None:
+    """The kernel is shutting down: stop every sampling thread before the sockets close."""
+    for d in list(_open):
+        d.stop("kernel shut down", show=False)
 
 
 def open_dashboards(session: Any | None = None) -> list[Dashboard]:
