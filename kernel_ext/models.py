@@ -197,7 +197,8 @@ class ModelRegistry:
                 "max_output_chars": cfg.template_max_output}
         entry = ModelEntry(
             name=name, path=path, sha256=digest, plan=plan,
-            provider=TransformersGGUFProvider(name, local, template_caps=caps),
+            provider=TransformersGGUFProvider(name, local, template_caps=caps,
+                                              decode_head=lambda: cfg.decode_head),
             summary=summary, load_s=load_s, footprint=_footprint(artifacts.model),
             timings=dict(getattr(artifacts, "timings", {}) or {}),
         )

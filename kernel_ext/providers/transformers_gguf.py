@@ -1,14 +1,15 @@
 """The local provider: a GGUF file dequantised into a Hugging Face Transformers model.
 
 Loading is done by :mod:`kernel_ext.gguf.loader`; this module turns prompts into text with
-``model.generate``: streaming through :class:`IncrementalDecoder`, stop strings, cooperative
-stopping (timeouts) between tokens, greedy or seeded sampling.
+:func:`kernel_ext.providers.decode.decode` (a lean loop in place of ``model.generate``):
+streaming through :class:`IncrementalDecoder`, stop strings, cooperative stopping (timeouts)
+between tokens, greedy or seeded sampling.
 """
 
 from __future__ import annotations
 
 import gc
-import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,8 +39,12 @@ class LocalModel:
 class TransformersGGUFProvider:
     """A loaded model behind the :class:`~kernel_ext.providers.base.Provider` protocol."""
 
-    def __init__(self, name: str, local: LocalModel, *, template_caps: dict[str, Any] | None = None) -> None:
+    def __init__(self, name: str, local: LocalModel, *, template_caps: dict[str, Any] | None = None,
+                 decode_head: str | Callable[[], str] = "exact") -> None:
         self.name = name
+        # a mode of kernel_ext.providers.decode.HEAD_MODES, or a callable read at each call
+        # (the registry passes the live `KernelExt.decode_head` setting)
+        self.decode_head = decode_head
         self.local: LocalModel | None = local
         self.template_caps = template_caps or {}
 
@@ -104,8 +109,8 @@ class TransformersGGUFProvider:
         should_stop: StopCheck | None = None,
     ) -> GenerationResult:
         import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList
-        from transformers.generation.streamers import BaseStreamer
+
+        from .decode import Sampling, decode
 
         local = self._ready()
         text, used_chat = self.build_prompt(prompt, params)
@@ -113,75 +118,45 @@ class TransformersGGUFProvider:
         # A chat template writes its own BOS; plain text gets the tokenizer's default.
         enc = tok(text, return_tensors="pt", add_special_tokens=not used_chat)
         input_ids = enc["input_ids"].to(local.device)
-        n_prompt = int(input_ids.shape[1])
         decoder = IncrementalDecoder(tok, params.stop, on_token)
-        state = {"first": None, "n": 0, "timed_out": False}
-        t0 = time.perf_counter()
+        timed_out = False
 
-        class _Stream(BaseStreamer):
-            def __init__(self) -> None:
-                self.prompt_seen = False
+        def on_new_token(token: int) -> bool:
+            nonlocal timed_out
+            decoder.add((token,))
+            if decoder.stopped:
+                return True
+            if should_stop is not None and should_stop():
+                timed_out = True
+                return True
+            return False
 
-            def put(self, value: Any) -> None:
-                if not self.prompt_seen:  # generate() first hands over the prompt
-                    self.prompt_seen = True
-                    return
-                ids = value.reshape(-1).tolist()
-                if state["first"] is None:
-                    state["first"] = time.perf_counter() - t0
-                state["n"] += len(ids)
-                decoder.add(ids)
-
-            def end(self) -> None:
-                return None
-
-        class _Stop(StoppingCriteria):
-            def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-                stop = decoder.stopped
-                if not stop and should_stop is not None and should_stop():
-                    state["timed_out"] = True
-                    stop = True
-                return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
-
-        gen_kwargs: dict[str, Any] = {
-            "max_new_tokens": params.max_new_tokens,
-            "streamer": _Stream(),
-            "stopping_criteria": StoppingCriteriaList([_Stop()]),
-            "pad_token_id": tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
-            "attention_mask": enc.get("attention_mask", torch.ones_like(input_ids)).to(local.device),
-        }
-        if params.greedy:
-            gen_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        else:
-            gen_kwargs.update(do_sample=True, temperature=params.temperature,
-                              top_p=params.top_p, top_k=params.top_k or None)
+        head = self.decode_head() if callable(self.decode_head) else self.decode_head
+        sampling = Sampling(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
         devices = [torch.device(local.device).index or 0] if local.device.startswith("cuda") else []
         try:
-            with torch.inference_mode(), torch.random.fork_rng(devices=devices):
+            with torch.random.fork_rng(devices=devices):
                 if params.seed is not None:
                     torch.manual_seed(params.seed)
-                out = local.model.generate(input_ids, **gen_kwargs)
+                out = decode(local.model, input_ids, max_new_tokens=params.max_new_tokens,
+                             sampling=sampling, eos_ids=_eos_ids(local), on_token=on_new_token,
+                             head=head)
         except torch.OutOfMemoryError as e:
             raise ProviderOutOfMemoryError(
                 f"{self.name}: out of memory while generating ({e}); try fewer --max-new-tokens, "
                 "a smaller dtype or another device"
             ) from e
-        total = time.perf_counter() - t0
         final = decoder.finish()
-        generated = out[0, n_prompt:]
-        eos_ids = _eos_ids(local)
-        if state["timed_out"]:
+        if timed_out:
             reason = "timeout"
-        elif decoder.stopped or (len(generated) and int(generated[-1]) in eos_ids):
-            reason = "stop"
-        elif len(generated) >= params.max_new_tokens:
+        elif out.finish_reason == "length" and not decoder.stopped:
             reason = "length"
         else:
             reason = "stop"
         return GenerationResult(
             text=final, prompt=prompt, model=self.name, provider=self.name,
-            prompt_tokens=n_prompt, completion_tokens=int(state["n"]), finish_reason=reason,
-            time_to_first_token_s=state["first"], total_s=total,
+            prompt_tokens=out.prompt_tokens, completion_tokens=len(out.tokens), finish_reason=reason,
+            time_to_first_token_s=out.first_token_s, total_s=out.total_s,
         )
 
 
