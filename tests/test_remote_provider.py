@@ -197,3 +197,40 @@ def test_llama_cpp_server_stopped_midway_then_restarted(llama_server: dict[str, 
     server.start()
     assert p.generate("Hello", GenerationParams(max_new_tokens=2)).text
     p.close()
+
+
+@pytest.mark.slow
+def test_llama_cpp_server_outage_opens_the_breaker_and_recovers(
+        llama_server: dict[str, Any], tmp_path: Any) -> None:
+    """The real engine goes away mid-session and comes back: breaker, cache and half-open."""
+    from kernel_ext.config import KernelExtConfig
+    from kernel_ext.resilience import attach
+    from kernel_ext.session import Session
+
+    server = llama_server["server"]
+    now = [0.0]
+    session = Session(KernelExtConfig(breaker_consecutive_failures=2, breaker_open_seconds=30.0,
+                                      retry_attempts=1), None, state_dir=tmp_path / "state")
+    hub = attach(session, clock=lambda: now[0], sleep=lambda s: None)
+    hub.add_provider("llama", RemoteProvider("llama", server.url))
+    params = GenerationParams(max_new_tokens=4)
+    try:
+        first = session.infer("Hello", params, model="llama")
+        assert first.provider == "llama" and first.text
+        server.stop()
+        for _ in range(2):
+            r = session.infer("Hello", params, model="llama")
+            assert r.cached and r.text == first.text
+        assert hub.breakers["llama"].state.value == "open"
+        server.start()
+        r = session.infer("Hello", params, model="llama")
+        assert r.cached and r.attempts[0]["outcome"] == "rejected"  # still open: not even tried
+        now[0] += 30
+        r = session.infer("Hello", params, model="llama")
+        assert r.provider == "llama" and not r.cached
+        assert hub.breakers["llama"].state.value == "closed"
+        trail = [(x["old"], x["new"]) for x in session.audit.read(kind="breaker")]
+        assert trail == [("closed", "open"), ("open", "half_open"), ("half_open", "closed")]
+    finally:
+        server.start()
+        session.close()
