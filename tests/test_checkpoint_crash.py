@@ -196,7 +196,7 @@ def test_io_errors_never_publish_a_snapshot(base: Path, tmp_path: Path, which: s
         store = Store(run)
         seen = {"n": 0}
 
-        def failing(*args: object, k: int = k) -> None:
+        def failing(*args: object, k: int = k, seen: dict = seen) -> None:
             seen["n"] += 1
             if seen["n"] == k:
                 raise OSError(code, os.strerror(code))

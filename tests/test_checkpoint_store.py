@@ -261,7 +261,7 @@ def test_encrypted_snapshots_hide_content_and_refuse_tampering(tmp_path: Path,
     restored = Store(tmp_path / "e", key_env=key_env).restore()
     for name, value in values.items():
         assert_same(value, restored.values[name])
-    sealed = sorted((tmp_path / "e" / "sealed").iterdir(), key=lambda p: p.stat().st_size)[-1]
+    sealed = max((tmp_path / "e" / "sealed").iterdir(), key=lambda p: p.stat().st_size)
     data = bytearray(sealed.read_bytes())
     data[-5] ^= 1
     sealed.write_bytes(bytes(data))

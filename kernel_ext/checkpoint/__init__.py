@@ -13,7 +13,7 @@ from .manager import CheckpointManager
 from .store import Store
 from .tasks import Task, task
 
-__all__ = ["attach", "CheckpointManager", "Store", "Task", "task"]
+__all__ = ["CheckpointManager", "Store", "Task", "attach", "task"]
 
 
 def attach(session: Any) -> CheckpointManager:

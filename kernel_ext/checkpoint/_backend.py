@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Backend", "LocalBackend", "FsspecBackend", "open_backend"]
+__all__ = ["Backend", "FsspecBackend", "LocalBackend", "open_backend"]
 
 TMP = "tmp"
 
@@ -43,7 +43,7 @@ class Backend:
     def exists(self, key: str) -> bool:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def list(self, prefix: str) -> list[str]:  # pragma: no cover - interface
+    def listdir(self, prefix: str) -> list[str]:  # pragma: no cover - interface
         """Names directly under ``prefix`` (no error when it does not exist)."""
         raise NotImplementedError
 
@@ -125,7 +125,7 @@ class LocalBackend(Backend):
 
     @staticmethod
     def _tree(top: Path) -> list[str]:
-        out = []
+        out: list[str] = []
         for dirpath, _dirnames, filenames in os.walk(top):
             out.extend(os.path.join(dirpath, name) for name in filenames)
             out.append(dirpath)
@@ -183,7 +183,7 @@ class LocalBackend(Backend):
     def exists(self, key: str) -> bool:
         return self._path(key).exists()
 
-    def list(self, prefix: str) -> list[str]:
+    def listdir(self, prefix: str) -> list[str]:
         try:
             return sorted(os.listdir(self._path(prefix)))
         except FileNotFoundError:
@@ -240,7 +240,7 @@ class LocalBackend(Backend):
     def clean_tmp(self) -> int:
         tmp = self.root / TMP
         count = 0
-        for name in self.list(TMP):
+        for name in self.listdir(TMP):
             self.remove(f"{TMP}/{name}")
             count += 1
         tmp.mkdir(exist_ok=True)
@@ -269,7 +269,7 @@ class FsspecBackend(Backend):
     def exists(self, key: str) -> bool:
         return bool(self.fs.exists(self._p(key)))
 
-    def list(self, prefix: str) -> list[str]:
+    def listdir(self, prefix: str) -> list[str]:
         try:
             entries = self.fs.ls(self._p(prefix), detail=False)
         except FileNotFoundError:

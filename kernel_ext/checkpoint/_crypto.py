@@ -15,7 +15,7 @@ import struct
 
 from ..errors import CheckpointCorruptError, CheckpointError
 
-__all__ = ["Cipher", "key_from_env", "MAGIC"]
+__all__ = ["MAGIC", "Cipher", "key_from_env"]
 
 MAGIC = b"KXE1"
 FRAME = 64 * 1024 * 1024

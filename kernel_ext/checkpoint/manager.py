@@ -31,7 +31,7 @@ from ..errors import CheckpointError
 from ._codec import Encoded, Unstorable, encode, never_reason
 from .store import CommitResult, Restored, Store
 
-__all__ = ["CheckpointManager", "IPYTHON_NAMES", "fmt_bytes"]
+__all__ = ["IPYTHON_NAMES", "CheckpointManager", "fmt_bytes"]
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +172,7 @@ class CheckpointManager:
             state = self.session.state()
             json.dumps(state)
             return dict(state)
-        except Exception as e:  # another subsystem's state must not stop the checkpoint
+        except Exception as e:  # noqa: BLE001 - another subsystem must not stop checkpoints
             log.warning("kernel_ext: session state not saved with the checkpoint: %s", e)
             return {}
 
@@ -246,7 +246,7 @@ class CheckpointManager:
             self.checkpoint(reason, force=force)
         except CheckpointError:
             return  # recorded and warned by checkpoint()
-        except Exception as e:  # a hook must never raise into the user's cell
+        except Exception as e:  # noqa: BLE001 - a hook never raises into the user's cell
             self._record_failure(e, reason)
 
     # --- hooks ----------------------------------------------------------------------------------
@@ -347,7 +347,7 @@ class CheckpointManager:
                allow_pickle: Iterable[str] | bool = ()) -> tuple[Restored, list[str]]:
         """Restore variables into the shell, then the session state; returns the report lines."""
         if isinstance(allow_pickle, bool):
-            allowed: Callable[[str], bool] = lambda name: bool(allow_pickle)  # noqa: E731
+            allowed: Callable[[str], bool] = lambda name: bool(allow_pickle)
         else:
             chosen = set(allow_pickle)
             allowed = chosen.__contains__
@@ -369,7 +369,7 @@ class CheckpointManager:
         if names is None:
             try:
                 lines.extend(self.session.restore_state(m.get("session", {})) or [])
-            except Exception as e:  # report, but keep the restored variables
+            except Exception as e:  # noqa: BLE001 - report, keep the restored variables
                 lines.append(f"session state not restored: {type(e).__name__}: {e}")
         for t in self.store.tasks():
             todo = "complete" if t["total"] is not None and t["done"] >= t["total"] else \
@@ -389,9 +389,10 @@ class CheckpointManager:
     def diff(self, snapshot: str | None = None) -> dict[str, list[str]]:
         """Compare the current variables with a snapshot (default: the newest)."""
         store = self.store
-        sid = store.resolve(snapshot) if snapshot else (store.snapshots() or [None])[0]
-        if sid is None:
+        history = store.snapshots()
+        if not history:
             raise CheckpointError("no checkpoint yet: %checkpoint now writes one")
+        sid = store.resolve(snapshot) if snapshot else history[0]
         saved = {n: e["digest"] for n, e in store.manifest(sid)["variables"].items()}
         encoded, _ = self.scan()
         now = {n: e.digest for n, e in encoded.items()}

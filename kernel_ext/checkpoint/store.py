@@ -31,7 +31,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -40,7 +40,7 @@ from ._backend import Backend, FsspecBackend, open_backend
 from ._codec import Encoded, Part, PickleRefused, array_hash, blob_hash, decode, json_bytes
 from ._crypto import Cipher, is_sealed, key_from_env
 
-__all__ = ["Store", "CommitResult", "Restored", "FORMAT"]
+__all__ = ["FORMAT", "CommitResult", "Restored", "Store"]
 
 log = logging.getLogger(__name__)
 
@@ -113,8 +113,8 @@ class Store:
         try:
             head = json.loads(data)
             if not isinstance(head, dict) or not isinstance(head.get("history"), list):
-                raise ValueError("not a HEAD object")
-        except ValueError as e:
+                raise TypeError("not a HEAD object")
+        except (ValueError, TypeError) as e:
             raise CheckpointCorruptError(f"{self.location}/HEAD is unreadable: {e}") from e
         return head
 
@@ -169,7 +169,7 @@ class Store:
                     continue
                 raw = (part.array.reshape(-1).view(np.uint8) if part.array is not None
                        else part.data or b"")
-                blobs.append((key, cipher.seal(key, memoryview(raw))))
+                blobs.append((key, cipher.seal(key, memoryview(cast(Any, raw)))))
             elif part.array is not None:
                 key = f"objects/{part.hash}"
                 if self.backend.has_array(key):
@@ -451,7 +451,7 @@ class Store:
     def tasks(self) -> list[dict[str, Any]]:
         """Stored tasks: ``name``, ``done``, ``total``, ``updated``."""
         out = []
-        for entry in self.backend.list("tasks"):
+        for entry in self.backend.listdir("tasks"):
             try:
                 pointer = json.loads(self.backend.get(f"tasks/{entry}"))
                 m = self.task_manifest(pointer["name"]) or {}
@@ -485,7 +485,7 @@ class Store:
             history = self.snapshots()
             removed = 0
             keep = {f"{sid}.json" for sid in history}
-            for name in self.backend.list("snapshots"):
+            for name in self.backend.listdir("snapshots"):
                 if name not in keep:
                     self.backend.remove(f"snapshots/{name}")
                     self._manifests.pop(name.removesuffix(".json"), None)
@@ -495,7 +495,7 @@ class Store:
                 for sid in history:
                     for entry in self.manifest(sid)["variables"].values():
                         live.update(ref["hash"] for ref in entry["parts"])
-                for entry in self.backend.list("tasks"):
+                for entry in self.backend.listdir("tasks"):
                     pointer = json.loads(self.backend.get(f"tasks/{entry}"))
                     live.add(pointer["manifest"])
                     m = self.task_manifest(pointer["name"]) or {}
@@ -504,7 +504,7 @@ class Store:
                 log.warning("kernel_ext: not collecting objects: %s", e)
                 return removed
             for prefix in ("objects", "blobs", "sealed"):
-                for name in self.backend.list(prefix):
+                for name in self.backend.listdir(prefix):
                     h = name.removesuffix(".ok")
                     if h in live or name == "zarr.json":
                         continue
@@ -611,6 +611,6 @@ def _write_row_chunks(root: Path, arr: np.ndarray, rows: int) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         piece = buf[i * per_chunk:(i + 1) * per_chunk]
         with open(path, "wb") as f:
-            f.write(memoryview(piece))
+            f.write(memoryview(cast(Any, piece)))
             if len(piece) < per_chunk:
                 f.write(bytes(per_chunk - len(piece)))

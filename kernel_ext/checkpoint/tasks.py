@@ -36,7 +36,7 @@ from ..errors import CheckpointError, KernelExtError
 from ._codec import Unstorable, _is_json, encode, json_bytes
 from .store import Store
 
-__all__ = ["Task", "TaskError", "task", "default_store"]
+__all__ = ["Task", "TaskError", "default_store", "task"]
 
 log = logging.getLogger(__name__)
 

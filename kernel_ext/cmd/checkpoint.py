@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import functools
 import keyword
 from collections.abc import Callable
 from typing import Any
@@ -49,11 +50,11 @@ def _status(m: CheckpointManager, rest: list[str]) -> None:
     s = m.status
     state = "off" if not m.enabled else (f"paused ({m.paused})" if m.paused else "on")
     lines = [
-        f"checkpoints: {state}, every {m.config.checkpoint_interval:g} s, keep "
-        f"{m.config.checkpoint_keep}, store {m.location}",
-        f"last snapshot: {s.get('last_snapshot') or '-'} at {fmt_time(s.get('last_time'))}, "
-        f"size {fmt_bytes(s.get('size_bytes'))}, took "
-        f"{'-' if s.get('duration_s') is None else format(s['duration_s'], '.3f') + ' s'}",
+        (f"checkpoints: {state}, every {m.config.checkpoint_interval:g} s, keep "
+         f"{m.config.checkpoint_keep}, store {m.location}"),
+        (f"last snapshot: {s.get('last_snapshot') or '-'} at {fmt_time(s.get('last_time'))}, "
+         f"size {fmt_bytes(s.get('size_bytes'))}, took "
+         f"{'-' if s.get('duration_s') is None else format(s['duration_s'], '.3f') + ' s'}"),
         f"tracked ({len(s.get('tracked') or [])}): {', '.join(s.get('tracked') or []) or '-'}",
     ]
     skipped = s.get("skipped") or {}
@@ -80,7 +81,7 @@ def _list(m: CheckpointManager, rest: list[str]) -> None:
             size = sum(int(v.get("nbytes", 0)) for v in man["variables"].values())
             print(f"-{i}  {sid}  {fmt_time(man['created'])}  {len(man['variables'])} vars  "
                   f"{fmt_bytes(size)}  ({man.get('reason', '')})")
-        except Exception as e:  # a damaged manifest is listed, not fatal
+        except Exception as e:  # noqa: BLE001 - a damaged manifest is listed, not fatal
             print(f"-{i}  {sid}  unreadable: {e}")
     for t in store.tasks():
         print(f"task {t['name']!r}: {t['done']}/{t['total']} items")
@@ -169,5 +170,6 @@ def run(ext: Any, magic: str, line: str, cell: str | None = None) -> None:
     m = _manager(ext)
     if magic == "resume":
         return _resume(m, line)
-    table = {name: (lambda rest, fn=fn: fn(m, rest)) for name, fn in _TABLE.items()}
+    table: dict[str, Callable[[list[str]], Any]] = {
+        name: functools.partial(fn, m) for name, fn in _TABLE.items()}
     return dispatch("%checkpoint", line, table, default="status")
