@@ -22,8 +22,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -43,6 +45,7 @@ __all__ = [
     "write_tree",
     "weights_path",
     "save_weights",
+    "WeightsWriter",
     "load_weights",
     "touch",
     "enforce_cap",
@@ -169,21 +172,119 @@ def discard(path: Path, why: str) -> None:
 
 
 # --- weights ---------------------------------------------------------------------------------------
-def _header(tensors: Mapping[str, torch.Tensor]) -> tuple[bytes, list[tuple[str, torch.Tensor]]]:
+def _header(specs: Iterable[tuple[str, tuple[int, ...], torch.dtype]]) -> bytes:
     header: dict[str, Any] = {"__metadata__": {"format": "pt", "writer": "kernel_ext"}}
-    order: list[tuple[str, torch.Tensor]] = []
     offset = 0
-    for name, t in tensors.items():
-        st = _ST_DTYPES.get(t.dtype)
+    for name, shape, dtype in specs:
+        st = _ST_DTYPES.get(dtype)
         if st is None:
-            raise TypeError(f"cannot cache weights of dtype {t.dtype}")
-        n = t.numel() * t.element_size()
-        header[name] = {"dtype": st, "shape": list(t.shape), "data_offsets": [offset, offset + n]}
-        order.append((name, t))
+            raise TypeError(f"cannot cache weights of dtype {dtype}")
+        n = int(np.prod(shape, dtype=np.int64)) * _ITEMSIZE[st] if shape else _ITEMSIZE[st]
+        header[name] = {"dtype": st, "shape": list(shape), "data_offsets": [offset, offset + n]}
         offset += n
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-(len(raw) + 8) % 8)  # data starts 8-byte aligned
-    return raw, order
+    return len(raw).to_bytes(8, "little") + raw
+
+
+def _write_tensor(fh: Any, t: torch.Tensor) -> None:
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous()
+    if t.numel():
+        fh.write(memoryview(t.view(torch.uint8).reshape(-1).numpy()))
+
+
+class WeightsWriter:
+    """Write a safetensors file from a background thread, tensor by tensor, atomically.
+
+    The loader hands each tensor (or consecutive row chunks of one) over as soon as it is
+    decoded, so writing overlaps decoding (file writes release the GIL). At most ``depth``
+    pieces wait in the queue, which bounds the memory held for writing. ``put`` must follow
+    the order of ``specs``; ``commit`` waits for the thread, checks the size and renames the
+    file into place (None and a logged warning if anything failed); ``abort`` drops it.
+    """
+
+    def __init__(self, path: Path, specs: list[tuple[str, tuple[int, ...], torch.dtype]],
+                 *, depth: int = 2) -> None:
+        self.path = path
+        self._sizes = [((int(np.prod(shape, dtype=np.int64)) if shape else 1)
+                        * _ITEMSIZE[_ST_DTYPES[dtype]], name) for name, shape, dtype in specs]
+        self._index = 0
+        self._filled = 0
+        path.parent.mkdir(parents=True, exist_ok=True)
+        header = _header(specs)
+        self._expected_size = len(header) + sum(n for n, _ in self._sizes)
+        self._tmp = _tmp_near(path)
+        self._fh = open(self._tmp, "wb")  # noqa: SIM115 - closed by commit/abort
+        self._fh.write(header)
+        self._queue: queue.Queue[torch.Tensor | None] = queue.Queue(maxsize=max(1, depth))
+        self._error: Exception | None = None
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="kernel_ext-weights-cache",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            t = self._queue.get()
+            if t is None:
+                return
+            if self._error is not None:
+                continue
+            try:
+                _write_tensor(self._fh, t)
+            except OSError as e:
+                self._error = e
+
+    def put(self, name: str, tensor: torch.Tensor) -> None:
+        """Queue ``tensor`` (all of ``name``, or its next rows) for writing."""
+        if self._index >= len(self._sizes) or self._sizes[self._index][1] != name:
+            raise ValueError(f"tensor {name!r} written out of order")
+        self._filled += tensor.numel() * tensor.element_size()
+        size = self._sizes[self._index][0]
+        if self._filled > size:
+            raise ValueError(f"more data for {name!r} than its {size} bytes")
+        if self._filled == size:
+            self._index += 1
+            self._filled = 0
+        self._queue.put(tensor)
+
+    def _stop(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._queue.put(None)
+            self._thread.join()
+            self._fh.close()
+
+    def commit(self) -> int | None:
+        """Wait for the writes, then publish; the file size, or None when it failed."""
+        self._stop()
+        done = False
+        try:
+            if self._error is None and self._index != len(self._sizes):
+                self._error = ValueError(f"only {self._index} of {len(self._sizes)} tensors "
+                                         "were written")
+            if self._error is None:
+                size = self._tmp.stat().st_size
+                if size != self._expected_size:
+                    raise OSError(f"wrote {size} bytes, expected {self._expected_size}")
+                os.replace(self._tmp, self.path)
+                done = True
+                return size
+        except OSError as e:
+            self._error = e
+        finally:
+            if not done:
+                self._tmp.unlink(missing_ok=True)
+        log.warning("kernel_ext conversion cache: weights not cached in %s: %s", self.path,
+                    self._error)
+        return None
+
+    def abort(self) -> None:
+        self._stop()
+        self._tmp.unlink(missing_ok=True)
 
 
 def save_weights(path: Path, tensors: Mapping[str, torch.Tensor]) -> int:
@@ -192,20 +293,14 @@ def save_weights(path: Path, tensors: Mapping[str, torch.Tensor]) -> int:
     Tensors are streamed one at a time (a GPU tensor is copied to the host on its own), so
     writing needs no second copy of the model."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    header, order = _header(tensors)
+    header = _header((name, tuple(t.shape), t.dtype) for name, t in tensors.items())
     tmp = _tmp_near(path)
     done = False
     try:
         with open(tmp, "wb") as fh:
-            fh.write(len(header).to_bytes(8, "little"))
             fh.write(header)
-            for _, t in order:
-                t = t.detach()
-                if t.device.type != "cpu":
-                    t = t.cpu()
-                t = t.contiguous()
-                if t.numel():
-                    fh.write(memoryview(t.view(torch.uint8).reshape(-1).numpy()))
+            for t in tensors.values():
+                _write_tensor(fh, t)
         size = tmp.stat().st_size
         os.replace(tmp, path)
         done = True

@@ -174,9 +174,11 @@ def _decode(fh: Any, info: TensorInfo, processor: Any, dtype: torch.dtype, devic
 def _new_model(config: Any, dtype: torch.dtype) -> Any:
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
 
     try:
-        with init_empty_weights(include_buffers=False):
+        # parameters on `meta` (buffers real), and no random init: every weight is overwritten
+        with init_empty_weights(include_buffers=False), no_init_weights():
             return AutoModelForCausalLM.from_config(config, dtype=dtype)
     except (ValueError, KeyError) as e:
         raise GGUFUnsupportedError(
@@ -209,7 +211,10 @@ def load_transformers(
     used and it is not given; it is trusted, not re-checked: pin checks live in
     :mod:`kernel_ext.gguf.integrity`). ``cache_dir``: conversion cache root (None: no cache).
     ``cache_weights``: also keep the dequantised weights there (safetensors, memory-mapped on
-    the next load), within ``cache_max_bytes`` (least recently used entries are evicted).
+    the next load), within ``cache_max_bytes`` (least recently used entries are evicted). They
+    are written while decoding; on the CPU the model then maps that file (copy-on-write)
+    instead of keeping a second, anonymous copy, so a cold load's peak RSS stays near one
+    tensor above the baseline.
     ``progress(done, total, stage)`` is called once per tensor. ``device_map`` and
     ``quantization`` ("8bit" / "4bit", bitsandbytes, CUDA only) route the weights through
     Transformers' ``from_pretrained`` (see the module docstring). ``decode_threads``: torch
@@ -284,17 +289,15 @@ def load_transformers(
             hits["weights"] = wpath is not None and _fill_from_cache(model, plan, wpath, device,
                                                                      progress)
             if not hits["weights"]:
-                with _intra_op_threads(decode_threads if device == "cpu" else None):
-                    _fill_from_gguf(model, gf, plan, processor, dt, device, progress)
+                _fill_weights(model, gf, plan, processor, dt, device, progress, decode_threads,
+                              _weights_writer(entry, wpath, model, plan, cache_dir, cache_max_bytes)
+                              if wpath is not None and cache_weights else None)
             t = mark("weights", t)
             model.tie_weights()
             leftover = [n for n, p in model.named_parameters() if p.device.type == "meta"]
             if leftover:
                 raise GGUFFormatError(f"no data for parameters {', '.join(leftover[:5])}")
             model.to(device)
-            if wpath is not None and cache_weights and not hits["weights"]:
-                _store_weights(entry, wpath, model, plan, cache_dir, cache_max_bytes)
-                t = mark("cache_write", t)
         model.eval()
         if entry is not None:
             _cache.touch(entry, source=Path(path).name)
@@ -306,8 +309,40 @@ def load_transformers(
                            load_s=load_s, timings=timings, cache_hits=hits, peak_rss=_peak_rss())
 
 
+# Tensors decoded in row chunks when they go straight to the cache file: the big ones that no
+# tensor processor of a supported architecture touches (the embedding and output matrices).
+_CHUNKABLE = frozenset({"token_embd.weight", "output.weight"})
+_CHUNK_ELEMENTS = 1 << 24
+
+
+def _fill_weights(model: Any, gf: GGUFFile, plan: convert.TensorPlan, processor: Any,
+                  dtype: torch.dtype, device: str, progress: Progress | None,
+                  decode_threads: int | None, writer: _cache.WeightsWriter | None) -> None:
+    """Decode every tensor into ``model``; with a ``writer``, also into the cache file.
+
+    On the CPU with a writer the decoded tensors go to the file only, and the model then maps
+    the finished file; if the file cannot be written or read back, decode into memory instead.
+    """
+    via_file = writer is not None and device == "cpu"
+    with _intra_op_threads(decode_threads if device == "cpu" else None):
+        try:
+            _fill_from_gguf(model, gf, plan, processor, dtype, device, progress, writer,
+                            assign=not via_file)
+        except Exception:
+            if writer is not None:
+                writer.abort()
+            raise
+        if writer is None:
+            return
+        stored = writer.commit() is not None
+        if via_file and not (stored and _fill_from_cache(model, plan, writer.path, device, None)):
+            log.warning("kernel_ext: decoding the weights again, into memory")
+            _fill_from_gguf(model, gf, plan, processor, dtype, device, progress, None, assign=True)
+
+
 def _fill_from_gguf(model: Any, gf: GGUFFile, plan: convert.TensorPlan, processor: Any,
-                    dtype: torch.dtype, device: str, progress: Progress | None) -> None:
+                    dtype: torch.dtype, device: str, progress: Progress | None,
+                    writer: _cache.WeightsWriter | None, *, assign: bool) -> None:
     expected = _expected(model, list(plan.gguf_to_hf.values()))
     names = list(plan.gguf_to_hf)
     total = len(names)
@@ -315,10 +350,34 @@ def _fill_from_gguf(model: Any, gf: GGUFFile, plan: convert.TensorPlan, processo
         for done, name in enumerate(names, 1):
             hf_name = plan.gguf_to_hf[name]
             shape, _ = expected[hf_name]
-            value = _decode(fh, gf.tensors[name], processor, dtype, device, shape)
-            _set_tensor(model, hf_name, value)
+            info = gf.tensors[name]
+            if (not assign and writer is not None and name in _CHUNKABLE
+                    and info.n_elements > _CHUNK_ELEMENTS and len(info.shape) == 2):
+                for part in _decode_rows(fh, info, processor, dtype, device, shape):
+                    writer.put(hf_name, part)
+            else:
+                value = _decode(fh, info, processor, dtype, device, shape)
+                if assign:
+                    _set_tensor(model, hf_name, value)
+                if writer is not None:
+                    writer.put(hf_name, value)
+                del value
             if progress is not None:
                 progress(done, total, "weights")
+
+
+def _decode_rows(fh: Any, info: TensorInfo, processor: Any, dtype: torch.dtype, device: str,
+                 target_shape: tuple[int, ...]) -> Iterator[torch.Tensor]:
+    """A 2-D tensor decoded a few rows at a time (GGUF rows are whole blocks)."""
+    ne0, rows = info.shape
+    row_bytes = info.nbytes // rows
+    step = max(1, _CHUNK_ELEMENTS // ne0)
+    for r0 in range(0, rows, step):
+        n = min(step, rows - r0)
+        part = TensorInfo(name=info.name, shape=(ne0, n), ggml_type=info.ggml_type,
+                          offset=info.offset + r0 * row_bytes, nbytes=n * row_bytes,
+                          n_elements=ne0 * n)
+        yield _decode(fh, part, processor, dtype, device, (n, *target_shape[1:]))
 
 
 def _fill_from_cache(model: Any, plan: convert.TensorPlan, wpath: Path, device: str,
@@ -372,19 +431,23 @@ def _store_tokenizer(entry: Path, tokenizer: Any) -> None:
         log.warning("kernel_ext conversion cache: could not store the tokenizer in %s: %s", entry, e)
 
 
-def _store_weights(entry: Path, wpath: Path, model: Any, plan: convert.TensorPlan,
-                   cache_dir: Path | str, cap: int) -> None:
-    state = dict(model.named_parameters(remove_duplicate=False))
-    names = list(dict.fromkeys(plan.gguf_to_hf.values()))
-    need = sum(state[n].numel() * state[n].element_size() for n in names)
+def _weights_writer(entry: Path, wpath: Path, model: Any, plan: convert.TensorPlan,
+                    cache_dir: Path | str, cap: int) -> _cache.WeightsWriter | None:
+    """A writer for the weights entry (None when it would not fit the cap or cannot start)."""
+    names = list(plan.gguf_to_hf.values())
+    expected = _expected(model, names)
+    specs = [(n, expected[n][0], expected[n][1]) for n in names]
+    need = sum(int(torch.Size(shape).numel()) * torch.tensor([], dtype=dt).element_size()
+               for _, shape, dt in specs)
     if need > cap:
-        log.info("not caching %s of weights: over the %s byte cap", need, cap)
-        return
+        log.info("not caching %d bytes of weights: over the %d byte cap", need, cap)
+        return None
     try:
         _cache.enforce_cap(cache_dir, max(0, cap - need), keep=entry.name)
-        _cache.save_weights(wpath, {n: state[n] for n in names})
+        return _cache.WeightsWriter(wpath, specs)
     except OSError as e:
         log.warning("kernel_ext conversion cache: could not store weights in %s: %s", wpath, e)
+        return None
 
 
 def _load_via_transformers(gf: GGUFFile, arch: str, cfg_dict: dict[str, Any], config: Any,
