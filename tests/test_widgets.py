@@ -454,3 +454,19 @@ def test_interpreter_exit_stops_sampling_threads(session: Session, clock: FakeCl
         assert html(d.footer) == footer  # no message sent while the kernel is going away
     finally:
         d.close()
+
+
+def test_dashboard_marks_the_guards_limit(session: Session, dash: Dashboard) -> None:
+    import kernel_ext.memory as km
+
+    session.config.memory_fraction = 0.5
+    dash.start()
+    reading = dash.memory.readings["cpu"]
+    assert reading.used == 4 * GiB
+    limit_fn = getattr(km, "memory_limit", None)
+    budget = limit_fn(session, "cpu") if limit_fn else 0.5 * 12 * GiB  # fraction of available
+    assert reading.limit == 4 * GiB + int(budget)
+    devices = html(dash.memory.devices)
+    assert "guard limit" in devices and "kernel-ext-limit" in devices  # text and marker
+    if limit_fn is None:
+        assert "guard limit 10.0 GiB (a new load may take 6.0 GiB)" in devices

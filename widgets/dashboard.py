@@ -67,6 +67,7 @@ class Dashboard(Panel):
     ) -> None:
         self.session = session
         self.interval = float(session.config.dashboard_interval if interval is None else interval)
+
         def box() -> Layout:
             return Layout(border="1px solid #e0e0e0", padding="4px 8px", margin="2px")
 
@@ -175,8 +176,8 @@ class Dashboard(Panel):
             self.checkpoints.tick()
             self._tick_error = None
         except Exception as e:  # a failing probe must not kill the live view; it shows instead
-            if self._tick_error is None:
-                log.warning("kernel_ext dashboard: update failed: %s", e, exc_info=True)
+            if self._tick_error is None:  # logged once per run of failures; the footer shows it
+                log.info("kernel_ext dashboard: update failed: %s", e, exc_info=True)
             self._tick_error = f"{type(e).__name__}: {e}"
         self.ticks += 1
         self._set_footer("live")
@@ -221,12 +222,25 @@ class Dashboard(Panel):
         return dict(fn()) if callable(fn) else {}
 
     def _limits(self, sample: Any) -> dict[str, int | None]:
+        """Per device, the usage level a new load may bring memory to: used + the guard's budget.
+
+        The budget is ``kernel_ext.memory.memory_limit(session, device)`` when the memory module
+        offers it, else what the guard documents: ``memory_fraction`` of the available memory.
+        """
         try:
             from kernel_ext.memory import memory_limit
-        except ImportError:  # the guard's limit is optional for the view
-            return {}
-        devices = ["cpu"] + [f"cuda:{g.index}" for g in (getattr(sample, "gpus", None) or [])]
-        return {d: int(memory_limit(self.session, d)) for d in devices}
+        except ImportError:
+            memory_limit = None
+        fraction = float(self.session.config.memory_fraction)
+        devices = [("cpu", int(sample.ram_used), int(sample.ram_available))]
+        devices += [(f"cuda:{g.index}", int(g.used), int(g.free))
+                    for g in (getattr(sample, "gpus", None) or [])]
+        out: dict[str, int | None] = {}
+        for device, used, available in devices:
+            budget = (memory_limit(self.session, device) if memory_limit is not None
+                      else fraction * available)
+            out[device] = used + int(budget)
+        return out
 
     def _load_current_state(self) -> None:
         for snap in _breaker_snapshots(self.session):

@@ -33,7 +33,7 @@ class DeviceReading:
     label: str
     used: int
     total: int
-    limit: int | None = None
+    limit: int | None = None  # the level a new load may bring usage to (the guard's budget)
     extra: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -178,7 +178,9 @@ def _device_row(r: DeviceReading, name: str) -> str:
             f"<line class='kernel-ext-limit' x1='{x:.1f}' x2='{x:.1f}' y1='0' y2='{_METER_H}' "
             "stroke='#c62828' stroke-width='2'/>"
         )
-        limit_txt = f" · guard limit {fmt_bytes(r.limit)}"
+        room = r.limit - r.used
+        limit_txt = (f" · guard limit {fmt_bytes(r.limit)} (a new load may take "
+                     f"{fmt_bytes(max(room, 0))})")
     meter = (
         f"<svg class='kernel-ext-meter' width='{_METER_W}' height='{_METER_H}'>"
         f"<rect width='{_METER_W}' height='{_METER_H}' fill='#eeeeee'/>"
