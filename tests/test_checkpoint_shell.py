@@ -196,7 +196,7 @@ def _status(shell: InteractiveShell, capsys: pytest.CaptureFixture[str]) -> str:
     ("%checkpoint track 1abc", "not a variable name"),
     ("%checkpoint ignore", "one glob pattern"),
     ("%checkpoint diff", "no checkpoint yet"),
-    ("%checkpoint diff nosuch", "no single snapshot"),
+    ("%checkpoint diff nosuch", "no checkpoint yet"),
     ("%resume", "no checkpoint"),
     ("%resume --bogus", "unrecognized arguments"),
 ])
