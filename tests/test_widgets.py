@@ -1,7 +1,7 @@
 """The live widgets, without a browser: state through ``get_state()``, lifecycle, no comm leak.
 
-Producers are real where they exist (a real ``CircuitBreaker`` with a fake clock, a real
-Session and its event bus, real ``MemorySample`` values); the memory sampler and the pause
+Producers are real (the resilience hub's ``CircuitBreaker`` with a fake clock, the checkpoint
+manager, a real Session and its event bus, real ``MemorySample`` values); the memory sampler and the pause
 between samples are injected so nothing sleeps.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ from IPython.core.error import UsageError
 
 from kernel_ext.config import KernelExtConfig
 from kernel_ext.memory import GpuSample, MemorySample
-from kernel_ext.resilience.breaker import BreakerSettings, CircuitBreaker
+from kernel_ext.resilience import attach as attach_resilience
 from kernel_ext.session import Session
 from widgets import BreakerPanel, CheckpointPanel, Dashboard, MemoryPanel, open_dashboards
 
@@ -82,20 +82,6 @@ class Gate:
         assert self._done.acquire(timeout=10), "the dashboard thread did not tick"
 
 
-def bridge(session: Session, breaker: CircuitBreaker) -> Callable[[], None]:
-    """Publish a real breaker's events on the session bus, in the documented contract."""
-
-    def on_event(ev: Any) -> None:
-        if ev.kind == "transition":
-            session.events.emit("breaker", name=ev.name, old=ev.old, new=ev.new,
-                                snapshot=ev.snapshot)
-        else:
-            session.events.emit("breaker_call", name=ev.name, outcome=ev.outcome,
-                                snapshot=ev.snapshot)
-
-    return breaker.add_listener(on_event)
-
-
 def html(w: Any) -> str:
     return str(w.get_state()["value"])
 
@@ -137,11 +123,13 @@ def dash(session: Session, clock: FakeClock) -> Iterator[Dashboard]:
 def test_breaker_panel_follows_every_transition_of_a_real_breaker(
     session: Session, dash: Dashboard, clock: FakeClock
 ) -> None:
-    br = CircuitBreaker("local", BreakerSettings(consecutive_failures=2, open_seconds=30),
-                        clock=clock)
-    bridge(session, br)
-    dash.start()
+    session.config.breaker_consecutive_failures = 2
+    session.config.breaker_open_seconds = 30
+    br = attach_resilience(session, clock=clock).breaker("local")  # publishes on the bus
     assert "no providers yet" in html(dash.breakers.table)
+    dash.start()  # shows the breakers that exist already
+    assert state_of(dash.breakers, "local") == "closed"
+    assert "0 of 0" in html(dash.breakers.table)
 
     br.record_success()
     assert state_of(dash.breakers, "local") == "closed"
@@ -470,3 +458,30 @@ def test_dashboard_marks_the_guards_limit(session: Session, dash: Dashboard) -> 
     assert "guard limit" in devices and "kernel-ext-limit" in devices  # text and marker
     if limit_fn is None:
         assert "guard limit 10.0 GiB (a new load may take 6.0 GiB)" in devices
+
+
+def test_dashboard_shows_the_real_subsystems_state_when_shown(
+    ip: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Real producers: the checkpoint manager and the resilience hub of a loaded extension."""
+    import kernel_ext
+
+    session = kernel_ext.current_session()
+    ip.run_cell("import numpy as np\narr = np.arange(10)\nnote = 'hello'\nimport socket\n"
+                "sock = socket.socket()")
+    ip.run_line_magic("checkpoint", "now")
+    breaker = session.resilience.breaker("remote-x")  # the hub wires it to the event bus
+    breaker.record_error(ConnectionError("refused"))
+
+    ip.run_line_magic("dashboard", "--interval 0")
+    (d,) = open_dashboards()
+    body = html(d.checkpoints.body)
+    assert "tracked" in body and "arr" in body and "note" in body
+    assert "<code>sock</code>" in body  # skipped, with its reason
+    assert state_of(d.breakers, "remote-x") == "closed"
+    assert "1 of 1" in html(d.breakers.table)
+
+    for _ in range(2):  # consecutive failures trip it; the hub publishes the transition
+        breaker.record_error(ConnectionError("refused"))
+    assert state_of(d.breakers, "remote-x") == "open"
+    ip.run_cell("sock.close()")

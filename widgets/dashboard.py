@@ -263,13 +263,12 @@ def _breaker_snapshots(session: Any) -> list[Any]:
 
 
 def _checkpoint_status(session: Any) -> dict[str, Any] | None:
-    for attr in ("checkpoints", "checkpoint", "checkpointer"):
-        part = getattr(session, attr, None)
-        status = getattr(part, "status", None)
-        if callable(status):
-            value = status()
-            return dict(value) if isinstance(value, Mapping) else None
-    return None
+    """The checkpoint manager's status dict (``session.checkpoints.status``), if any."""
+    manager = getattr(session, "checkpoints", None)
+    status = getattr(manager, "status", None)
+    if callable(status):
+        status = status()
+    return dict(status) if isinstance(status, Mapping) and status else None
 
 
 @atexit.register
