@@ -34,8 +34,12 @@ def _default(o: Any) -> Any:
 class AuditLog:
     """Append-only JSON lines; every record has ``ts`` (epoch seconds) and ``kind``."""
 
-    def __init__(self, path: str | Path, events: EventBus | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        events: EventBus | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.path = Path(path)
         self.events = events
         self._clock = clock
@@ -63,7 +67,7 @@ class AuditLog:
         return record
 
     def read(self, kind: str | None = None, tail: int | None = None) -> list[dict[str, Any]]:
-        """Records, oldest first, optionally filtered by kind (prefix match) and cut to the last N."""
+        """Records, oldest first, optionally filtered by kind (prefix match), cut to the last N."""
         if not self.path.exists():
             return []
         out: list[dict[str, Any]] = []
@@ -104,17 +108,22 @@ def metrics(records: list[dict[str, Any]]) -> dict[str, Any]:
     - breakers: trips (transitions into ``open``/``forced_open``), trip rate per 100
       inferences and per hour of log.
     """
-    loads = [float(r["duration_s"]) for r in records
-             if r.get("kind") == "model.load" and isinstance(r.get("duration_s"), (int, float))]
+    loads = [
+        float(r["duration_s"])
+        for r in records
+        if r.get("kind") == "model.load" and isinstance(r.get("duration_s"), (int, float))
+    ]
     infers = [r for r in records if r.get("kind") == "infer"]
-    latencies = sorted(float(r["latency_s"]) for r in infers
-                       if isinstance(r.get("latency_s"), (int, float)))
+    latencies = sorted(
+        float(r["latency_s"]) for r in infers if isinstance(r.get("latency_s"), (int, float))
+    )
     outcomes: dict[str, int] = {}
     for r in infers:
         key = str(r.get("outcome", "?"))
         outcomes[key] = outcomes.get(key, 0) + 1
-    trips = [r for r in records if r.get("kind") == "breaker"
-             and r.get("new") in ("open", "forced_open")]
+    trips = [
+        r for r in records if r.get("kind") == "breaker" and r.get("new") in ("open", "forced_open")
+    ]
     trips_by: dict[str, int] = {}
     for r in trips:
         trips_by[str(r.get("name"))] = trips_by.get(str(r.get("name")), 0) + 1

@@ -25,8 +25,15 @@ def _free_port() -> int:
 
 
 class LlamaServer:
-    def __init__(self, model: Path, workdir: Path, *, port: int | None = None,
-                 n_ctx: int = 512, startup_s: float = 180.0) -> None:
+    def __init__(
+        self,
+        model: Path,
+        workdir: Path,
+        *,
+        port: int | None = None,
+        n_ctx: int = 512,
+        startup_s: float = 180.0,
+    ) -> None:
         self.model = Path(model)
         self.workdir = Path(workdir)
         self.port = port or _free_port()
@@ -43,9 +50,22 @@ class LlamaServer:
             return
         log = open(self.workdir / f"llama-server-{self.port}.log", "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "llama_cpp.server", "--model", str(self.model),
-             "--host", "127.0.0.1", "--port", str(self.port), "--n_ctx", str(self.n_ctx)],
-            stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir,
+            [
+                sys.executable,
+                "-m",
+                "llama_cpp.server",
+                "--model",
+                str(self.model),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--n_ctx",
+                str(self.n_ctx),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=self.workdir,
         )
         log.close()
         deadline = time.monotonic() + self.startup_s
@@ -60,8 +80,10 @@ class LlamaServer:
                 code = self.proc.wait(timeout=0.25)  # doubles as the poll interval
             except subprocess.TimeoutExpired:
                 continue
-            raise RuntimeError(f"llama.cpp server exited with {code}; see "
-                               f"{self.workdir}/llama-server-{self.port}.log")
+            raise RuntimeError(
+                f"llama.cpp server exited with {code}; see "
+                f"{self.workdir}/llama-server-{self.port}.log"
+            )
         self.stop()
         raise RuntimeError(f"llama.cpp server did not answer within {self.startup_s:.0f} s")
 

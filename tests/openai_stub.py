@@ -26,7 +26,9 @@ __all__ = ["OpenAIStub"]
 
 
 class OpenAIStub:
-    def __init__(self, answer: str = "Paris is the capital of France.", model: str = "stub-model") -> None:
+    def __init__(
+        self, answer: str = "Paris is the capital of France.", model: str = "stub-model"
+    ) -> None:
         self.answer = answer
         self.model = model
         self.requests: list[dict[str, Any]] = []
@@ -43,7 +45,9 @@ class OpenAIStub:
 
             def do_GET(self) -> None:
                 if self.path.rstrip("/") == "/v1/models":
-                    self._json(200, {"object": "list", "data": [{"id": stub.model, "object": "model"}]})
+                    self._json(
+                        200, {"object": "list", "data": [{"id": stub.model, "object": "model"}]}
+                    )
                 else:
                     self._json(404, {"error": {"message": f"no route {self.path}"}})
 
@@ -79,10 +83,17 @@ class OpenAIStub:
                 for i, piece in enumerate(out):
                     last = i == len(out) - 1 and behaviour != "drop"
                     if chat:
-                        choice = {"index": 0, "delta": {"content": piece},
-                                  "finish_reason": finish if last else None}
+                        choice = {
+                            "index": 0,
+                            "delta": {"content": piece},
+                            "finish_reason": finish if last else None,
+                        }
                     else:
-                        choice = {"index": 0, "text": piece, "finish_reason": finish if last else None}
+                        choice = {
+                            "index": 0,
+                            "text": piece,
+                            "finish_reason": finish if last else None,
+                        }
                     self._event({"id": "cmpl-1", "model": stub.model, "choices": [choice]})
                     if behaviour == "bad_json" and i == 0:
                         self.wfile.write(b"data: {not json\n\n")
@@ -94,8 +105,13 @@ class OpenAIStub:
                 if behaviour == "drop":
                     self.wfile.flush()
                     return  # closes without [DONE]
-                self._event({"id": "cmpl-1", "choices": [],
-                             "usage": {"prompt_tokens": 5, "completion_tokens": len(out)}})
+                self._event(
+                    {
+                        "id": "cmpl-1",
+                        "choices": [],
+                        "usage": {"prompt_tokens": 5, "completion_tokens": len(out)},
+                    }
+                )
                 self.wfile.write(b"data: [DONE]\n\n")
                 self.wfile.flush()
 
@@ -113,8 +129,9 @@ class OpenAIStub:
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.02},
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
+        )
         self._thread.start()
 
     @property
@@ -138,5 +155,5 @@ class OpenAIStub:
     def __enter__(self) -> OpenAIStub:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()

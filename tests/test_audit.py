@@ -11,11 +11,10 @@ from typing import Any
 
 import pytest
 from IPython.core.error import UsageError
+from openai_stub import OpenAIStub
 
 from kernel_ext.audit import AuditLog, metrics
 from kernel_ext.events import EventBus
-
-from openai_stub import OpenAIStub
 
 
 def free_port() -> int:
@@ -64,11 +63,21 @@ def test_metrics() -> None:
         {"ts": 1.0, "kind": "model.load", "duration_s": 4.0},
     ]
     for i in range(1, 101):
-        recs.append({"ts": 1.0 + i, "kind": "infer", "outcome": "ok" if i % 10 else "cached",
-                     "latency_s": float(i), "completion_tokens": 2, "cached": i % 10 == 0})
+        recs.append(
+            {
+                "ts": 1.0 + i,
+                "kind": "infer",
+                "outcome": "ok" if i % 10 else "cached",
+                "latency_s": float(i),
+                "completion_tokens": 2,
+                "cached": i % 10 == 0,
+            }
+        )
     recs.append({"ts": 3600.0, "kind": "breaker", "name": "a", "old": "closed", "new": "open"})
     recs.append({"ts": 3600.0, "kind": "breaker", "name": "a", "old": "open", "new": "half_open"})
-    recs.append({"ts": 3600.0, "kind": "breaker", "name": "b", "old": "closed", "new": "forced_open"})
+    recs.append(
+        {"ts": 3600.0, "kind": "breaker", "name": "b", "old": "closed", "new": "forced_open"}
+    )
     m = metrics(recs)
     assert m["model_loads"] == 2 and m["load_s_mean"] == 3.0 and m["load_s_max"] == 4.0
     assert m["inferences"] == 100 and m["outcomes"] == {"ok": 90, "cached": 10}
@@ -100,8 +109,9 @@ def out(capsys: pytest.CaptureFixture[str], ip: Any, magic: str, line: str = "")
     return capsys.readouterr().out
 
 
-def test_breaker_and_audit_magics_tell_the_story(ip: Any, stub: OpenAIStub,
-                                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_breaker_and_audit_magics_tell_the_story(
+    ip: Any, stub: OpenAIStub, capsys: pytest.CaptureFixture[str]
+) -> None:
     ip.run_line_magic("config", "KernelExt.breaker_consecutive_failures = 2")
     ip.run_line_magic("config", "KernelExt.retry_attempts = 1")
     dead = f"http://127.0.0.1:{free_port()}/v1"
@@ -136,11 +146,14 @@ def test_breaker_and_audit_magics_tell_the_story(ip: Any, stub: OpenAIStub,
     raw = out(capsys, ip, "audit", "--kind infer --json --tail 1")
     assert json.loads(raw)["outcome"] == "failed"
     m = out(capsys, ip, "audit", "--metrics")
-    assert "breaker_trips                      2" in m and "inferences                         4" in m
+    assert (
+        "breaker_trips                      2" in m and "inferences                         4" in m
+    )
 
 
-def test_cached_answer_after_every_provider_fails(ip: Any, stub: OpenAIStub,
-                                                  capsys: pytest.CaptureFixture[str]) -> None:
+def test_cached_answer_after_every_provider_fails(
+    ip: Any, stub: OpenAIStub, capsys: pytest.CaptureFixture[str]
+) -> None:
     ip.run_line_magic("config", "KernelExt.retry_attempts = 1")
     ip.run_line_magic("model", f"remote good --url {stub.url}")
     ip.run_cell_magic("infer", "--model good -o first -q", "Q")
@@ -152,29 +165,33 @@ def test_cached_answer_after_every_provider_fails(ip: Any, stub: OpenAIStub,
     assert " cached via offline_cache [good>offline_cache]" in line
 
 
-@pytest.mark.parametrize("magic,line,fragment", [
-    ("breaker", "frob", "unknown subcommand 'frob'"),
-    ("breaker", "reset", "usage: %breaker reset NAME"),
-    ("breaker", "reset ghost", "no provider 'ghost'"),
-    ("breaker", "open ghost", "no provider 'ghost'"),
-    ("audit", "--tail x", "invalid int value"),
-    ("audit", "--tail -1", "--tail must be >= 0"),
-    ("audit", "--bogus", "unrecognized arguments"),
-    ("model", "fallback ghost", "unknown fallback ghost"),
-    ("model", "fallback --frob", "usage: %model fallback"),
-    ("model", "remote r", "usage: %model remote NAME --url"),
-    ("model", "remote r --url localhost:80", "must start with http"),
-    ("model", "remote r --url http://x/v1 --api-key-env KERNEL_EXT_NO_SUCH_VAR", "is not set"),
-    ("model", "remote ghost --remove", "no remote provider 'ghost'"),
-])
+@pytest.mark.parametrize(
+    "magic,line,fragment",
+    [
+        ("breaker", "frob", "unknown subcommand 'frob'"),
+        ("breaker", "reset", "usage: %breaker reset NAME"),
+        ("breaker", "reset ghost", "no provider 'ghost'"),
+        ("breaker", "open ghost", "no provider 'ghost'"),
+        ("audit", "--tail x", "invalid int value"),
+        ("audit", "--tail -1", "--tail must be >= 0"),
+        ("audit", "--bogus", "unrecognized arguments"),
+        ("model", "fallback ghost", "unknown fallback ghost"),
+        ("model", "fallback --frob", "usage: %model fallback"),
+        ("model", "remote r", "usage: %model remote NAME --url"),
+        ("model", "remote r --url localhost:80", "must start with http"),
+        ("model", "remote r --url http://x/v1 --api-key-env KERNEL_EXT_NO_SUCH_VAR", "is not set"),
+        ("model", "remote ghost --remove", "no remote provider 'ghost'"),
+    ],
+)
 def test_mistakes_are_short_usage_errors(ip: Any, magic: str, line: str, fragment: str) -> None:
     with pytest.raises(UsageError) as info:
         ip.run_line_magic(magic, line)
     assert fragment in str(info.value)
 
 
-def test_remote_remove_drops_it_from_the_fallbacks(ip: Any, stub: OpenAIStub,
-                                                   capsys: pytest.CaptureFixture[str]) -> None:
+def test_remote_remove_drops_it_from_the_fallbacks(
+    ip: Any, stub: OpenAIStub, capsys: pytest.CaptureFixture[str]
+) -> None:
     ip.run_line_magic("model", f"remote good --url {stub.url}")
     ip.run_line_magic("model", "fallback good")
     assert "removed remote provider good" in out(capsys, ip, "model", "remote good --remove")

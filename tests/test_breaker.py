@@ -22,8 +22,13 @@ class FakeClock:
 
 
 def make(**kw: object) -> tuple[CircuitBreaker, FakeClock, list[BreakerEvent]]:
-    defaults: dict[str, object] = dict(window=10, min_calls=5, failure_rate=0.5,
-                                       consecutive_failures=0, open_seconds=30.0)
+    defaults: dict[str, object] = {
+        "window": 10,
+        "min_calls": 5,
+        "failure_rate": 0.5,
+        "consecutive_failures": 0,
+        "open_seconds": 30.0,
+    }
     defaults.update(kw)
     clock = FakeClock()
     b = CircuitBreaker("p", BreakerSettings(**defaults), clock=clock)  # type: ignore[arg-type]
@@ -120,7 +125,11 @@ def test_half_open_after_wait_and_success_closes() -> None:
     assert b.state is State.HALF_OPEN
     succeed(b)
     assert b.state is State.CLOSED
-    assert transitions(events) == [("closed", "open"), ("open", "half_open"), ("half_open", "closed")]
+    assert transitions(events) == [
+        ("closed", "open"),
+        ("open", "half_open"),
+        ("half_open", "closed"),
+    ]
     assert b.snapshot().calls_in_window == 0  # metrics start afresh
 
 
@@ -214,8 +223,9 @@ def test_concurrent_calls_while_half_open_all_complete_in_order() -> None:
     assert b.state is State.CLOSED
     closing = [i for i, e in enumerate(events) if e.kind == "transition" and e.new == "closed"]
     assert len(closing) == 1
-    trials_before_close = [e for e in events[:closing[0]] if e.kind == "call"
-                           and e.outcome == "success"]
+    trials_before_close = [
+        e for e in events[: closing[0]] if e.kind == "call" and e.outcome == "success"
+    ]
     assert len(trials_before_close) == 2
     assert results.count("ok") + results.count("rejected") == 8
 
@@ -381,8 +391,16 @@ def test_configure_keeps_state() -> None:
     assert b.state is State.HALF_OPEN
 
 
-@pytest.mark.parametrize("kw", [dict(window=0), dict(failure_rate=0.0), dict(failure_rate=1.5),
-                                dict(half_open_calls=0), dict(open_seconds=-1)])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"window": 0},
+        {"failure_rate": 0.0},
+        {"failure_rate": 1.5},
+        {"half_open_calls": 0},
+        {"open_seconds": -1},
+    ],
+)
 def test_bad_settings_are_refused(kw: dict[str, object]) -> None:
     with pytest.raises(ValueError):
         BreakerSettings(**kw)  # type: ignore[arg-type]
@@ -391,9 +409,22 @@ def test_bad_settings_are_refused(kw: dict[str, object]) -> None:
 def test_settings_from_config() -> None:
     from kernel_ext.config import KernelExtConfig
 
-    cfg = KernelExtConfig(breaker_window=7, breaker_min_calls=3, breaker_failure_rate=0.25,
-                          breaker_consecutive_failures=0, breaker_open_seconds=2.0,
-                          breaker_half_open_calls=2, breaker_slow_call_seconds=4.0)
+    cfg = KernelExtConfig(
+        breaker_window=7,
+        breaker_min_calls=3,
+        breaker_failure_rate=0.25,
+        breaker_consecutive_failures=0,
+        breaker_open_seconds=2.0,
+        breaker_half_open_calls=2,
+        breaker_slow_call_seconds=4.0,
+    )
     s = BreakerSettings.from_config(cfg)
-    assert (s.window, s.min_calls, s.failure_rate, s.consecutive_failures, s.open_seconds,
-            s.half_open_calls, s.slow_call_seconds) == (7, 3, 0.25, 0, 2.0, 2, 4.0)
+    assert (
+        s.window,
+        s.min_calls,
+        s.failure_rate,
+        s.consecutive_failures,
+        s.open_seconds,
+        s.half_open_calls,
+        s.slow_call_seconds,
+    ) == (7, 3, 0.25, 0, 2.0, 2, 4.0)

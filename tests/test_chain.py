@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from openai_stub import OpenAIStub
+from provider_contract import ProviderTests
 
 from kernel_ext.config import KernelExtConfig
 from kernel_ext.errors import (
@@ -28,9 +30,6 @@ from kernel_ext.providers.base import GenerationParams, GenerationResult, Health
 from kernel_ext.providers.remote import RemoteProvider
 from kernel_ext.resilience import Resilience, attach
 from kernel_ext.session import Session
-
-from openai_stub import OpenAIStub
-from provider_contract import ProviderTests
 
 
 class Clock:
@@ -57,7 +56,7 @@ class Wall:
 
 
 class ScriptedProvider:
-    """Fails on command. Script items: "ok", an exception instance, or ("slow", seconds_per_token)."""
+    """Fails on command. Script items: "ok", an exception, or ("slow", seconds_per_token)."""
 
     def __init__(self, name: str, answer: str = "forty two", clock: Clock | None = None) -> None:
         self.name = name
@@ -78,8 +77,14 @@ class ScriptedProvider:
     def load(self) -> None:
         self.loaded += 1
 
-    def generate(self, prompt: str, params: GenerationParams, *, on_token: Any = None,
-                 should_stop: Any = None) -> GenerationResult:
+    def generate(
+        self,
+        prompt: str,
+        params: GenerationParams,
+        *,
+        on_token: Any = None,
+        should_stop: Any = None,
+    ) -> GenerationResult:
         self.calls.append(params)
         item = self.script.popleft() if self.script else "ok"
         per_token = 0.0
@@ -100,9 +105,15 @@ class ScriptedProvider:
             if should_stop is not None and should_stop():
                 finish = "timeout"
                 break
-        return GenerationResult(text="".join(out), prompt=prompt, model=self.name,
-                                provider=self.name, prompt_tokens=3, completion_tokens=len(out),
-                                finish_reason=finish)
+        return GenerationResult(
+            text="".join(out),
+            prompt=prompt,
+            model=self.name,
+            provider=self.name,
+            prompt_tokens=3,
+            completion_tokens=len(out),
+            finish_reason=finish,
+        )
 
     def health(self) -> Health:
         return Health(True)
@@ -132,8 +143,12 @@ def wall() -> Wall:
 
 @pytest.fixture
 def session(tmp_path: Path, clock: Clock, wall: Wall) -> Iterator[Session]:
-    cfg = KernelExtConfig(breaker_consecutive_failures=2, breaker_open_seconds=10.0,
-                          breaker_min_calls=5, retry_attempts=1)
+    cfg = KernelExtConfig(
+        breaker_consecutive_failures=2,
+        breaker_open_seconds=10.0,
+        breaker_min_calls=5,
+        retry_attempts=1,
+    )
     s = Session(cfg, None, state_dir=tmp_path / "state")
     attach(s, clock=clock, sleep=clock.sleep, wall_clock=wall)
     yield s
@@ -173,7 +188,9 @@ def test_primary_answers_and_is_audited(session: Session, hub: Resilience, clock
     pieces: list[str] = []
     r = session.infer("Q", P, model="a", on_token=pieces.append)
     assert r.text == "forty two" and "".join(pieces) == r.text and r.provider == "a"
-    assert r.attempts == [{"provider": "a", "outcome": "ok", "error": None, "breaker_state": "closed"}]
+    assert r.attempts == [
+        {"provider": "a", "outcome": "ok", "error": None, "breaker_state": "closed"}
+    ]
     assert len(r.correlation_id) == 12 and not r.cached
     (line,) = infer_lines(session)
     assert line["correlation_id"] == r.correlation_id and line["outcome"] == "ok"
@@ -195,11 +212,14 @@ def test_primary_fails_fallback_answers(session: Session, hub: Resilience) -> No
     assert line["attempts"][0]["error"].startswith("GGUFFormatError")
 
 
-def test_transient_errors_are_retried_before_falling_back(session: Session, hub: Resilience,
-                                                          clock: Clock) -> None:
+def test_transient_errors_are_retried_before_falling_back(
+    session: Session, hub: Resilience, clock: Clock
+) -> None:
     session.config.retry_attempts = 3
     session.config.breaker_consecutive_failures = 3
-    a = ScriptedProvider("a").fail_with(TransientProviderError("503"), TransientProviderError("503"))
+    a = ScriptedProvider("a").fail_with(
+        TransientProviderError("503"), TransientProviderError("503")
+    )
     add(hub, a)
     r = session.infer("Q", P, model="a")
     assert r.provider == "a" and len(a.calls) == 3
@@ -210,8 +230,9 @@ def test_transient_errors_are_retried_before_falling_back(session: Session, hub:
     assert hub.breakers["a"].snapshot().total_calls == 3
 
 
-def test_retries_stop_when_the_breaker_opens(session: Session, hub: Resilience,
-                                             clock: Clock) -> None:
+def test_retries_stop_when_the_breaker_opens(
+    session: Session, hub: Resilience, clock: Clock
+) -> None:
     session.config.retry_attempts = 5
     a = ScriptedProvider("a").fail_with(*[TransientProviderError("503")] * 5)
     b = ScriptedProvider("b")
@@ -248,7 +269,10 @@ def test_all_fail_cache_answers_marked(session: Session, hub: Resilience, wall: 
     assert r.text == first.text == "".join(pieces)
     assert r.cache_age_s == pytest.approx(90.0)
     assert [(x["provider"], x["outcome"]) for x in r.attempts] == [
-        ("a", "failed"), ("b", "failed"), ("offline_cache", "cached")]
+        ("a", "failed"),
+        ("b", "failed"),
+        ("offline_cache", "cached"),
+    ]
     assert "cached (90 s old)" in r.footer()
     lines = infer_lines(session)
     assert lines[-1]["outcome"] == "cached" and lines[-1]["cached"] is True
@@ -278,9 +302,13 @@ def test_nothing_cached_one_clear_error_with_every_cause(session: Session, hub: 
     with pytest.raises(AllProvidersFailedError) as info:
         session.infer("Q", P, model="a")
     msg = str(info.value)
-    for fragment in ("a: ProviderError: model file is corrupt",
-                     "b: TransientProviderError: connection refused",
-                     "ghost: ModelNotFoundError", "offline_cache:", "no answer kept"):
+    for fragment in (
+        "a: ProviderError: model file is corrupt",
+        "b: TransientProviderError: connection refused",
+        "ghost: ModelNotFoundError",
+        "offline_cache:",
+        "no answer kept",
+    ):
         assert fragment in msg
     assert set(info.value.causes) == {"a", "b", "ghost", "offline_cache"}
     (line,) = infer_lines(session)
@@ -288,8 +316,9 @@ def test_nothing_cached_one_clear_error_with_every_cause(session: Session, hub: 
     assert [x["outcome"] for x in line["attempts"]] == ["failed", "failed", "unavailable", "miss"]
 
 
-def test_a_model_that_is_not_loaded_counts_against_its_breaker(session: Session,
-                                                               hub: Resilience) -> None:
+def test_a_model_that_is_not_loaded_counts_against_its_breaker(
+    session: Session, hub: Resilience
+) -> None:
     b = ScriptedProvider("b")
     add(hub, b)
     hub.fallbacks = ["b"]
@@ -302,8 +331,9 @@ def test_a_model_that_is_not_loaded_counts_against_its_breaker(session: Session,
     assert r.attempts[0]["outcome"] == "rejected"
 
 
-def test_cache_identity_is_remembered_after_a_provider_goes_away(session: Session,
-                                                                 hub: Resilience) -> None:
+def test_cache_identity_is_remembered_after_a_provider_goes_away(
+    session: Session, hub: Resilience
+) -> None:
     a = ScriptedProvider("a")
     add(hub, a)
     first = session.infer("Q", P, model="a")
@@ -319,8 +349,9 @@ def test_no_model_at_all(session: Session) -> None:
         session.infer("Q", P)
 
 
-def test_breaker_opens_skips_then_recovers_through_half_open(session: Session, hub: Resilience,
-                                                             clock: Clock) -> None:
+def test_breaker_opens_skips_then_recovers_through_half_open(
+    session: Session, hub: Resilience, clock: Clock
+) -> None:
     a = ScriptedProvider("a").fail_with(ProviderError("x"), ProviderError("x"))
     b = ScriptedProvider("b", answer="fallback")
     add(hub, a, b)
@@ -343,10 +374,17 @@ def test_breaker_opens_skips_then_recovers_through_half_open(session: Session, h
     assert calls[:3] == ["a:failure", "b:success", "a:failure"] and "a:rejected" in calls
     audit = session.audit.read(kind="breaker")
     assert [(x["name"], x["old"], x["new"]) for x in audit] == [
-        ("a", "closed", "open"), ("a", "open", "half_open"), ("a", "half_open", "closed")]
+        ("a", "closed", "open"),
+        ("a", "open", "half_open"),
+        ("a", "half_open", "closed"),
+    ]
     assert audit[0]["trip_count"] == 1 and "ProviderError: x" in audit[0]["last_error"]
     assert [line["breakers"]["a"] for line in infer_lines(session)] == [
-        "closed", "open", "open", "closed"]
+        "closed",
+        "open",
+        "open",
+        "closed",
+    ]
 
 
 def test_oom_degrades_max_new_tokens_then_falls_back(session: Session, hub: Resilience) -> None:
@@ -367,8 +405,9 @@ def test_oom_degrades_max_new_tokens_then_falls_back(session: Session, hub: Resi
     assert r.provider == "b" and any("falling back" in n for n in r.notes)
 
 
-def test_timeout_returns_partial_text_counted_as_slow(session: Session, hub: Resilience,
-                                                      clock: Clock) -> None:
+def test_timeout_returns_partial_text_counted_as_slow(
+    session: Session, hub: Resilience, clock: Clock
+) -> None:
     a = ScriptedProvider("a", answer="one two three four five six", clock=clock)
     a.fail_with(("slow", 1.0))
     add(hub, a)
@@ -429,8 +468,9 @@ def test_default_model_is_the_first_candidate(session: Session, hub: Resilience)
     assert session.infer("Q", P).provider == "only"
 
 
-def test_state_round_trips_through_the_session(tmp_path: Path, session: Session, hub: Resilience,
-                                               clock: Clock) -> None:
+def test_state_round_trips_through_the_session(
+    tmp_path: Path, session: Session, hub: Resilience, clock: Clock
+) -> None:
     with OpenAIStub() as stub:
         hub.add_provider("remote", RemoteProvider("remote", stub.url, model="m", chat=True))
         a = ScriptedProvider("a").fail_with(ProviderError("x"), ProviderError("x"))
@@ -495,7 +535,9 @@ def test_tiny_local_model_behind_a_failing_primary(tmp_path: Path) -> None:
     hub = attach(s)
     try:
         entry = s.models.load(str(path), name="tiny", progress=False)
-        broken = ScriptedProvider("broken").fail_with(GGUFFormatError("truncated", path="broken.gguf"))
+        broken = ScriptedProvider("broken").fail_with(
+            GGUFFormatError("truncated", path="broken.gguf")
+        )
         hub.add_provider("broken", broken)  # type: ignore[arg-type]
         hub.fallbacks = ["tiny"]
         r = s.infer("hello world", GenerationParams(max_new_tokens=3), model="broken")
@@ -512,7 +554,9 @@ def test_tiny_local_model_behind_a_failing_primary(tmp_path: Path) -> None:
 
 # --- the real demo model (slow) ----------------------------------------------------------------
 @pytest.mark.slow
-def test_demo_model_answers_when_the_primary_file_is_corrupt(tmp_path: Path, demo_model_path: Path) -> None:
+def test_demo_model_answers_when_the_primary_file_is_corrupt(
+    tmp_path: Path, demo_model_path: Path
+) -> None:
     from kernel_ext.errors import KernelExtError
 
     s = Session(KernelExtConfig(breaker_consecutive_failures=1), None, state_dir=tmp_path / "st")

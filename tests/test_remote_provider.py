@@ -11,13 +11,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from openai_stub import OpenAIStub
+from provider_contract import ProviderTests
 
 from kernel_ext.errors import ProviderError, TransientProviderError
 from kernel_ext.providers.base import GenerationParams
 from kernel_ext.providers.remote import RemoteProvider
-
-from openai_stub import OpenAIStub
-from provider_contract import ProviderTests
 
 
 @pytest.fixture
@@ -57,8 +56,9 @@ class TestRemoteChatContract(ProviderTests):
 
 def test_completion_request_and_streamed_answer(stub: OpenAIStub, remote: RemoteProvider) -> None:
     pieces: list[str] = []
-    r = remote.generate("Q:", GenerationParams(max_new_tokens=3, stop=("\n",), seed=7),
-                        on_token=pieces.append)
+    r = remote.generate(
+        "Q:", GenerationParams(max_new_tokens=3, stop=("\n",), seed=7), on_token=pieces.append
+    )
     assert pieces == ["Paris", " is", " the"]
     assert r.text == "Paris is the" and r.finish_reason == "length"
     assert (r.prompt_tokens, r.completion_tokens) == (5, 3)
@@ -75,8 +75,10 @@ def test_chat_request_carries_messages(stub: OpenAIStub) -> None:
     assert r.text == stub.answer and r.finish_reason == "stop"
     req = stub.requests[-1]
     assert req["path"] == "/v1/chat/completions"
-    assert req["body"]["messages"] == [{"role": "system", "content": "Be brief."},
-                                       {"role": "user", "content": "Hi"}]
+    assert req["body"]["messages"] == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+    ]
     p.close()
 
 
@@ -93,8 +95,9 @@ def test_5xx_and_429_are_transient(stub: OpenAIStub, remote: RemoteProvider, sta
 
 
 @pytest.mark.parametrize("status", [400, 404, 422])
-def test_4xx_is_a_permanent_provider_error(stub: OpenAIStub, remote: RemoteProvider,
-                                           status: int) -> None:
+def test_4xx_is_a_permanent_provider_error(
+    stub: OpenAIStub, remote: RemoteProvider, status: int
+) -> None:
     stub.script(status)
     with pytest.raises(ProviderError) as info:
         remote.generate("x", GenerationParams())
@@ -110,8 +113,9 @@ def test_connection_refused_is_transient() -> None:
     p.close()
 
 
-def test_dropped_stream_is_transient_and_streamed_part_was_seen(stub: OpenAIStub,
-                                                                 remote: RemoteProvider) -> None:
+def test_dropped_stream_is_transient_and_streamed_part_was_seen(
+    stub: OpenAIStub, remote: RemoteProvider
+) -> None:
     stub.script("drop")
     pieces: list[str] = []
     with pytest.raises(TransientProviderError, match="ended without"):
@@ -120,8 +124,9 @@ def test_dropped_stream_is_transient_and_streamed_part_was_seen(stub: OpenAIStub
 
 
 @pytest.mark.parametrize("behaviour,match", [("bad_json", "malformed"), ("error_event", "crashed")])
-def test_broken_streams_are_transient(stub: OpenAIStub, remote: RemoteProvider, behaviour: str,
-                                      match: str) -> None:
+def test_broken_streams_are_transient(
+    stub: OpenAIStub, remote: RemoteProvider, behaviour: str, match: str
+) -> None:
     stub.script(behaviour)
     with pytest.raises(TransientProviderError, match=match):
         remote.generate("x", GenerationParams())
@@ -157,8 +162,10 @@ def test_bad_url_is_refused() -> None:
 # --- the real engine: llama.cpp's server with the demo model ----------------------------------
 @pytest.fixture(scope="module")
 def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    pytest.importorskip("llama_cpp", reason="llama-cpp-python[server] is not installed "
-                        "(pip install 'llama-cpp-python[server]')")
+    pytest.importorskip(
+        "llama_cpp",
+        reason="llama-cpp-python[server] is not installed (pip install 'llama-cpp-python[server]')",
+    )
     from llama_server import LlamaServer
 
     from kernel_ext.default_model import default_model_path
@@ -201,7 +208,8 @@ def test_llama_cpp_server_stopped_midway_then_restarted(llama_server: dict[str, 
 
 @pytest.mark.slow
 def test_llama_cpp_server_outage_opens_the_breaker_and_recovers(
-        llama_server: dict[str, Any], tmp_path: Any) -> None:
+    llama_server: dict[str, Any], tmp_path: Any
+) -> None:
     """The real engine goes away mid-session and comes back: breaker, cache and half-open."""
     from kernel_ext.config import KernelExtConfig
     from kernel_ext.resilience import attach
@@ -209,8 +217,13 @@ def test_llama_cpp_server_outage_opens_the_breaker_and_recovers(
 
     server = llama_server["server"]
     now = [0.0]
-    session = Session(KernelExtConfig(breaker_consecutive_failures=2, breaker_open_seconds=30.0,
-                                      retry_attempts=1), None, state_dir=tmp_path / "state")
+    session = Session(
+        KernelExtConfig(
+            breaker_consecutive_failures=2, breaker_open_seconds=30.0, retry_attempts=1
+        ),
+        None,
+        state_dir=tmp_path / "state",
+    )
     hub = attach(session, clock=lambda: now[0], sleep=lambda s: None)
     hub.add_provider("llama", RemoteProvider("llama", server.url))
     params = GenerationParams(max_new_tokens=4)

@@ -30,8 +30,15 @@ class Clock:
 
 
 def policy(clock: Clock, **kw: object) -> RetryPolicy:
-    defaults: dict[str, object] = dict(attempts=4, max_seconds=100.0, initial=0.5, max_wait=8.0,
-                                       jitter=0.0, sleep=clock.sleep, clock=clock)
+    defaults: dict[str, object] = {
+        "attempts": 4,
+        "max_seconds": 100.0,
+        "initial": 0.5,
+        "max_wait": 8.0,
+        "jitter": 0.0,
+        "sleep": clock.sleep,
+        "clock": clock,
+    }
     defaults.update(kw)
     return RetryPolicy(**defaults)  # type: ignore[arg-type]
 
@@ -86,20 +93,23 @@ def test_waits_are_capped_and_jittered() -> None:
     clock = Clock()
     values = iter([0.0, 1.0, 0.5, 0.25, 0.0, 1.0])
     p = policy(clock, attempts=7, initial=1.0, max_wait=4.0, jitter=0.5, rng=lambda: next(values))
-    calls, fn = flaky(6, TransientProviderError("x"))
+    _, fn = flaky(6, TransientProviderError("x"))
     p.call(fn)  # type: ignore[arg-type]
     assert clock.sleeps == pytest.approx([1.0, 2.5, 4.25, 4.125, 4.0, 4.5])
 
 
-@pytest.mark.parametrize("error", [
-    ProviderError("HTTP 400: bad request"),
-    PromptError("missing {x}"),
-    ValueError("bad option"),
-    ProviderOutOfMemoryError("CUDA OOM"),
-    InferenceTimeoutError("too slow"),
-    BreakerOpenError("open", name="p"),
-    RateLimitedError("slow down"),
-])
+@pytest.mark.parametrize(
+    "error",
+    [
+        ProviderError("HTTP 400: bad request"),
+        PromptError("missing {x}"),
+        ValueError("bad option"),
+        ProviderOutOfMemoryError("CUDA OOM"),
+        InferenceTimeoutError("too slow"),
+        BreakerOpenError("open", name="p"),
+        RateLimitedError("slow down"),
+    ],
+)
 def test_non_transient_errors_are_never_retried(error: Exception) -> None:
     clock = Clock()
     calls, fn = flaky(5, error)
@@ -112,7 +122,7 @@ def test_non_transient_errors_are_never_retried(error: Exception) -> None:
 def test_on_retry_reports_each_retry() -> None:
     clock = Clock()
     seen: list[tuple[int, str, float]] = []
-    calls, fn = flaky(2, TransientProviderError("503"))
+    _, fn = flaky(2, TransientProviderError("503"))
     policy(clock).call(fn, on_retry=lambda n, e, w: seen.append((n, str(e), w)))  # type: ignore[arg-type]
     assert seen == [(1, "503", 0.5), (2, "503", 1.0)]
 

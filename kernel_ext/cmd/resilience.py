@@ -14,7 +14,7 @@ from ..audit import metrics
 from ..errors import ModelNotFoundError
 from ._args import MagicParser, dispatch
 
-__all__ = ["run", "fallback", "remote"]
+__all__ = ["fallback", "remote", "run"]
 
 
 def _hub(ext: Any) -> Any:
@@ -49,14 +49,18 @@ def _breaker(ext: Any, line: str) -> None:
         if not names:
             print("no providers yet: %model load a model or %model remote NAME --url ...")
             return
-        print(f"{'provider':<20} {'state':<11} {'window':>8} {'rate':>6} {'consec':>6} "
-              f"{'retry in':>8} {'trips':>5} {'reject':>6}  last error")
+        print(
+            f"{'provider':<20} {'state':<11} {'window':>8} {'rate':>6} {'consec':>6} "
+            f"{'retry in':>8} {'trips':>5} {'reject':>6}  last error"
+        )
         for name in names:
             s = hub.breaker(name).snapshot()
             err = (s.last_error or "")[:90]
-            print(f"{name:<20} {s.state:<11} {s.failures_in_window:>3}/{s.calls_in_window:<4} "
-                  f"{s.failure_rate:>6.0%} {s.consecutive_failures:>6} {_fmt_s(s.retry_in):>8} "
-                  f"{s.trip_count:>5} {s.rejected_calls:>6}  {err}")
+            print(
+                f"{name:<20} {s.state:<11} {s.failures_in_window:>3}/{s.calls_in_window:<4} "
+                f"{s.failure_rate:>6.0%} {s.consecutive_failures:>6} {_fmt_s(s.retry_in):>8} "
+                f"{s.trip_count:>5} {s.rejected_calls:>6}  {err}"
+            )
         if hub.fallbacks:
             print(f"fallbacks: {' -> '.join(hub.fallbacks)} -> offline cache")
 
@@ -67,8 +71,10 @@ def _breaker(ext: Any, line: str) -> None:
             return list(hub.breakers)
         known = set(hub.known_names()) | set(hub.breakers)
         if args[0] not in known:
-            raise UsageError(f"%breaker {verb}: no provider {args[0]!r}; known: "
-                             f"{', '.join(sorted(known)) or 'none'}")
+            raise UsageError(
+                f"%breaker {verb}: no provider {args[0]!r}; known: "
+                f"{', '.join(sorted(known)) or 'none'}"
+            )
         return [args[0]]
 
     def reset(args: list[str]) -> None:
@@ -79,19 +85,32 @@ def _breaker(ext: Any, line: str) -> None:
     def force_open(args: list[str]) -> None:
         for name in target(args, "open"):
             hub.breaker(name).force_open()
-            print(f"breaker {name}: forced open (calls go to the fallbacks until "
-                  f"%breaker reset {name})")
+            print(
+                f"breaker {name}: forced open (calls go to the fallbacks until "
+                f"%breaker reset {name})"
+            )
 
-    dispatch("%breaker", line, {"list": listing, "reset": reset, "open": force_open},
-             default="list")
+    dispatch(
+        "%breaker", line, {"list": listing, "reset": reset, "open": force_open}, default="list"
+    )
 
 
 # --- %audit ------------------------------------------------------------------------------------
 def _audit_parser() -> MagicParser:
-    p = MagicParser("%audit", description="Show the audit log (JSON lines in <state_dir>/audit.jsonl).")
-    p.add_argument("--tail", type=int, default=20, help="show the last N records (default 20; 0: all)")
-    p.add_argument("--kind", default=None, help="only records whose kind starts with K (infer, breaker, model, checkpoint)")
-    p.add_argument("--metrics", action="store_true", help="load time, latency percentiles, breaker trip rate")
+    p = MagicParser(
+        "%audit", description="Show the audit log (JSON lines in <state_dir>/audit.jsonl)."
+    )
+    p.add_argument(
+        "--tail", type=int, default=20, help="show the last N records (default 20; 0: all)"
+    )
+    p.add_argument(
+        "--kind",
+        default=None,
+        help="only records whose kind starts with K (infer, breaker, model, checkpoint)",
+    )
+    p.add_argument(
+        "--metrics", action="store_true", help="load time, latency percentiles, breaker trip rate"
+    )
     p.add_argument("--json", action="store_true", help="print the raw JSON lines")
     return p
 
@@ -105,10 +124,13 @@ def _summary(rec: dict[str, Any]) -> str:
         err = ""
         if rec.get("outcome") == "failed":
             err = " " + " ".join(str(rec.get("error", "")).split())[:100]
-        return (f"{rec.get('correlation_id', '')} {rec.get('outcome', '?')} via "
-                f"{rec.get('provider') or '-'} [{tried}] {rec.get('latency_s', 0):.2f}s{extra}{err}")
+        return (
+            f"{rec.get('correlation_id', '')} {rec.get('outcome', '?')} via "
+            f"{rec.get('provider') or '-'} [{tried}] {rec.get('latency_s', 0):.2f}s{extra}{err}"
+        )
     if kind == "breaker":
-        return f"{rec.get('name')}: {rec.get('old')} -> {rec.get('new')} (trips {rec.get('trip_count')})"
+        trips = rec.get("trip_count")
+        return f"{rec.get('name')}: {rec.get('old')} -> {rec.get('new')} (trips {trips})"
     skip = {"ts", "kind"}
     parts = []
     for k, v in rec.items():
@@ -145,7 +167,7 @@ def _audit(ext: Any, line: str) -> None:
 
 # --- %model fallback / %model remote -----------------------------------------------------------
 def fallback(ext: Any, args: list[str]) -> None:
-    """``%model fallback NAME [NAME ...]`` sets the list; no names shows it; ``--clear`` empties it."""
+    """``%model fallback NAME [NAME ...]`` sets the list; none shows it; ``--clear`` empties it."""
     hub = _hub(ext)
     if not args:
         chain = " -> ".join(hub.fallbacks) if hub.fallbacks else "(none)"
@@ -163,13 +185,16 @@ def fallback(ext: Any, args: list[str]) -> None:
         raise ModelNotFoundError(
             f"unknown fallback {', '.join(unknown)} (known: {', '.join(known) or 'none'}); "
             "load it with %model load PATH --name NAME or register a server with "
-            "%model remote NAME --url URL first")
+            "%model remote NAME --url URL first"
+        )
     hub.fallbacks = list(dict.fromkeys(args))
     print(f"fallbacks: {' -> '.join(hub.fallbacks)} -> offline cache")
 
 
 def _remote_parser() -> MagicParser:
-    p = MagicParser("%model remote", description="Register an OpenAI-compatible server as a provider.")
+    p = MagicParser(
+        "%model remote", description="Register an OpenAI-compatible server as a provider."
+    )
     p.add_argument("name", help="provider name (use it with %%infer --model and %model fallback)")
     p.add_argument("--url", help="base URL ending in /v1, e.g. http://127.0.0.1:8080/v1")
     p.add_argument("--model", default=None, help="model name the server expects (optional)")
@@ -197,7 +222,9 @@ def remote(ext: Any, args: list[str]) -> None:
     if not ns.url:
         raise UsageError("usage: %model remote NAME --url http://HOST:PORT/v1 [--model M] [--chat]")
     if ns.name in ext.session.models.names():
-        raise UsageError(f"%model remote: {ns.name!r} is already a loaded model's name; pick another")
+        raise UsageError(
+            f"%model remote: {ns.name!r} is already a loaded model's name; pick another"
+        )
     api_key = None
     if ns.api_key_env:
         api_key = os.environ.get(ns.api_key_env)
@@ -206,12 +233,15 @@ def remote(ext: Any, args: list[str]) -> None:
     if ns.timeout <= 0:
         raise UsageError("%model remote: --timeout must be > 0")
     try:
-        provider = RemoteProvider(ns.name, ns.url, model=ns.model, chat=ns.chat, api_key=api_key,
-                                  read_timeout=ns.timeout)
+        provider = RemoteProvider(
+            ns.name, ns.url, model=ns.model, chat=ns.chat, api_key=api_key, read_timeout=ns.timeout
+        )
     except ValueError as e:
         raise UsageError(f"%model remote: {e}") from e
     hub.add_provider(ns.name, provider)
     health = provider.health()
     state = "reachable" if health.ok else f"NOT reachable now ({health.detail})"
-    print(f"registered remote provider {ns.name} -> {provider.base_url} "
-          f"({'chat' if ns.chat else 'completions'}); {state}")
+    print(
+        f"registered remote provider {ns.name} -> {provider.base_url} "
+        f"({'chat' if ns.chat else 'completions'}); {state}"
+    )

@@ -16,6 +16,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
+
 from ..errors import ProviderError
 from .base import GenerationParams, GenerationResult, Health, StopCheck, TokenCallback
 
@@ -41,8 +42,9 @@ class OfflineCache:
     def _path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.json"
 
-    def put(self, identity: str, prompt: str, params: GenerationParams,
-            result: GenerationResult) -> Path:
+    def put(
+        self, identity: str, prompt: str, params: GenerationParams, result: GenerationResult
+    ) -> Path:
         """Keep ``result`` for this key (timed-out partial answers are not kept)."""
         key = cache_key(identity, prompt, params)
         path = self._path(key)
@@ -69,8 +71,9 @@ class OfflineCache:
             raise
         return path
 
-    def get(self, identities: Iterable[str], prompt: str,
-            params: GenerationParams) -> GenerationResult | None:
+    def get(
+        self, identities: Iterable[str], prompt: str, params: GenerationParams
+    ) -> GenerationResult | None:
         """The first answer kept for any of ``identities`` (in order), marked cached, or None."""
         for identity in identities:
             path = self._path(cache_key(identity, prompt, params))
@@ -94,8 +97,10 @@ class OfflineCache:
                 finish_reason="cached",
                 cached=True,
                 cache_age_s=age,
-                notes=[f"answered from the offline cache ({age:.0f} s old, first answered by "
-                       f"{entry.get('provider', '?')})"],
+                notes=[
+                    f"answered from the offline cache ({age:.0f} s old, first answered by "
+                    f"{entry.get('provider', '?')})"
+                ],
             )
         return None
 
@@ -118,8 +123,9 @@ class OfflineCacheProvider:
     It only answers what it has; a miss raises :class:`ProviderError`.
     """
 
-    def __init__(self, cache: OfflineCache, identities: Iterable[str],
-                 name: str = "offline_cache") -> None:
+    def __init__(
+        self, cache: OfflineCache, identities: Iterable[str], name: str = "offline_cache"
+    ) -> None:
         self.cache = cache
         self.identities = list(identities)
         self.name = name
@@ -127,9 +133,14 @@ class OfflineCacheProvider:
     def load(self) -> None:
         self.cache.root.mkdir(parents=True, exist_ok=True)
 
-    def generate(self, prompt: str, params: GenerationParams, *,
-                 on_token: TokenCallback | None = None,
-                 should_stop: StopCheck | None = None) -> GenerationResult:
+    def generate(
+        self,
+        prompt: str,
+        params: GenerationParams,
+        *,
+        on_token: TokenCallback | None = None,
+        should_stop: StopCheck | None = None,
+    ) -> GenerationResult:
         result = self.cache.get(self.identities, prompt, params)
         if result is None:
             raise ProviderError(
@@ -149,4 +160,3 @@ class OfflineCacheProvider:
 
     def cache_identity(self) -> str:
         return f"offline_cache:{self.cache.root}"
-

@@ -54,7 +54,9 @@ class RemoteProvider:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if not base_url.startswith(("http://", "https://")):
-            raise ValueError(f"remote provider URL must start with http:// or https://, got {base_url!r}")
+            raise ValueError(
+                f"remote provider URL must start with http:// or https://, got {base_url!r}"
+            )
         self.name = name
         self.base_url = base_url.rstrip("/")
         self.model = model
@@ -67,7 +69,10 @@ class RemoteProvider:
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
-        return f"RemoteProvider({self.name!r}, {self.base_url!r}, model={self.model!r}, chat={self.chat})"
+        return (
+            f"RemoteProvider({self.name!r}, {self.base_url!r}, model={self.model!r}, "
+            f"chat={self.chat})"
+        )
 
     def cache_identity(self) -> str:
         return f"remote:{self.base_url}|{self.model or ''}|{'chat' if self.chat else 'completion'}"
@@ -78,11 +83,16 @@ class RemoteProvider:
             if self._client is None:
                 headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
                 # Plain http needs no TLS context; https shares one verifying context.
-                verify: ssl.SSLContext | bool = (_shared_ssl_context()
-                                                 if self.base_url.startswith("https://") else False)
-                self._client = httpx.Client(base_url=self.base_url, timeout=self._timeout,
-                                            headers=headers, transport=self._transport,
-                                            verify=verify)
+                verify: ssl.SSLContext | bool = (
+                    _shared_ssl_context() if self.base_url.startswith("https://") else False
+                )
+                self._client = httpx.Client(
+                    base_url=self.base_url,
+                    timeout=self._timeout,
+                    headers=headers,
+                    transport=self._transport,
+                    verify=verify,
+                )
 
     def close(self) -> None:
         with self._lock:
@@ -129,16 +139,23 @@ class RemoteProvider:
             body["prompt"] = (params.system + "\n\n" + prompt) if params.system else prompt
         return body
 
-    def generate(self, prompt: str, params: GenerationParams, *,
-                 on_token: TokenCallback | None = None,
-                 should_stop: StopCheck | None = None) -> GenerationResult:
+    def generate(
+        self,
+        prompt: str,
+        params: GenerationParams,
+        *,
+        on_token: TokenCallback | None = None,
+        should_stop: StopCheck | None = None,
+    ) -> GenerationResult:
         chat = self.chat if params.chat is None else params.chat
         path = "/chat/completions" if chat else "/completions"
         body = self._body(prompt, params)
         timeout = self._timeout
         if params.timeout:
-            timeout = httpx.Timeout(min(params.timeout, self._timeout.read or params.timeout),
-                                    connect=self._timeout.connect)
+            timeout = httpx.Timeout(
+                min(params.timeout, self._timeout.read or params.timeout),
+                connect=self._timeout.connect,
+            )
         start = self._clock()
         pieces: list[str] = []
         first: float | None = None
@@ -156,7 +173,11 @@ class RemoteProvider:
                     if event.get("usage"):
                         usage = event["usage"]
                     for choice in event.get("choices") or []:
-                        piece = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
+                        piece = (
+                            (choice.get("delta") or {}).get("content")
+                            if chat
+                            else choice.get("text")
+                        )
                         if piece:
                             if first is None:
                                 first = self._clock() - start
@@ -172,16 +193,20 @@ class RemoteProvider:
                 else:
                     raise TransientProviderError(
                         f"{self.name}: the stream from {self.base_url}{path} ended without "
-                        "[DONE] (server dropped the connection?)")
+                        "[DONE] (server dropped the connection?)"
+                    )
         except httpx.TimeoutException as e:
-            raise TransientProviderError(f"{self.name}: {self.base_url}{path} timed out "
-                                         f"({type(e).__name__})") from e
+            raise TransientProviderError(
+                f"{self.name}: {self.base_url}{path} timed out ({type(e).__name__})"
+            ) from e
         except (httpx.TransportError, httpx.StreamError) as e:
-            raise TransientProviderError(f"{self.name}: cannot reach {self.base_url}{path}: "
-                                         f"{type(e).__name__}: {e}") from e
+            raise TransientProviderError(
+                f"{self.name}: cannot reach {self.base_url}{path}: {type(e).__name__}: {e}"
+            ) from e
         except json.JSONDecodeError as e:
-            raise TransientProviderError(f"{self.name}: malformed event from {self.base_url}{path}: "
-                                         f"{e}") from e
+            raise TransientProviderError(
+                f"{self.name}: malformed event from {self.base_url}{path}: {e}"
+            ) from e
         text = "".join(pieces)
         if finish not in ("stop", "length", "timeout"):
             finish = "stop"
@@ -211,7 +236,7 @@ def _sse_events(lines: Iterator[str]) -> Iterator[dict[str, Any] | None]:
         line = line.strip()
         if not line or line.startswith(":") or not line.startswith("data:"):
             continue
-        data = line[len("data:"):].strip()
+        data = line[len("data:") :].strip()
         if data == "[DONE]":
             yield None
             return

@@ -21,7 +21,6 @@ from .ratelimit import TokenBucket
 from .retry import RetryPolicy, is_transient
 
 __all__ = [
-    "attach",
     "BreakerEvent",
     "BreakerSettings",
     "BreakerSnapshot",
@@ -32,13 +31,18 @@ __all__ = [
     "RetryPolicy",
     "State",
     "TokenBucket",
+    "attach",
     "is_transient",
 ]
 
 
-def attach(session: Any, *, clock: Callable[[], float] = time.monotonic,
-           sleep: Callable[[float], None] = time.sleep,
-           wall_clock: Callable[[], float] = time.time) -> Resilience:
+def attach(
+    session: Any,
+    *,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+    wall_clock: Callable[[], float] = time.time,
+) -> Resilience:
     """Give ``session`` its breakers and fallback chain (idempotent); returns the hub."""
     hub = getattr(session, "resilience", None)
     if isinstance(hub, Resilience):

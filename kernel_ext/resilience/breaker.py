@@ -25,19 +25,19 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any, TypeVar
 
 from ..errors import BreakerOpenError, PromptError, TemplateError
 
 __all__ = [
+    "DEFAULT_EXCLUDED",
     "BreakerEvent",
     "BreakerSettings",
     "BreakerSnapshot",
     "CircuitBreaker",
     "Outcome",
     "State",
-    "DEFAULT_EXCLUDED",
 ]
 
 log = logging.getLogger(__name__)
@@ -48,25 +48,19 @@ DEFAULT_EXCLUDED: tuple[type[BaseException], ...] = (PromptError, TemplateError)
 """The user's own mistakes: they say nothing about the provider's health."""
 
 
-class State(str, Enum):
+class State(StrEnum):
     CLOSED = "closed"
     OPEN = "open"
     HALF_OPEN = "half_open"
     FORCED_OPEN = "forced_open"
 
-    def __str__(self) -> str:
-        return self.value
 
-
-class Outcome(str, Enum):
+class Outcome(StrEnum):
     SUCCESS = "success"
     FAILURE = "failure"
     SLOW = "slow"
     IGNORED = "ignored"
     REJECTED = "rejected"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 _COUNTED_AS_FAILURE = (Outcome.FAILURE, Outcome.SLOW)
@@ -91,7 +85,9 @@ class BreakerSettings:
         if not 0.0 < self.failure_rate <= 1.0:
             raise ValueError(f"failure_rate must be in (0, 1], got {self.failure_rate}")
         if self.open_seconds < 0 or self.slow_call_seconds < 0 or self.consecutive_failures < 0:
-            raise ValueError("open_seconds, slow_call_seconds and consecutive_failures must be >= 0")
+            raise ValueError(
+                "open_seconds, slow_call_seconds and consecutive_failures must be >= 0"
+            )
 
     @classmethod
     def from_config(cls, config: Any) -> BreakerSettings:
@@ -154,8 +150,13 @@ def _describe(error: BaseException | str | None) -> str | None:
 class CircuitBreaker:
     """Thread-safe circuit breaker. Use :meth:`call`, or :meth:`acquire` + ``record_*``."""
 
-    def __init__(self, name: str, settings: BreakerSettings | None = None, *,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        name: str,
+        settings: BreakerSettings | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.name = name
         self._settings = settings or BreakerSettings()
         self._clock = clock
@@ -233,26 +234,45 @@ class CircuitBreaker:
             self._rejected += 1
             retry_in = self._retry_in()
             if self._state is State.FORCED_OPEN:
-                msg = (f"circuit breaker {self.name!r} was forced open; "
-                       f"run `%breaker reset {self.name}` to allow calls again")
+                msg = (
+                    f"circuit breaker {self.name!r} was forced open; "
+                    f"run `%breaker reset {self.name}` to allow calls again"
+                )
             elif self._state is State.HALF_OPEN:
-                msg = (f"circuit breaker {self.name!r} is half-open and its "
-                       f"{self._settings.half_open_calls} trial call(s) are in flight; try again shortly")
+                msg = (
+                    f"circuit breaker {self.name!r} is half-open and its "
+                    f"{self._settings.half_open_calls} trial call(s) are in flight; "
+                    "try again shortly"
+                )
             else:
-                msg = (f"circuit breaker {self.name!r} is open after repeated failures "
-                       f"(last: {self._last_error}); next trial call allowed in {retry_in:.1f} s, "
-                       f"or run `%breaker reset {self.name}`")
-            err = BreakerOpenError(msg, name=self.name, retry_in=retry_in,
-                                   retry_at=None if retry_in is None else self._clock() + retry_in)
-            self._emit(BreakerEvent("call", self.name, self._snapshot(), outcome=Outcome.REJECTED.value,
-                                    error=str(err)))
+                msg = (
+                    f"circuit breaker {self.name!r} is open after repeated failures "
+                    f"(last: {self._last_error}); next trial call allowed in "
+                    f"{retry_in:.1f} s, or run `%breaker reset {self.name}`"
+                )
+            err = BreakerOpenError(
+                msg,
+                name=self.name,
+                retry_in=retry_in,
+                retry_at=None if retry_in is None else self._clock() + retry_in,
+            )
+            self._emit(
+                BreakerEvent(
+                    "call",
+                    self.name,
+                    self._snapshot(),
+                    outcome=Outcome.REJECTED.value,
+                    error=str(err),
+                )
+            )
             raise err
 
     def record_success(self, duration: float = 0.0) -> Outcome:
         slow_limit = self._settings.slow_call_seconds
         if slow_limit > 0 and duration > slow_limit:
-            return self._record(Outcome.SLOW, f"slow call: {duration:.2f} s > {slow_limit:.2f} s",
-                                duration)
+            return self._record(
+                Outcome.SLOW, f"slow call: {duration:.2f} s > {slow_limit:.2f} s", duration
+            )
         return self._record(Outcome.SUCCESS, None, duration)
 
     def record_timeout(self, duration: float = 0.0, detail: str = "") -> Outcome:
@@ -268,8 +288,9 @@ class CircuitBreaker:
         """Give back a permission taken by :meth:`acquire` without recording an outcome."""
         with self._lock:
             if self._state is State.HALF_OPEN:
-                self._permits_left = min(self._permits_left + 1,
-                                         self._settings.half_open_calls - len(self._trials))
+                self._permits_left = min(
+                    self._permits_left + 1, self._settings.half_open_calls - len(self._trials)
+                )
 
     # --- manual control -----------------------------------------------------------------------
     def force_open(self) -> None:
@@ -300,8 +321,9 @@ class CircuitBreaker:
     def load_state_dict(self, data: dict[str, Any]) -> None:
         with self._lock:
             state = State(data.get("state", "closed"))
-            self._window = deque((bool(x) for x in data.get("window", [])),
-                                 maxlen=self._settings.window)
+            self._window = deque(
+                (bool(x) for x in data.get("window", [])), maxlen=self._settings.window
+            )
             self._consecutive = int(data.get("consecutive_failures", 0))
             self._last_error = data.get("last_error")
             self._trip_count = int(data.get("trip_count", 0))
@@ -316,12 +338,22 @@ class CircuitBreaker:
             old = self._state
             self._state = state
             self._permits_left = 0
-            self._opened_at = (self._clock() - max(0.0, self._settings.open_seconds - retry_in)
-                               if state is State.OPEN else None)
+            self._opened_at = (
+                self._clock() - max(0.0, self._settings.open_seconds - retry_in)
+                if state is State.OPEN
+                else None
+            )
             if old is not state:
-                self._emit(BreakerEvent("transition", self.name, self._snapshot(),
-                                        old=old.value, new=state.value,
-                                        extra={"restored": True}))
+                self._emit(
+                    BreakerEvent(
+                        "transition",
+                        self.name,
+                        self._snapshot(),
+                        old=old.value,
+                        new=state.value,
+                        extra={"restored": True},
+                    )
+                )
 
     # --- internals (call with the lock held) --------------------------------------------------
     def _record(self, outcome: Outcome, error: str | None, duration: float) -> Outcome:
@@ -329,8 +361,16 @@ class CircuitBreaker:
             self._maybe_half_open()
             if outcome is Outcome.IGNORED:
                 self.release()
-                self._emit(BreakerEvent("call", self.name, self._snapshot(), outcome=outcome.value,
-                                        error=error, duration=duration))
+                self._emit(
+                    BreakerEvent(
+                        "call",
+                        self.name,
+                        self._snapshot(),
+                        outcome=outcome.value,
+                        error=error,
+                        duration=duration,
+                    )
+                )
                 return outcome
             failed = outcome in _COUNTED_AS_FAILURE
             self._total_calls += 1
@@ -338,22 +378,47 @@ class CircuitBreaker:
                 self._last_error = error
             if self._state is State.HALF_OPEN:
                 self._trials.append(failed)
-                self._emit(BreakerEvent("call", self.name, self._snapshot(), outcome=outcome.value,
-                                        error=error, duration=duration))
+                self._emit(
+                    BreakerEvent(
+                        "call",
+                        self.name,
+                        self._snapshot(),
+                        outcome=outcome.value,
+                        error=error,
+                        duration=duration,
+                    )
+                )
                 if len(self._trials) >= self._settings.half_open_calls:
                     rate = sum(self._trials) / len(self._trials)
-                    self._transition(State.OPEN if rate >= self._settings.failure_rate
-                                     else State.CLOSED)
+                    self._transition(
+                        State.OPEN if rate >= self._settings.failure_rate else State.CLOSED
+                    )
                 return outcome
             if self._state is not State.CLOSED:
                 # A call admitted before the breaker opened finished late: count it, no trip.
-                self._emit(BreakerEvent("call", self.name, self._snapshot(), outcome=outcome.value,
-                                        error=error, duration=duration))
+                self._emit(
+                    BreakerEvent(
+                        "call",
+                        self.name,
+                        self._snapshot(),
+                        outcome=outcome.value,
+                        error=error,
+                        duration=duration,
+                    )
+                )
                 return outcome
             self._window.append(failed)
             self._consecutive = self._consecutive + 1 if failed else 0
-            self._emit(BreakerEvent("call", self.name, self._snapshot(), outcome=outcome.value,
-                                    error=error, duration=duration))
+            self._emit(
+                BreakerEvent(
+                    "call",
+                    self.name,
+                    self._snapshot(),
+                    outcome=outcome.value,
+                    error=error,
+                    duration=duration,
+                )
+            )
             if failed and self._should_trip():
                 self._transition(State.OPEN)
             return outcome
@@ -366,8 +431,11 @@ class CircuitBreaker:
         return n >= min(s.min_calls, s.window) and sum(self._window) / n >= s.failure_rate
 
     def _maybe_half_open(self) -> None:
-        if (self._state is State.OPEN and self._opened_at is not None
-                and self._clock() - self._opened_at >= self._settings.open_seconds):
+        if (
+            self._state is State.OPEN
+            and self._opened_at is not None
+            and self._clock() - self._opened_at >= self._settings.open_seconds
+        ):
             self._transition(State.HALF_OPEN)
 
     def _retry_in(self) -> float | None:
@@ -393,8 +461,9 @@ class CircuitBreaker:
                 self._consecutive = 0
         if new is State.FORCED_OPEN and old is not State.FORCED_OPEN:
             self._trip_count += 1
-        self._emit(BreakerEvent("transition", self.name, self._snapshot(), old=old.value,
-                                new=new.value))
+        self._emit(
+            BreakerEvent("transition", self.name, self._snapshot(), old=old.value, new=new.value)
+        )
 
     def _snapshot(self) -> BreakerSnapshot:
         n = len(self._window)

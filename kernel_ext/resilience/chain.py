@@ -37,8 +37,9 @@ def _err(e: BaseException) -> str:
 class _Run:
     """The bookkeeping of one ``FallbackChain.run`` call."""
 
-    def __init__(self, hub: Resilience, prompt: str, params: GenerationParams,
-                 on_token: TokenCallback | None) -> None:
+    def __init__(
+        self, hub: Resilience, prompt: str, params: GenerationParams, on_token: TokenCallback | None
+    ) -> None:
         self.hub = hub
         self.prompt = prompt
         self.params = params
@@ -60,11 +61,24 @@ class _Run:
     def should_stop(self) -> bool:
         return self.deadline is not None and self.hub.clock() >= self.deadline
 
-    def attempt(self, provider: str, outcome: str, error: BaseException | str | None,
-                breaker_state: str | None, **extra: Any) -> None:
+    def attempt(
+        self,
+        provider: str,
+        outcome: str,
+        error: BaseException | str | None,
+        breaker_state: str | None,
+        **extra: Any,
+    ) -> None:
         err = error if error is None or isinstance(error, str) else _err(error)
-        self.attempts.append({"provider": provider, "outcome": outcome, "error": err,
-                              "breaker_state": breaker_state, **extra})
+        self.attempts.append(
+            {
+                "provider": provider,
+                "outcome": outcome,
+                "error": err,
+                "breaker_state": breaker_state,
+                **extra,
+            }
+        )
 
 
 class FallbackChain:
@@ -86,8 +100,14 @@ class FallbackChain:
                 names.append(n)
         return names
 
-    def run(self, prompt: str, params: GenerationParams | None = None, *,
-            model: str | None = None, on_token: TokenCallback | None = None) -> GenerationResult:
+    def run(
+        self,
+        prompt: str,
+        params: GenerationParams | None = None,
+        *,
+        model: str | None = None,
+        on_token: TokenCallback | None = None,
+    ) -> GenerationResult:
         params = params or GenerationParams()
         cid = uuid.uuid4().hex[:12]
         names = self.candidates(model)
@@ -148,12 +168,19 @@ class FallbackChain:
                 result = self._call(run, name, provider, params)
             except ProviderOutOfMemoryError as e:
                 run.causes[name] = e
-                run.attempt(name, "out_of_memory", e, breaker.state.value,
-                            max_new_tokens=params.max_new_tokens)
+                run.attempt(
+                    name,
+                    "out_of_memory",
+                    e,
+                    breaker.state.value,
+                    max_new_tokens=params.max_new_tokens,
+                )
                 if not degraded and params.max_new_tokens > 1:
                     smaller = max(1, params.max_new_tokens // 2)
-                    run.notes.append(f"{name} ran out of memory; retried with max_new_tokens="
-                                     f"{smaller} (was {params.max_new_tokens})")
+                    run.notes.append(
+                        f"{name} ran out of memory; retried with max_new_tokens="
+                        f"{smaller} (was {params.max_new_tokens})"
+                    )
                     params = params.replace(max_new_tokens=smaller)
                     continue
                 run.notes.append(f"{name} ran out of memory again; falling back")
@@ -171,7 +198,8 @@ class FallbackChain:
             except breaker.settings.excluded:
                 raise  # the user's own mistake (a bad prompt option): no fallback can fix it
             except Exception as e:  # provider failures, and a provider's own bugs: next one
-                return self._failed(run, name, breaker.state.value, e)
+                self._failed(run, name, breaker.state.value, e)
+                return None
             outcome = "timeout" if result.timed_out else "ok"
             run.attempt(name, outcome, None, breaker.state.value)
             if not result.provider:
@@ -188,13 +216,14 @@ class FallbackChain:
         run.causes[name] = e
         run.attempt(name, "failed", e, state)
         if run.streamed:
-            run.notes.append(f"{name} failed after streaming part of an answer; that part was "
-                             "dropped")
+            run.notes.append(
+                f"{name} failed after streaming part of an answer; that part was dropped"
+            )
             run.streamed = 0
-        return None
 
-    def _call(self, run: _Run, name: str, provider: Provider,
-              params: GenerationParams) -> GenerationResult:
+    def _call(
+        self, run: _Run, name: str, provider: Provider, params: GenerationParams
+    ) -> GenerationResult:
         hub = self.hub
         breaker = hub.breaker(name)
         limiter = hub.limiter(name)
@@ -206,22 +235,25 @@ class FallbackChain:
             start = hub.clock()
             try:
                 provider.load()
-                result = provider.generate(run.prompt, params, on_token=run.on_token,
-                                           should_stop=run.should_stop)
+                result = provider.generate(
+                    run.prompt, params, on_token=run.on_token, should_stop=run.should_stop
+                )
             except Exception as e:
                 breaker.record_error(e, hub.clock() - start)
                 raise
             took = hub.clock() - start
             if result.timed_out:
-                breaker.record_timeout(took, f"timed out after {took:.2f} s "
-                                       f"(timeout {params.timeout:g} s)")
+                breaker.record_timeout(
+                    took, f"timed out after {took:.2f} s (timeout {params.timeout:g} s)"
+                )
             else:
                 breaker.record_success(took)
             return result
 
         def on_retry(attempt: int, error: BaseException, wait: float) -> None:
-            run.attempt(name, "retry", error, breaker.state.value, attempt=attempt,
-                        wait_s=round(wait, 3))
+            run.attempt(
+                name, "retry", error, breaker.state.value, attempt=attempt, wait_s=round(wait, 3)
+            )
             run.notes.append(f"{name}: transient error, retry {attempt} after {wait:.2f} s")
             if run.streamed:
                 run.streamed = 0
@@ -231,8 +263,9 @@ class FallbackChain:
     # --- the last resort ------------------------------------------------------------------------
     def _from_cache(self, run: _Run, identities: list[str]) -> GenerationResult | None:
         if not self.session.config.offline_cache:
-            run.causes["offline_cache"] = RuntimeError("the offline cache is off "
-                                                       "(KernelExt.offline_cache = False)")
+            run.causes["offline_cache"] = RuntimeError(
+                "the offline cache is off (KernelExt.offline_cache = False)"
+            )
             return None
         try:
             hit = self.hub.offline_cache.get(identities, run.prompt, run.params)
@@ -250,20 +283,35 @@ class FallbackChain:
             run.user_on_token(hit.text)
         return hit
 
-    def _all_failed(self, run: _Run, names: list[str], model: str | None) -> AllProvidersFailedError:
+    def _all_failed(
+        self, run: _Run, names: list[str], model: str | None
+    ) -> AllProvidersFailedError:
         if not names:
             return AllProvidersFailedError(
                 "no model to run: load one with `%model load`, or register a server with "
-                "`%model remote NAME --url ...`", {})
+                "`%model remote NAME --url ...`",
+                {},
+            )
         lines = [f"  - {name}: {_err(e)}" for name, e in run.causes.items()]
-        msg = ("every provider failed" + (f" for {model!r}" if model else "") + ":\n"
-               + "\n".join(lines)
-               + "\nFix the first cause, add a fallback (`%model fallback NAME`), or "
-               "`%breaker reset NAME` once the provider is back.")
+        msg = (
+            "every provider failed"
+            + (f" for {model!r}" if model else "")
+            + ":\n"
+            + "\n".join(lines)
+            + "\nFix the first cause, add a fallback (`%model fallback NAME`), or "
+            "`%breaker reset NAME` once the provider is back."
+        )
         return AllProvidersFailedError(msg, run.causes)
 
-    def _audit(self, run: _Run, cid: str, model: str | None, names: list[str],
-               result: GenerationResult | None, error: BaseException | None) -> None:
+    def _audit(
+        self,
+        run: _Run,
+        cid: str,
+        model: str | None,
+        names: list[str],
+        result: GenerationResult | None,
+        error: BaseException | None,
+    ) -> None:
         hub = self.hub
         breakers = {n: b.state.value for n, b in hub.breakers.items() if n in names}
         latency = hub.clock() - run.start
@@ -287,8 +335,12 @@ class FallbackChain:
                 notes=result.notes,
             )
         else:
-            fields.update(outcome="failed", provider=None, cached=False,
-                          error=_err(error) if error is not None else None)
+            fields.update(
+                outcome="failed",
+                provider=None,
+                cached=False,
+                error=_err(error) if error is not None else None,
+            )
         self.session.audit.write("infer", **fields)
 
 

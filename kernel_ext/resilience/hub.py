@@ -30,9 +30,14 @@ class Resilience:
     retry wait; ``wall_clock`` dates cache entries. All injectable for tests.
     """
 
-    def __init__(self, session: Any, *, clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep,
-                 wall_clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        session: Any,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
         self.session = session
         self.clock = clock
         self.sleep = sleep
@@ -89,10 +94,16 @@ class Resilience:
         events = self.session.events
         if event.kind == "transition":
             events.emit("breaker", name=event.name, old=event.old, new=event.new, snapshot=snap)
-            self.session.audit.write("breaker", name=event.name, old=event.old, new=event.new,
-                                     trip_count=snap["trip_count"],
-                                     failure_rate=snap["failure_rate"],
-                                     last_error=snap["last_error"], **event.extra)
+            self.session.audit.write(
+                "breaker",
+                name=event.name,
+                old=event.old,
+                new=event.new,
+                trip_count=snap["trip_count"],
+                failure_rate=snap["failure_rate"],
+                last_error=snap["last_error"],
+                **event.extra,
+            )
         else:
             events.emit("breaker_call", name=event.name, outcome=event.outcome, snapshot=snap)
 
@@ -135,8 +146,10 @@ class Resilience:
 
     def _unknown(self, name: str) -> str:
         known = ", ".join(self.known_names()) or "none yet"
-        return (f"no model or provider called {name!r} (known: {known}); load it with "
-                "`%model load` or register a server with `%model remote NAME --url ...`")
+        return (
+            f"no model or provider called {name!r} (known: {known}); load it with "
+            "`%model load` or register a server with `%model remote NAME --url ...`"
+        )
 
     def identity(self, name: str, provider: Provider | None) -> str:
         """The offline-cache identity: the model file's SHA-256, else the provider's identity.
@@ -181,8 +194,11 @@ class Resilience:
                 "breakers": breakers,
                 "fallbacks": list(self.fallbacks),
                 "identities": dict(self.identities),
-                "remotes": {n: _remote_spec(p) for n, p in self.extra_providers.items()
-                            if _remote_spec(p) is not None},
+                "remotes": {
+                    n: _remote_spec(p)
+                    for n, p in self.extra_providers.items()
+                    if _remote_spec(p) is not None
+                },
             }
 
     def restore_state(self, state: dict[str, Any]) -> list[str]:
@@ -192,8 +208,12 @@ class Resilience:
         for name, spec in (state.get("remotes") or {}).items():
             if name not in self.extra_providers:
                 try:
-                    self.add_provider(name, RemoteProvider(name, spec["url"], model=spec.get("model"),
-                                                           chat=bool(spec.get("chat"))))
+                    self.add_provider(
+                        name,
+                        RemoteProvider(
+                            name, spec["url"], model=spec.get("model"), chat=bool(spec.get("chat"))
+                        ),
+                    )
                     lines.append(f"remote provider {name} -> {spec['url']}")
                 except (KeyError, ValueError) as e:
                     lines.append(f"remote provider {name} not restored: {e}")
@@ -254,5 +274,8 @@ def _remote_spec(provider: Any) -> dict[str, Any] | None:
     url = getattr(provider, "base_url", None)
     if not isinstance(url, str):
         return None
-    return {"url": url, "model": getattr(provider, "model", None),
-            "chat": bool(getattr(provider, "chat", False))}
+    return {
+        "url": url,
+        "model": getattr(provider, "model", None),
+        "chat": bool(getattr(provider, "chat", False)),
+    }

@@ -15,8 +15,14 @@ __all__ = ["TokenBucket"]
 class TokenBucket:
     """Thread-safe token bucket with an injectable clock. ``rate <= 0`` means unlimited."""
 
-    def __init__(self, rate: float, burst: int, *, name: str = "",
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        rate: float,
+        burst: int,
+        *,
+        name: str = "",
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         if burst < 1:
             raise ValueError(f"burst must be at least 1, got {burst}")
         if rate < 0:
@@ -30,10 +36,15 @@ class TokenBucket:
         self._stamp = clock()
 
     @classmethod
-    def from_config(cls, config: Any, *, name: str = "",
-                    clock: Callable[[], float] = time.monotonic) -> TokenBucket:
-        return cls(float(config.rate_limit_per_second), int(config.rate_limit_burst), name=name,
-                   clock=clock)
+    def from_config(
+        cls, config: Any, *, name: str = "", clock: Callable[[], float] = time.monotonic
+    ) -> TokenBucket:
+        return cls(
+            float(config.rate_limit_per_second),
+            int(config.rate_limit_burst),
+            name=name,
+            clock=clock,
+        )
 
     @property
     def unlimited(self) -> bool:

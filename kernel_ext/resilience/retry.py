@@ -48,16 +48,23 @@ class RetryPolicy:
 
     @classmethod
     def from_config(cls, config: Any, **kwargs: Any) -> RetryPolicy:
-        return cls(attempts=int(config.retry_attempts), max_seconds=float(config.retry_max_seconds),
-                   **kwargs)
+        return cls(
+            attempts=int(config.retry_attempts),
+            max_seconds=float(config.retry_max_seconds),
+            **kwargs,
+        )
 
     def wait_for(self, attempt: int) -> float:
         """Seconds to wait after failed attempt number ``attempt`` (1-based), before the cut."""
         base = min(self.max_wait, self.initial * (2 ** (attempt - 1)))
         return base + self.jitter * self.rng()
 
-    def call(self, fn: Callable[[], T], *,
-             on_retry: Callable[[int, BaseException, float], None] | None = None) -> T:
+    def call(
+        self,
+        fn: Callable[[], T],
+        *,
+        on_retry: Callable[[int, BaseException, float], None] | None = None,
+    ) -> T:
         """Run ``fn()``, retrying transient failures; the last error propagates unchanged."""
         start = self.clock()
 
