@@ -361,12 +361,15 @@ def test_exit_saves_the_last_changes(tmp_path: Path) -> None:
         c.KernelExt.checkpoint_interval = 3600.0
         sh = InteractiveShell.instance(config=c)
         sh.extension_manager.load_extension("kernel_ext")
-        sh.run_cell("v = [1]")
-        sh.run_cell("v.append(2)")
+        sh.run_cell("import numpy as np; v = [1]; a = np.zeros(100_000)")
+        sh.run_cell("v.append(2); a[0] = 5.0")  # not due: saved at exit (Zarr + fsync threads)
     """)
-    subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path, timeout=120)
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, timeout=120,
+                          capture_output=True, text=True, check=True)
+    assert "checkpoint failed" not in done.stderr
     restored = Store(tmp_path / "st" / "checkpoints").restore()
     assert restored.values["v"] == [1, 2] and restored.manifest["reason"] == "exit"
+    assert restored.values["a"][0] == 5.0
 
 
 def test_checkpoint_url_memory(state: Path) -> None:

@@ -119,9 +119,16 @@ class LocalBackend(Backend):
             for path in paths:
                 self._fsync_path(path)
             return
-        with ThreadPoolExecutor(max_workers=min(16, len(paths))) as pool:
-            for _ in pool.map(self._fsync_path, paths):
-                pass
+        try:
+            pool = ThreadPoolExecutor(max_workers=min(16, len(paths)))
+            futures = [pool.submit(self._fsync_path, path) for path in paths]
+        except RuntimeError:  # interpreter shutting down: no new threads; go one by one
+            for path in paths:
+                self._fsync_path(path)
+            return
+        with pool:
+            for future in futures:
+                future.result()
 
     @staticmethod
     def _tree(top: Path) -> list[str]:

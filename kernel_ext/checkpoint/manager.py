@@ -54,6 +54,32 @@ def fmt_time(ts: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
 
 
+def _register_exit(manager: CheckpointManager) -> None:
+    """Save at interpreter exit, early enough for thread pools to still accept work.
+
+    ``threading._register_atexit`` hooks run (newest first) before ``atexit`` handlers and
+    before ``concurrent.futures`` refuses new work, which Zarr's file I/O and the parallel
+    fsyncs need. Falls back to ``atexit`` where that private hook does not exist.
+    """
+    import concurrent.futures.thread  # noqa: F401 - its exit hook must be older than ours
+
+    ref = weakref.ref(manager)
+
+    def hook() -> None:
+        m = ref()
+        if m is not None:
+            m._at_exit()
+
+    register = getattr(threading, "_register_atexit", None)
+    if register is not None:
+        try:
+            register(hook)
+            return
+        except RuntimeError:  # already shutting down
+            return
+    atexit.register(hook)
+
+
 class CheckpointManager:
     """Checkpoints of one session's variables; see the module docstring."""
 
@@ -280,7 +306,8 @@ class CheckpointManager:
             os.kill(os.getpid(), signal.SIGTERM)
 
     def _at_exit(self) -> None:
-        self._final_save("exit")
+        if self._installed:
+            self._final_save("exit")
 
     def register_task(self, task: Any) -> None:
         self._tasks.add(task)
@@ -295,7 +322,7 @@ class CheckpointManager:
         if threading.current_thread() is threading.main_thread():
             self._prev_sigterm = signal.getsignal(signal.SIGTERM)
             signal.signal(signal.SIGTERM, self._on_sigterm)
-        atexit.register(self._at_exit)
+        _register_exit(self)
         self._installed = True
 
     def close(self) -> None:
@@ -312,8 +339,7 @@ class CheckpointManager:
                 and signal.getsignal(signal.SIGTERM) == self._on_sigterm):
             prev = self._prev_sigterm
             signal.signal(signal.SIGTERM, prev if prev is not None else signal.SIG_DFL)
-        atexit.unregister(self._at_exit)
-        self._installed = False
+        self._installed = False  # the exit hook checks this (threading's cannot be removed)
 
     # --- start-up and resume --------------------------------------------------------------------
     def startup_message(self) -> str | None:
