@@ -177,3 +177,15 @@ def test_in_a_shell_tasks_use_the_notebook_store_and_emit_events(tmp_path: Path)
     finally:
         sh.extension_manager.unload_extension("kernel_ext")
         InteractiveShell.clear_instance()
+
+
+def test_damaged_progress_starts_over_with_a_warning(cwd: Path,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    t = task("fragile", ["a", "b"], progress=False)
+    for item in t:
+        t.record(item.upper())
+    for blob in (cwd / DEFAULT / "blobs").iterdir():
+        blob.write_bytes(b"garbage")
+    again = task("fragile", ["a", "b"], progress=False)
+    assert again.done == 0 and list(again) == ["a", "b"]
+    assert "damaged" in capsys.readouterr().err

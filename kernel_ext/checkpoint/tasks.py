@@ -32,7 +32,7 @@ from typing import Any
 import xxhash
 
 from ..config import KernelExtConfig
-from ..errors import CheckpointError, KernelExtError
+from ..errors import CheckpointCorruptError, CheckpointError, KernelExtError
 from ._codec import Unstorable, _is_json, encode, json_bytes
 from .store import Store
 
@@ -130,7 +130,13 @@ class Task:
         return default_store(config)
 
     def _load(self) -> None:
-        for key, fp, value in self.store.load_task(self.name):
+        try:
+            stored = self.store.load_task(self.name)
+        except CheckpointCorruptError as e:
+            self._warn_once("damaged", f"kernel_ext: task {self.name!r}: its saved progress is "
+                            f"damaged ({e}); starting over")
+            return
+        for key, fp, value in stored:
             i = self._index.get(key)
             if i is None:
                 continue
