@@ -323,3 +323,13 @@ def test_store_in_unwritable_place_raises_typed_error(tmp_path: Path) -> None:
     blocker.write_text("x")
     with pytest.raises(CheckpointError, match="cannot open the checkpoint store"):
         Store(blocker / "sub")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_tensors_are_copied_to_the_cpu_and_restored_on_the_device(store: Store) -> None:
+    t = torch.randn(64, 64, device="cuda").to(torch.bfloat16)
+    store.commit({"t": encode(t)})
+    entry = store.manifest(store.snapshots()[0])["variables"]["t"]
+    assert entry["meta"]["device"].startswith("cuda") and entry["meta"]["torch_dtype"] == "bfloat16"
+    got = store.restore().values["t"]
+    assert got.device.type == "cuda" and got.dtype == torch.bfloat16 and torch.equal(got, t)
