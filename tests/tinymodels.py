@@ -16,6 +16,11 @@ Knobs shared by both writers:
 * ``chat_template``: a Jinja string stored as ``tokenizer.chat_template`` (omitted when None).
 * ``vocab``: the vocabulary size (at least :data:`MIN_VOCAB`; padded with ``<unused{i}>``).
 * ``hidden``, ``layers``, ``heads``, ``kv_heads``, ``ffn``, ``seed``.
+* ``drop``: GGUF tensor names to leave out (for tests of incomplete files).
+
+Special and byte tokens have zero rows in the embedding/output matrices (except with K-quants,
+whose blocks are random), so greedy text is made of readable pieces, never stops at EOS by
+itself, and is deterministic for a given ``seed``.
 
 Token ids: ``PAD_ID`` 0, ``EOS_ID`` 1, ``BOS_ID`` 2, ``UNK_ID`` 3, then 256 byte tokens
 ``<0x00>``..``<0xFF>``, then pieces (``▁`` plus letters, digits, punctuation, a few words).
@@ -55,6 +60,7 @@ _CHARS = (
 _GGUF_QUANTISABLE = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
 _K_QUANTS = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 QUANTS: tuple[str, ...] = _GGUF_QUANTISABLE + _K_QUANTS
+_SILENT = len(_SPECIALS) + 256  # rows of special and byte tokens, zero in embedding/output
 
 
 def _pieces() -> list[str]:
@@ -124,16 +130,28 @@ def _random_k_blocks(rng: np.random.Generator, qtype: GGMLQuantizationType, n_el
 
 class _Writer:
     def __init__(self, writer: GGUFWriter, quant: str, qtype: GGMLQuantizationType,
-                 rng: np.random.Generator) -> None:
+                 rng: np.random.Generator, drop: Sequence[str]) -> None:
         self.writer, self.quant, self.qtype, self.rng = writer, quant, qtype, rng
+        self.drop = frozenset(drop)
 
     def norm(self, name: str, n: int, *, center: float = 1.0) -> None:
+        if name in self.drop:
+            return
         w = (center + 0.1 * self.rng.standard_normal(n)).astype(np.float32)
         self.writer.add_tensor(name, w)
 
-    def matrix(self, name: str, rows: int, cols: int) -> None:
-        """A weight of PyTorch shape ``(rows, cols)`` (GGUF ne0 = cols)."""
+    def matrix(self, name: str, rows: int, cols: int, *, silent_rows: int = 0) -> None:
+        """A weight of PyTorch shape ``(rows, cols)`` (GGUF ne0 = cols).
+
+        The first ``silent_rows`` rows are zero, and those past :data:`MIN_VOCAB` (specials,
+        byte tokens and padding in the embedding and output matrices: their logits are 0 while
+        normal pieces get random ones, so greedy text is made of readable pieces)."""
+        if name in self.drop:
+            return
         w = (self.rng.standard_normal((rows, cols)) / np.sqrt(cols)).astype(np.float32)
+        if silent_rows:
+            w[:silent_rows] = 0.0
+            w[MIN_VOCAB:] = 0.0  # <unused{i}> padding of a larger vocab
         if self.quant == "F32":
             self.writer.add_tensor(name, w)
         elif self.quant in _K_QUANTS:
@@ -188,8 +206,11 @@ def write_tiny_llama(
     chat_template: str | None = None,
     tie_embeddings: bool = False,
     name: str = "tiny-llama",
+    drop: Sequence[str] = (),
 ) -> Path:
-    """Write a tiny llama-architecture GGUF to ``path`` and return the path."""
+    """Write a tiny llama-architecture GGUF to ``path`` and return the path.
+
+    ``drop`` names GGUF tensors to leave out (to test incomplete files)."""
     path = Path(path)
     head_dim = hidden // heads
     qtype = _check_quant(quant, hidden, ffn, head_dim * heads)
@@ -207,8 +228,8 @@ def write_tiny_llama(
     writer.add_layer_norm_rms_eps(1e-5)
     n_vocab = _tokenizer(writer, vocab, False, chat_template)
     writer.add_vocab_size(n_vocab)
-    w = _Writer(writer, quant, qtype, rng)
-    w.matrix("token_embd.weight", n_vocab, hidden)
+    w = _Writer(writer, quant, qtype, rng, drop)
+    w.matrix("token_embd.weight", n_vocab, hidden, silent_rows=_SILENT)
     for i in range(layers):
         w.norm(f"blk.{i}.attn_norm.weight", hidden)
         w.matrix(f"blk.{i}.attn_q.weight", heads * head_dim, hidden)
@@ -221,7 +242,7 @@ def write_tiny_llama(
         w.matrix(f"blk.{i}.ffn_down.weight", hidden, ffn)
     w.norm("output_norm.weight", hidden)
     if not tie_embeddings:
-        w.matrix("output.weight", n_vocab, hidden)
+        w.matrix("output.weight", n_vocab, hidden, silent_rows=_SILENT)
     _finish(writer)
     return path
 
@@ -242,6 +263,7 @@ def write_tiny_gemma3(
     sliding_window: int = 64,
     chat_template: str | None = None,
     name: str = "tiny-gemma3",
+    drop: Sequence[str] = (),
 ) -> Path:
     """Write a tiny gemma3 (text) GGUF to ``path`` and return the path.
 
@@ -266,8 +288,8 @@ def write_tiny_gemma3(
     writer.add_layer_norm_rms_eps(1e-6)
     writer.add_sliding_window(sliding_window)
     n_vocab = _tokenizer(writer, vocab, True, chat_template)
-    w = _Writer(writer, quant, qtype, rng)
-    w.matrix("token_embd.weight", n_vocab, hidden)
+    w = _Writer(writer, quant, qtype, rng, drop)
+    w.matrix("token_embd.weight", n_vocab, hidden, silent_rows=_SILENT)
     for i in range(layers):
         w.norm(f"blk.{i}.attn_norm.weight", hidden)
         w.matrix(f"blk.{i}.attn_q.weight", heads * head_dim, hidden)

@@ -456,9 +456,8 @@ def _load_via_transformers(gf: GGUFFile, arch: str, cfg_dict: dict[str, Any], co
                            decode_threads: int | None) -> Any:
     """The memory-plan ladder's rungs: decode to a CPU state dict in ``dtype``, then let
     Transformers place it (accelerate ``device_map``) and quantise it (bitsandbytes)."""
-    from transformers import AutoModelForCausalLM
-
     model = _new_model(config, dtype)
+    model_cls = type(model)
     processor = convert.tensor_processor(arch, cfg_dict)
     plan = convert.tensor_plan(model, arch, processor, list(gf.tensors))
     expected = _expected(model, list(plan.gguf_to_hf.values()))
@@ -482,7 +481,7 @@ def _load_via_transformers(gf: GGUFFile, arch: str, cfg_dict: dict[str, Any], co
             else BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype,
                                     bnb_4bit_quant_type="nf4"))
     try:
-        return AutoModelForCausalLM.from_pretrained(None, **kwargs)
+        return model_cls.from_pretrained(None, **kwargs)
     except (ImportError, ValueError, RuntimeError) as e:
         raise KernelExtError(f"Transformers could not place/quantise the model "
                              f"(device_map={device_map!r}, quantization={quantization!r}): {e}") from e
