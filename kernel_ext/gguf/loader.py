@@ -254,7 +254,7 @@ def load_transformers(
         # config --------------------------------------------------------------------------------
         cfg_dict = convert.config_dict(gf.metadata, frozenset(gf.tensors))
         config = convert.build_config(gf.metadata, frozenset(gf.tensors), dtype=dt)
-        hits["config"] = entry is not None and (entry / "config.json").is_file()
+        hits["config"] = entry is not None and _cached_config_ok(entry, config.model_type)
         if entry is not None and not hits["config"]:
             _cache.write_json(entry / "config.json", config.to_dict())
         t = mark("config", t)
@@ -398,6 +398,25 @@ def _fill_from_cache(model: Any, plan: convert.TensorPlan, wpath: Path, device: 
         _set_tensor(model, name, value)
         if progress is not None:
             progress(done, total, "weights (cached)")
+    return True
+
+
+def _cached_config_ok(entry: Path, model_type: str) -> bool:
+    """Whether the entry's config.json is readable and for this model type.
+
+    The config itself is rebuilt from the metadata every time (milliseconds); the cached copy is
+    there to be inspected and shipped with the tokenizer, so it is only checked here."""
+    path = entry / "config.json"
+    try:
+        cached = _cache.read_json(path)
+    except FileNotFoundError:
+        return False
+    except _cache.CorruptEntryError as e:
+        _cache.discard(path, str(e))
+        return False
+    if not isinstance(cached, dict) or cached.get("model_type") != model_type:
+        _cache.discard(path, f"not a {model_type} config")
+        return False
     return True
 
 
