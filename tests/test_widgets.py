@@ -485,3 +485,4 @@ def test_dashboard_shows_the_real_subsystems_state_when_shown(
         breaker.record_error(ConnectionError("refused"))
     assert state_of(d.breakers, "remote-x") == "open"
     ip.run_cell("sock.close()")
+    d.close()
