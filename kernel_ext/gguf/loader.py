@@ -20,6 +20,7 @@ import gc
 import logging
 import os
 import resource
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -105,6 +106,36 @@ def _intra_op_threads(n: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+class _TokenizerJob:
+    """Build (and cache) the tokenizer on a worker thread; :meth:`result` joins it."""
+
+    def __init__(self, metadata: Any, model_type: str, entry: Path | None) -> None:
+        self._args = (metadata, model_type, entry)
+        self._value: Any = None
+        self._error: Exception | None = None
+        self.seconds = 0.0
+        self._thread = threading.Thread(target=self._run, name="kernel_ext-tokenizer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        t0 = time.perf_counter()
+        metadata, model_type, entry = self._args
+        try:
+            self._value = convert.build_tokenizer(metadata, model_type)
+            _trim_heap()
+            if entry is not None:
+                _store_tokenizer(entry, self._value)
+        except Exception as e:  # noqa: BLE001 - handed to the caller by result()
+            self._error = e
+        self.seconds = time.perf_counter() - t0
+
+    def result(self) -> Any:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
 
 
 def _trim_heap() -> None:
@@ -262,11 +293,10 @@ def load_transformers(
         # tokenizer -----------------------------------------------------------------------------
         tokenizer = _cached_tokenizer(entry, config.model_type) if entry is not None else None
         hits["tokenizer"] = tokenizer is not None
+        job = None
         if tokenizer is None:
-            tokenizer = convert.build_tokenizer(gf.metadata, config.model_type)
-            _trim_heap()
-            if entry is not None:
-                _store_tokenizer(entry, tokenizer)
+            # converting is mostly Python, decoding mostly GIL-free torch: do both at once
+            job = _TokenizerJob(gf.metadata, config.model_type, entry)
         t = mark("tokenizer", t)
 
         # model ---------------------------------------------------------------------------------
@@ -299,6 +329,10 @@ def load_transformers(
                 raise GGUFFormatError(f"no data for parameters {', '.join(leftover[:5])}")
             model.to(device)
         model.eval()
+        if job is not None:
+            tokenizer = job.result()
+            timings["tokenizer"] += job.seconds
+            t = mark("tokenizer_wait", t)
         if entry is not None:
             _cache.touch(entry, source=Path(path).name)
         template = convert.chat_template(gf.metadata)
