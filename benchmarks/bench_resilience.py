@@ -42,8 +42,9 @@ class _Instant:
     def load(self) -> None:
         return None
 
-    def generate(self, prompt: str, params: Any, *, on_token: Any = None,
-                 should_stop: Any = None) -> Any:
+    def generate(
+        self, prompt: str, params: Any, *, on_token: Any = None, should_stop: Any = None
+    ) -> Any:
         from kernel_ext.providers.base import GenerationResult
 
         return GenerationResult(text="ok", prompt=prompt, provider=self.name, completion_tokens=1)
@@ -76,8 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     breaker.add_listener(lambda e: None)
     bare = _per_call(noop, n * 10)
     guarded = _per_call(lambda: breaker.call(noop), n * 10)
-    print(f"breaker.call        {guarded * 1e6:8.1f} us/call  vs bare {bare * 1e6:6.2f} us "
-          f"(+{(guarded - bare) * 1e6:.1f} us)")
+    print(
+        f"breaker.call        {guarded * 1e6:8.1f} us/call  vs bare {bare * 1e6:6.2f} us "
+        f"(+{(guarded - bare) * 1e6:.1f} us)"
+    )
 
     with tempfile.TemporaryDirectory() as tmp:
         session = Session(KernelExtConfig(), None, state_dir=Path(tmp))
@@ -87,9 +90,11 @@ def main(argv: list[str] | None = None) -> int:
         params = GenerationParams(max_new_tokens=1)
         direct = _per_call(lambda: provider.generate("p", params), n)
         chained = _per_call(lambda: session.chain.run("p", params, model="instant"), n)
-        print(f"chain.run (instant) {chained * 1e3:8.3f} ms/call  vs direct "
-              f"{direct * 1e6:6.1f} us (+{(chained - direct) * 1e3:.3f} ms: breaker, limiter, "
-              "retry, cache write, fsynced audit line)")
+        print(
+            f"chain.run (instant) {chained * 1e3:8.3f} ms/call  vs direct "
+            f"{direct * 1e6:6.1f} us (+{(chained - direct) * 1e3:.3f} ms: breaker, limiter, "
+            "retry, cache write, fsynced audit line)"
+        )
 
         sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
         from openai_stub import OpenAIStub
@@ -99,8 +104,10 @@ def main(argv: list[str] | None = None) -> int:
             hub.add_provider("stub", remote)
             http = _per_call(lambda: remote.generate("p", params), n // 4 or 1)
             via = _per_call(lambda: session.chain.run("p", params, model="stub"), n // 4 or 1)
-            print(f"remote over HTTP    {http * 1e3:8.3f} ms/call; through the chain "
-                  f"{via * 1e3:.3f} ms (ratio {via / http:.2f}x)")
+            print(
+                f"remote over HTTP    {http * 1e3:8.3f} ms/call; through the chain "
+                f"{via * 1e3:.3f} ms (ratio {via / http:.2f}x)"
+            )
         session.close()
     return 0
 

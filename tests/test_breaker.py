@@ -428,3 +428,18 @@ def test_settings_from_config() -> None:
         s.half_open_calls,
         s.slow_call_seconds,
     ) == (7, 3, 0.25, 0, 2.0, 2, 4.0)
+
+
+def test_an_interrupted_half_open_trial_gives_its_permit_back() -> None:
+    b, clock, _ = make(consecutive_failures=1)
+    fail(b)
+    clock.advance(30)
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        b.call(interrupted)
+    assert b.state is State.HALF_OPEN
+    succeed(b)  # the permit was not lost with the interrupted call
+    assert b.state is State.CLOSED

@@ -576,3 +576,31 @@ def test_demo_model_answers_when_the_primary_file_is_corrupt(
     lines = s.audit.read(kind="infer")
     assert [x["outcome"] for x in lines] == ["ok", "cached"]
     s.close()
+
+
+def test_an_interrupted_call_frees_the_half_open_permit(
+    session: Session, hub: Resilience, clock: Clock
+) -> None:
+    a = ScriptedProvider("a").fail_with(ProviderError("x"), ProviderError("x"), KeyboardInterrupt())
+    add(hub, a)
+    for _ in range(2):
+        with pytest.raises(AllProvidersFailedError):
+            session.infer("fresh", P, model="a")
+    clock.t += 10
+    with pytest.raises(KeyboardInterrupt):
+        session.infer("fresh", P, model="a")
+    assert hub.breakers["a"].state.value == "half_open"
+    assert session.infer("fresh", P, model="a").provider == "a"  # the trial is admitted
+    assert hub.breakers["a"].state.value == "closed"
+
+
+def test_retries_do_not_outlive_the_timeout(
+    session: Session, hub: Resilience, clock: Clock
+) -> None:
+    session.config.retry_attempts = 10
+    session.config.breaker_consecutive_failures = 0
+    a = ScriptedProvider("a").fail_with(*[TransientProviderError("503")] * 10)
+    add(hub, a)
+    with pytest.raises(AllProvidersFailedError):
+        session.infer("Q", GenerationParams(max_new_tokens=4, timeout=1.0), model="a")
+    assert sum(clock.sleeps) <= 1.0 + 1e-9 and len(a.calls) < 10

@@ -132,3 +132,12 @@ def test_from_config() -> None:
 
     p = RetryPolicy.from_config(KernelExtConfig(retry_attempts=5, retry_max_seconds=7.0))
     assert (p.attempts, p.max_seconds) == (5, 7.0)
+
+
+def test_a_deadline_ends_retries_and_caps_the_wait() -> None:
+    clock = Clock()
+    calls, fn = flaky(100, TransientProviderError("down"))
+    with pytest.raises(TransientProviderError):
+        policy(clock, attempts=100, max_seconds=100.0).call(fn, deadline=2.0)  # type: ignore[arg-type]
+    assert clock.sleeps == [0.5, 1.0, 0.5]
+    assert len(calls) == 4 and clock.t == pytest.approx(2.0)

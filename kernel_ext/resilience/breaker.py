@@ -214,11 +214,18 @@ class CircuitBreaker:
         """Run ``fn`` under the breaker: rejected while open, its outcome recorded."""
         self.acquire()
         start = self._clock()
+        finished = False
         try:
             result = fn(*args, **kwargs)
+            finished = True
         except Exception as e:
+            finished = True
             self.record_error(e, self._clock() - start)
             raise
+        finally:
+            if not finished:
+                # interrupted (KeyboardInterrupt, SystemExit): no outcome, give the permit back
+                self.release()
         self.record_success(self._clock() - start)
         return result
 

@@ -233,14 +233,20 @@ class FallbackChain:
             limiter.acquire()
             breaker.acquire()
             start = hub.clock()
+            done = False
             try:
                 provider.load()
                 result = provider.generate(
                     run.prompt, params, on_token=run.on_token, should_stop=run.should_stop
                 )
+                done = True
             except Exception as e:
+                done = True
                 breaker.record_error(e, hub.clock() - start)
                 raise
+            finally:
+                if not done:  # the user interrupted the cell: no outcome, free the permit
+                    breaker.release()
             took = hub.clock() - start
             if result.timed_out:
                 breaker.record_timeout(
@@ -258,7 +264,7 @@ class FallbackChain:
             if run.streamed:
                 run.streamed = 0
 
-        return retries.call(once, on_retry=on_retry)
+        return retries.call(once, on_retry=on_retry, deadline=run.deadline)
 
     # --- the last resort ------------------------------------------------------------------------
     def _from_cache(self, run: _Run, identities: list[str]) -> GenerationResult | None:

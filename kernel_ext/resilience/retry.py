@@ -64,18 +64,29 @@ class RetryPolicy:
         fn: Callable[[], T],
         *,
         on_retry: Callable[[int, BaseException, float], None] | None = None,
+        deadline: float | None = None,
     ) -> T:
-        """Run ``fn()``, retrying transient failures; the last error propagates unchanged."""
+        """Run ``fn()``, retrying transient failures; the last error propagates unchanged.
+
+        ``deadline`` (on ``clock``'s scale, e.g. the call's timeout) also ends the retries, and
+        no wait runs past it.
+        """
         start = self.clock()
 
+        def left() -> float:
+            budget = self.max_seconds - (self.clock() - start)
+            if deadline is not None:
+                budget = min(budget, deadline - self.clock())
+            return budget
+
         def wait(state: tenacity.RetryCallState) -> float:
-            left = self.max_seconds - (self.clock() - start)
-            return max(0.0, min(self.wait_for(state.attempt_number), left))
+            return max(0.0, min(self.wait_for(state.attempt_number), left()))
 
         def stop(state: tenacity.RetryCallState) -> bool:
             if state.attempt_number >= self.attempts:
                 return True
-            return self.clock() - start >= self.max_seconds
+            # Stop when the budget is spent, or when the next wait would reach it anyway.
+            return left() <= 0
 
         def before_sleep(state: tenacity.RetryCallState) -> None:
             if on_retry is not None and state.outcome is not None and state.next_action is not None:
