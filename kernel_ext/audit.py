@@ -122,7 +122,11 @@ def metrics(records: list[dict[str, Any]]) -> dict[str, Any]:
         key = str(r.get("outcome", "?"))
         outcomes[key] = outcomes.get(key, 0) + 1
     trips = [
-        r for r in records if r.get("kind") == "breaker" and r.get("new") in ("open", "forced_open")
+        r
+        for r in records
+        if r.get("kind") == "breaker"
+        and r.get("new") in ("open", "forced_open")
+        and not r.get("restored")  # a state brought back from a checkpoint is not a new trip
     ]
     trips_by: dict[str, int] = {}
     for r in trips:

@@ -59,7 +59,9 @@ class OpenAIStub:
                     self._json(404, {"error": {"message": f"no route {self.path}"}})
                     return
                 with stub._lock:
-                    stub.requests.append({"path": self.path, "body": body})
+                    stub.requests.append(
+                        {"path": self.path, "body": body, "auth": self.headers.get("Authorization")}
+                    )
                     behaviour = stub._script.popleft() if stub._script else "ok"
                 if isinstance(behaviour, int):
                     self._json(behaviour, {"error": {"message": f"scripted HTTP {behaviour}"}})

@@ -78,6 +78,16 @@ def test_metrics() -> None:
     recs.append(
         {"ts": 3600.0, "kind": "breaker", "name": "b", "old": "closed", "new": "forced_open"}
     )
+    recs.append(  # brought back from a checkpoint: not a new trip
+        {
+            "ts": 3600.0,
+            "kind": "breaker",
+            "name": "c",
+            "old": "closed",
+            "new": "open",
+            "restored": True,
+        }
+    )
     m = metrics(recs)
     assert m["model_loads"] == 2 and m["load_s_mean"] == 3.0 and m["load_s_max"] == 4.0
     assert m["inferences"] == 100 and m["outcomes"] == {"ok": 90, "cached": 10}

@@ -472,7 +472,9 @@ def test_state_round_trips_through_the_session(
     tmp_path: Path, session: Session, hub: Resilience, clock: Clock
 ) -> None:
     with OpenAIStub() as stub:
-        hub.add_provider("remote", RemoteProvider("remote", stub.url, model="m", chat=True))
+        hub.add_provider(
+            "remote", RemoteProvider("remote", stub.url, model="m", chat=True, api_key_env="MY_KEY")
+        )
         a = ScriptedProvider("a").fail_with(ProviderError("x"), ProviderError("x"))
         add(hub, a)
         hub.fallbacks = ["remote"]
@@ -500,6 +502,7 @@ def test_state_round_trips_through_the_session(
     assert hub2.fallbacks == ["remote"]
     remote = hub2.extra_providers["remote"]
     assert isinstance(remote, RemoteProvider) and remote.model == "m" and remote.chat
+    assert remote.api_key_env == "MY_KEY" and "MY_KEY" in json.dumps(state)
     clock2.t += 6
     assert b.state.value == "half_open"
     s2.close()

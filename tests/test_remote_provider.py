@@ -247,3 +247,13 @@ def test_llama_cpp_server_outage_opens_the_breaker_and_recovers(
     finally:
         server.start()
         session.close()
+
+
+def test_api_key_from_the_environment_is_sent(
+    stub: OpenAIStub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KERNEL_EXT_TEST_KEY", "s3cret")
+    p = RemoteProvider("k", stub.url, api_key_env="KERNEL_EXT_TEST_KEY")
+    p.generate("x", GenerationParams(max_new_tokens=1))
+    assert stub.requests[-1]["auth"] == "Bearer s3cret"
+    p.close()

@@ -234,7 +234,13 @@ def remote(ext: Any, args: list[str]) -> None:
         raise UsageError("%model remote: --timeout must be > 0")
     try:
         provider = RemoteProvider(
-            ns.name, ns.url, model=ns.model, chat=ns.chat, api_key=api_key, read_timeout=ns.timeout
+            ns.name,
+            ns.url,
+            model=ns.model,
+            chat=ns.chat,
+            api_key=api_key,
+            api_key_env=ns.api_key_env,
+            read_timeout=ns.timeout,
         )
     except ValueError as e:
         raise UsageError(f"%model remote: {e}") from e

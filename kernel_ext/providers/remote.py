@@ -9,6 +9,7 @@ stream cut short are :class:`TransientProviderError` (retried, counted by the br
 from __future__ import annotations
 
 import json
+import os
 import ssl
 import threading
 import time
@@ -48,6 +49,7 @@ class RemoteProvider:
         model: str | None = None,
         chat: bool = False,
         api_key: str | None = None,
+        api_key_env: str | None = None,
         connect_timeout: float = 5.0,
         read_timeout: float = 120.0,
         transport: httpx.BaseTransport | None = None,
@@ -62,6 +64,7 @@ class RemoteProvider:
         self.model = model
         self.chat = chat
         self._api_key = api_key
+        self.api_key_env = api_key_env  # saved with the session state; the key itself never is
         self._timeout = httpx.Timeout(read_timeout, connect=connect_timeout)
         self._transport = transport
         self._clock = clock
@@ -81,7 +84,10 @@ class RemoteProvider:
     def load(self) -> None:
         with self._lock:
             if self._client is None:
-                headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
+                key = self._api_key or (
+                    os.environ.get(self.api_key_env) if self.api_key_env else None
+                )
+                headers = {"Authorization": f"Bearer {key}"} if key else {}
                 # Plain http needs no TLS context; https shares one verifying context.
                 verify: ssl.SSLContext | bool = (
                     _shared_ssl_context() if self.base_url.startswith("https://") else False

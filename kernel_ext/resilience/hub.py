@@ -211,7 +211,11 @@ class Resilience:
                     self.add_provider(
                         name,
                         RemoteProvider(
-                            name, spec["url"], model=spec.get("model"), chat=bool(spec.get("chat"))
+                            name,
+                            spec["url"],
+                            model=spec.get("model"),
+                            chat=bool(spec.get("chat")),
+                            api_key_env=spec.get("api_key_env"),
                         ),
                     )
                     lines.append(f"remote provider {name} -> {spec['url']}")
@@ -278,4 +282,5 @@ def _remote_spec(provider: Any) -> dict[str, Any] | None:
         "url": url,
         "model": getattr(provider, "model", None),
         "chat": bool(getattr(provider, "chat", False)),
+        "api_key_env": getattr(provider, "api_key_env", None),
     }
