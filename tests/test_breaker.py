@@ -443,3 +443,23 @@ def test_an_interrupted_half_open_trial_gives_its_permit_back() -> None:
     assert b.state is State.HALF_OPEN
     succeed(b)  # the permit was not lost with the interrupted call
     assert b.state is State.CLOSED
+
+
+def test_plain_value_errors_are_excluded_but_our_value_errors_count() -> None:
+    from kernel_ext.errors import GGUFFormatError
+
+    b, _, events = make(consecutive_failures=1)
+
+    def bad_argument() -> None:
+        raise ValueError("temperature must be >= 0")
+
+    with pytest.raises(ValueError):
+        b.call(bad_argument)
+    assert b.state is State.CLOSED and events[-1].outcome == "ignored"
+
+    def corrupt_file() -> None:
+        raise GGUFFormatError("truncated", path="m.gguf")  # a ValueError too, but a real fault
+
+    with pytest.raises(GGUFFormatError):
+        b.call(corrupt_file)
+    assert b.state is State.OPEN

@@ -422,12 +422,17 @@ def test_timeout_returns_partial_text_counted_as_slow(
         session.infer("Q", GenerationParams(max_new_tokens=6, timeout=2.5), model="a")
 
 
-def test_user_mistakes_are_raised_not_fallen_back(session: Session, hub: Resilience) -> None:
-    a = ScriptedProvider("a").fail_with(PromptError("no value for {name}"))
+@pytest.mark.parametrize(
+    "mistake", [PromptError("no value for {name}"), ValueError("top_p must be in (0, 1]")]
+)
+def test_user_mistakes_are_raised_not_fallen_back(
+    session: Session, hub: Resilience, mistake: Exception
+) -> None:
+    a = ScriptedProvider("a").fail_with(mistake)
     b = ScriptedProvider("b")
     add(hub, a, b)
     hub.fallbacks = ["b"]
-    with pytest.raises(PromptError):
+    with pytest.raises(type(mistake)):
         session.infer("Q", P, model="a")
     assert b.calls == [] and hub.breakers["a"].snapshot().total_calls == 0
     assert infer_lines(session)[-1]["outcome"] == "failed"

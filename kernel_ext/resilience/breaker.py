@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, TypeVar
 
-from ..errors import BreakerOpenError, PromptError, TemplateError
+from ..errors import BreakerOpenError, KernelExtError, PromptError, TemplateError
 
 __all__ = [
     "DEFAULT_EXCLUDED",
@@ -78,6 +78,18 @@ class BreakerSettings:
     half_open_calls: int = 1
     slow_call_seconds: float = 0.0  # 0: disabled
     excluded: tuple[type[BaseException], ...] = DEFAULT_EXCLUDED
+    # A bare ``ValueError`` (not one of ours, such as GGUFFormatError for a corrupt file) is a
+    # bad argument handed to a library: the user's mistake, not the provider's health.
+    exclude_plain_value_errors: bool = True
+
+    def is_excluded(self, error: BaseException) -> bool:
+        if isinstance(error, self.excluded):
+            return True
+        return (
+            self.exclude_plain_value_errors
+            and isinstance(error, ValueError)
+            and not isinstance(error, KernelExtError)
+        )
 
     def __post_init__(self) -> None:
         if self.window < 1 or self.min_calls < 1 or self.half_open_calls < 1:
@@ -287,7 +299,7 @@ class CircuitBreaker:
         return self._record(Outcome.SLOW, detail or f"timed out after {duration:.2f} s", duration)
 
     def record_error(self, error: BaseException, duration: float = 0.0) -> Outcome:
-        if isinstance(error, self._settings.excluded):
+        if self._settings.is_excluded(error):
             return self._record(Outcome.IGNORED, _describe(error), duration)
         return self._record(Outcome.FAILURE, _describe(error), duration)
 

@@ -195,9 +195,9 @@ class FallbackChain:
                 run.attempt(name, "rate_limited", e, breaker.state.value)
                 run.notes.append(f"skipped {name}: rate limited")
                 return None
-            except breaker.settings.excluded:
-                raise  # the user's own mistake (a bad prompt option): no fallback can fix it
             except Exception as e:  # provider failures, and a provider's own bugs: next one
+                if breaker.settings.is_excluded(e):
+                    raise  # the user's own mistake (a bad option): no fallback can fix it
                 self._failed(run, name, breaker.state.value, e)
                 return None
             outcome = "timeout" if result.timed_out else "ok"
