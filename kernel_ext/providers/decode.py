@@ -348,10 +348,12 @@ def _head_for(model: Any) -> _Head | None:
     if getattr(model, "base_model", model) is model:
         return None
     weight = out.weight
+    cap = getattr(config, "final_logit_softcapping", None)
+    softcap = float(cap) if cap else None
     cached = _HEADS.get(model)
     if cached is not None and cached.weight is weight and cached.version == weight._version:
+        cached.softcap = softcap  # read from the config at every call, like the model's forward
         return cached
-    softcap = getattr(config, "final_logit_softcapping", None)
-    head = _Head(weight, float(softcap) if softcap else None)
+    head = _Head(weight, softcap)
     _HEADS[model] = head
     return head
