@@ -486,3 +486,55 @@ def test_dashboard_shows_the_real_subsystems_state_when_shown(
     assert state_of(d.breakers, "remote-x") == "open"
     ip.run_cell("sock.close()")
     d.close()
+
+
+# --- a real kernel -------------------------------------------------------------------------------
+BUSY_UNTIL_THREE_TICKS = """\
+import time, widgets
+(d,) = widgets.open_dashboards()
+t0, deadline = d.ticks, time.monotonic() + 60
+while d.ticks < t0 + 3 and time.monotonic() < deadline:  # busy: the shell never idles here
+    sum(range(10_000))
+print('TICKS', d.ticks - t0)
+"""
+
+
+@pytest.mark.slow
+def test_real_kernel_sends_updates_while_busy_and_shuts_down_cleanly(tmp_path: Path) -> None:
+    import os
+
+    from jupyter_client import KernelManager
+
+    km = KernelManager(kernel_name="python3")
+    log = tmp_path / "kernel.log"
+    with open(log, "w") as out:
+        km.start_kernel(cwd=str(tmp_path), stdout=out, stderr=out,
+                        env=dict(os.environ, JPY_SESSION_NAME=str(tmp_path / "k.ipynb")))
+        kc = km.client()
+        kc.start_channels()
+        try:
+            kc.wait_for_ready(timeout=120)
+            kc.execute_interactive("%load_ext kernel_ext\n%dashboard --interval 0.2",
+                                   timeout=120, output_hook=lambda m: None)
+            during: list[dict[str, Any]] = []
+            texts: list[str] = []
+
+            def hook(msg: dict[str, Any]) -> None:
+                if msg["msg_type"] == "comm_msg":
+                    during.append(msg["content"]["data"])
+                elif msg["msg_type"] == "stream":
+                    texts.append(msg["content"]["text"])
+
+            reply = kc.execute_interactive(BUSY_UNTIL_THREE_TICKS, timeout=120, output_hook=hook)
+            assert reply["content"]["status"] == "ok"
+            assert "TICKS 3" in "".join(texts)
+            # The updates reached the client while the cell was still running (before idle).
+            footers = [d["state"]["value"] for d in during
+                       if d.get("method") == "update"
+                       and "kernel-ext-footer" in str(d.get("state", {}).get("value", ""))]
+            assert len(footers) >= 3, during[:3]
+        finally:
+            kc.stop_channels()
+            km.shutdown_kernel(now=False)  # a graceful shutdown: atexit stops the thread
+    text = log.read_text()
+    assert "Traceback" not in text, text
