@@ -6,6 +6,13 @@ dtype -> per-architecture fix-up -> assign), so peak memory stays near the final
 The converted tokenizer and config (and optionally the dequantised weights) go to a conversion
 cache keyed by the file's SHA-256 (:mod:`kernel_ext.gguf.cache`).
 
+Cold load (empty cache): the tokenizer is converted on a worker thread (mostly Python) while
+the main thread decodes (mostly GIL-free torch), so the load takes about as long as the
+tokenizer conversion. With a cache on the CPU, decoded tensors are streamed into the cache's
+safetensors file and the model then maps that file copy-on-write: the weights are never held
+twice, and peak RSS stays a few hundred MB above the interpreter's. Warm load (cache filled):
+tokenizer.json and the mapped weights, no decoding at all.
+
 ``device_map`` / ``quantization`` are hooks for the memory-plan ladder (GPU only): they hand a
 dequantised state dict to Transformers' own ``from_pretrained(None, state_dict=...)`` with a
 bitsandbytes config and/or an accelerate device map. Written from the documented APIs; no GPU
