@@ -1,8 +1,8 @@
 """The live widgets, without a browser: state through ``get_state()``, lifecycle, no comm leak.
 
 Producers are real (the resilience hub's ``CircuitBreaker`` with a fake clock, the checkpoint
-manager, a real Session and its event bus, real ``MemorySample`` values); the memory sampler and the pause
-between samples are injected so nothing sleeps.
+manager, a real Session and its event bus, real ``MemorySample`` values); the memory sampler
+and the pause between samples are injected so nothing sleeps.
 """
 
 from __future__ import annotations
@@ -87,7 +87,8 @@ def html(w: Any) -> str:
 
 
 def state_of(panel: BreakerPanel, name: str) -> str:
-    m = re.search(rf"<tr data-breaker='{re.escape(name)}' data-state='([a-z_]+)'", html(panel.table))
+    row = rf"<tr data-breaker='{re.escape(name)}' data-state='([a-z_]+)'"
+    m = re.search(row, html(panel.table))
     assert m, html(panel.table)
     return m.group(1)
 
