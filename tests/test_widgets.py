@@ -360,6 +360,8 @@ def test_no_widget_or_comm_leaks_after_close(session: Session, clock: FakeClock)
                       monotonic=clock)
         d.start()
         session.events.emit("checkpoint", action="committed", status={"tracked": ["a"]})
+        for job in range(8):  # progress rows, more than the panel keeps
+            session.events.emit("load_progress", name=f"m{job}", done=1, total=2, stage="w")
         assert widget_count() > widgets_before
         d.close()
     assert widget_count() == widgets_before
@@ -539,3 +541,44 @@ def test_real_kernel_sends_updates_while_busy_and_shuts_down_cleanly(tmp_path: P
             km.shutdown_kernel(now=False)  # a graceful shutdown: atexit stops the thread
     text = log.read_text()
     assert "Traceback" not in text, text
+
+
+# --- progress ------------------------------------------------------------------------------------
+def test_progress_panel_follows_a_real_load_and_a_real_task(ip: Any, tmp_path: Path) -> None:
+    from tinymodels import write_tiny_llama
+
+    import kernel_ext
+
+    model = tmp_path / "tiny.gguf"
+    write_tiny_llama(model)
+    ip.run_line_magic("dashboard", "--interval 0")
+    (d,) = open_dashboards()
+    try:
+        assert d.progress.jobs == {}
+        ip.run_line_magic("model", f"load {model} --name tiny --no-progress")
+        assert d.progress.jobs == {"load:tiny": 1.0}
+        rows = d.progress.rows_box.children
+        assert len(rows) == 1 and "done" in html(rows[0].children[2])
+        assert rows[0].children[1].get_state()["bar_style"] == "success"
+        assert "tiny" in html(d.memory.models)  # the footprint, refreshed by the model event
+
+        ip.user_ns["kernel_ext"] = kernel_ext
+        result = ip.run_cell("t = kernel_ext.task('squares', range(4), progress=False)\n"
+                             "for i in t:\n    t.record(i * i)")
+        result.raise_error()
+        assert d.progress.jobs["task:squares"] == 1.0
+        assert "4 / 4" in html(d.progress.rows_box.children[1].children[2])
+    finally:
+        d.close()
+
+
+def test_progress_updates_are_coalesced_to_whole_percents(session: Session, dash: Dashboard) -> None:
+    dash.start()
+    values: list[float] = []
+    for done in range(1, 237):
+        session.events.emit("load_progress", name="big", done=done, total=236, stage="weights")
+        if done == 1:
+            bar = dash.progress.rows_box.children[0].children[1]
+            bar.observe(lambda change: values.append(change["new"]), "value")
+    assert 50 <= len(values) <= 100  # one message per visible percent, not one per tensor
+    assert values[-1] == 1.0 and values == sorted(values)

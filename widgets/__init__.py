@@ -10,12 +10,14 @@ from .breaker import BreakerPanel
 from .checkpoint import CheckpointPanel
 from .dashboard import Dashboard, close_dashboards, open_dashboards
 from .memory import MemoryPanel
+from .progress import ProgressPanel
 
 __all__ = [
     "BreakerPanel",
     "CheckpointPanel",
     "Dashboard",
     "MemoryPanel",
+    "ProgressPanel",
     "close_dashboards",
     "open_dashboards",
 ]

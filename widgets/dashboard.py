@@ -1,4 +1,4 @@
-"""The dashboard: breaker, memory and checkpoint panels, live while displayed.
+"""The dashboard: breaker, memory, checkpoint and progress panels, live while displayed.
 
 Nothing runs until the dashboard is shown (``_repr_mimebundle_``) or :meth:`Dashboard.start`
 is called: then it subscribes to the Session's events and a daemon thread samples memory every
@@ -23,6 +23,7 @@ from ._util import Panel, fmt_clock
 from .breaker import BreakerPanel
 from .checkpoint import CheckpointPanel
 from .memory import MemoryPanel
+from .progress import ProgressPanel
 
 __all__ = ["Dashboard", "open_dashboards", "close_dashboards"]
 
@@ -31,7 +32,7 @@ log = logging.getLogger(__name__)
 Waiter = Callable[[threading.Event, float], bool]
 """``waiter(stop, seconds)`` blocks up to ``seconds``; True when ``stop`` is set."""
 
-_EVENT_KINDS = ("breaker", "breaker_call", "checkpoint", "model")
+_EVENT_KINDS = ("breaker", "breaker_call", "checkpoint", "model", "load_progress", "task")
 _open: weakref.WeakSet[Dashboard] = weakref.WeakSet()
 
 
@@ -74,10 +75,12 @@ class Dashboard(Panel):
         self.breakers = BreakerPanel(clock=monotonic, layout=box())
         self.memory = MemoryPanel(history_seconds=history_seconds, layout=box())
         self.checkpoints = CheckpointPanel(clock=clock, layout=box())
+        self.progress = ProgressPanel(layout=box())
         self.header = HTML("<b style='font-size:110%'>kernel_ext dashboard</b>")
         self.footer = HTML()
         row = HBox([self.memory, self.checkpoints], layout=Layout(flex_flow="row wrap"))
-        super().__init__(children=[self.header, self.breakers, row, self.footer], **kwargs)
+        super().__init__(children=[self.header, self.breakers, row, self.progress, self.footer],
+                         **kwargs)
         self.add_class("kernel-ext-dashboard")
         self._sampler = sampler or _default_sampler
         self._clock = clock
@@ -204,6 +207,12 @@ class Dashboard(Panel):
             self.checkpoints.update(event.get("status") or {}, event.get("action"))
         elif kind == "model":
             self.tick()  # footprints changed: show them now rather than at the next sample
+        elif kind == "load_progress":
+            self.progress.update("load", str(event.get("name", "?")), int(event.get("done", 0)),
+                                 event.get("total"), str(event.get("stage") or ""))
+        elif kind == "task":
+            self.progress.update("task", str(event.get("name", "?")), int(event.get("done", 0)),
+                                 event.get("total"))
 
     def _set_footer(self, what: str) -> None:
         every = f"every {self.interval:g} s" if self.interval > 0 else "on events only"
