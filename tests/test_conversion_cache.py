@@ -11,7 +11,7 @@ import torch
 
 from kernel_ext.gguf import cache, sha256_file
 from kernel_ext.gguf.loader import LoadedArtifacts, load_transformers
-from tests.tinymodels import write_tiny_gemma3, write_tiny_llama
+from tinymodels import write_tiny_gemma3, write_tiny_llama
 
 PROMPT = "hello world"
 

@@ -16,7 +16,7 @@ from gguf import GGUFWriter
 from kernel_ext.errors import GGUFFormatError, GGUFUnsupportedError
 from kernel_ext.gguf import read_gguf
 from kernel_ext.gguf.loader import LoadedArtifacts, estimate_bytes, load_transformers
-from tests.tinymodels import EOS_ID, write_tiny_gemma3, write_tiny_llama
+from tinymodels import EOS_ID, write_tiny_gemma3, write_tiny_llama
 
 PROMPT = "The capital of France is"
 TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
