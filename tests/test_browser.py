@@ -214,6 +214,11 @@ def test_dashboard_tqdm_and_infer_render_in_jupyterlab(lab: str) -> None:
             expect(row.locator(".kernel-ext-state")).to_have_text("closed")
             # After the load the memory panel lists the model's footprint.
             expect(memory.locator(".kernel-ext-models")).to_contain_text("gemma3-270m")
+            # ... and the progress panel the finished load (a stock progress bar per job).
+            load_row = out(DASH, ".kernel-ext-progress .kernel-ext-progress-row")
+            expect(load_row.first).to_contain_text("gemma3-270m")
+            expect(load_row.first).to_contain_text("done")
+            expect(load_row.first.locator(".widget-hprogress")).to_be_visible()
             cells.nth(DASH).scroll_into_view_if_needed()
             page.screenshot(path=str(shot), full_page=True)
         finally:
