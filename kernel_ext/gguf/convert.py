@@ -31,6 +31,7 @@ __all__ = [
     "check_architecture",
     "config_dict",
     "build_config",
+    "check_tokenizer",
     "tokenizer_inputs",
     "build_tokenizer",
     "tokenizer_class",
@@ -135,16 +136,22 @@ _SPECIAL_TOKENS = {"bos_token": "bos_token_id", "eos_token": "eos_token_id",
                    "unk_token": "unknown_token_id", "pad_token": "padding_token_id"}
 
 
+def check_tokenizer(metadata: Mapping[str, Any]) -> None:
+    """Refuse, before any work, a file that carries no vocabulary."""
+    tokens = metadata.get("tokenizer.ggml.tokens")
+    if not isinstance(tokens, list) or not tokens:
+        raise GGUFUnsupportedError(
+            "the file has no tokenizer (no 'tokenizer.ggml.tokens' list in its metadata); "
+            "use a GGUF that embeds its vocabulary")
+
+
 def tokenizer_inputs(metadata: Mapping[str, Any]) -> tuple[str, dict[str, Any], dict[str, Any]]:
     """``(architecture, tokenizer_dict, tokenizer_config)`` as Transformers' ``get_gguf_tokenizer``
     returns them, from our metadata."""
     from transformers.integrations.gguf import GGUF_TOKENIZER_MAPPING
 
     arch = check_architecture(metadata)
-    if not isinstance(metadata.get("tokenizer.ggml.tokens"), list):
-        raise GGUFUnsupportedError(
-            "the file has no tokenizer (no 'tokenizer.ggml.tokens' list in its metadata); "
-            "use a GGUF that embeds its vocabulary")
+    check_tokenizer(metadata)
     grouped = {
         group: {name: _plain(metadata[f"tokenizer.{key}"]) for key, name in renames.items()
                 if f"tokenizer.{key}" in metadata}

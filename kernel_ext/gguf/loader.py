@@ -280,6 +280,7 @@ def load_transformers(
         t = mark("parse", t)
         summary = gf.summary()
         arch = convert.check_architecture(gf.metadata)
+        convert.check_tokenizer(gf.metadata)
         entry: Path | None = None
         if cache_dir is not None:
             if sha256 is None:
