@@ -11,7 +11,11 @@ Each run is a fresh subprocess, so its peak RSS (``ru_maxrss``) is its own:
 * ours warm: the same call again on the filled cache (best of ``--warm-repeat`` processes).
 
 Every child first imports torch, Transformers and the Gemma 3 model/tokenizer modules, so the
-timed region is the load itself (import time is printed apart). Each child also runs the
+timed region is the load itself (import time is printed apart).
+
+Then (unless ``--no-kernels``) dequantisation throughput per type on the file's own tensors,
+one intra-op thread, best of 3: ours, Transformers' torch kernels (where they exist) and
+gguf-py's numpy reference, in millions of elements per second. Each child also runs the
 prompt "The capital of France is" and greedy-decodes 16 tokens; the parent prints the largest
 logits difference to stock and whether the texts match. Ratios are stock / ours, measured in
 this run (the machine is shared, so absolute numbers drift between runs).
@@ -96,6 +100,50 @@ def _run(mode: str, path: Path, cache: Path | None, work: Path) -> dict[str, Any
     return result
 
 
+def _kernels(path: Path) -> None:
+    from collections import defaultdict
+
+    import numpy as np
+    import torch
+    from gguf import GGMLQuantizationType, quants
+    from transformers.integrations.gguf import dequant as hf
+
+    from kernel_ext.gguf import read_gguf
+    from kernel_ext.gguf.dequant import dequantize, type_name
+
+    def best(fn: Any, repeat: int = 3) -> float:
+        times = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with read_gguf(path) as gf:
+            by_type: dict[int, list[Any]] = defaultdict(list)
+            for info in gf.tensors.values():
+                by_type[info.ggml_type].append(info)
+            print(f"\n{'type':6s} {'Melem':>7s} {'ours':>8s} {'transformers':>13s} {'gguf numpy':>11s}"
+                  "   (Melem/s, 1 thread)")
+            for type_id, infos in sorted(by_type.items()):
+                raws = [np.array(gf.tensor_bytes(i.name)) for i in infos]
+                n = sum(i.n_elements for i in infos)
+                ours = best(lambda: [dequantize(r, type_id, i.shape) for r, i in zip(raws, infos)])
+                theirs = "-"
+                if type_id in hf._DEQUANT:
+                    tr = [torch.from_numpy(r) for r in raws]
+                    theirs = f"{n / best(lambda: [hf.dequantize(r, type_id) for r in tr]) / 1e6:13.0f}"
+                qt = GGMLQuantizationType(type_id)
+                ref = best(lambda: [quants.dequantize(r, qt) for r in raws], 1)
+                print(f"{type_name(type_id):6s} {n / 1e6:7.1f} {n / ours / 1e6:8.0f} {theirs:>13s} "
+                      f"{n / ref / 1e6:11.0f}")
+    finally:
+        torch.set_num_threads(before)
+
+
 def _mb(n: int) -> str:
     return f"{n / 2**20:,.0f} MB"
 
@@ -105,6 +153,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--path", type=Path, default=None, help="a .gguf file (default: the demo)")
     ap.add_argument("--warm-repeat", type=int, default=2, help="warm runs (best of)")
     ap.add_argument("--skip-stock", action="store_true", help="ours only (no ratios)")
+    ap.add_argument("--no-kernels", action="store_true", help="skip the per-type kernel table")
     ap.add_argument("--child", choices=("stock", "ours"), help=argparse.SUPPRESS)
     ap.add_argument("--cache", type=Path, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, default=None, help=argparse.SUPPRESS)
@@ -152,6 +201,8 @@ def main(argv: list[str]) -> int:
             print(f"  stock greedy: {stock['text']!r}")
         else:
             print(f"  greedy: {cold['text']!r}")
+    if not args.no_kernels:
+        _kernels(path)
     return 0
 
 
