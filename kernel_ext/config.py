@@ -55,13 +55,14 @@ class KernelExtConfig(Configurable):
     temperature = Float(
         0.0, help="Default `%%infer --temperature`; 0 is greedy and deterministic."
     ).tag(config=True)
-    decode_head = Enum(
+    decode_mode = Enum(
         ("exact", "full", "fp16"), "exact",
-        help="How local models compute logits while decoding. exact: the model's own head; greedy "
-        "tokens are screened with an fp16 copy of the head and certified, so text is unchanged "
-        "(about 2x faster on large-vocabulary CPU models, the copy costs 2 bytes per head weight). "
-        "full: the whole head every token, as model.generate does (no extra memory). fp16: the "
-        "fp16 copy for all logits, sampling included (faster sampling; sampled text can change).",
+        help="How local models decode on CPU. exact: the model's own weights; greedy tokens are "
+        "screened with an fp16 copy of the LM head and certified, so greedy text is unchanged "
+        "(~1.5x faster on the demo model; the copy costs 2 bytes per head weight). full: the model's "
+        "own forward and whole head every token, as model.generate (no extra memory). fp16: fp16 "
+        "copies of the head and of every linear layer's weights (~2x faster, ~2 bytes per weight "
+        "more memory); logits change slightly, so text can change: opt-in.",
     ).tag(config=True)
     stream = Bool(True, help="Stream tokens into the cell output as they are generated.").tag(
         config=True

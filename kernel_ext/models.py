@@ -198,7 +198,7 @@ class ModelRegistry:
         entry = ModelEntry(
             name=name, path=path, sha256=digest, plan=plan,
             provider=TransformersGGUFProvider(name, local, template_caps=caps,
-                                              decode_head=lambda: cfg.decode_head),
+                                              decode_mode=lambda: cfg.decode_mode),
             summary=summary, load_s=load_s, footprint=_footprint(artifacts.model),
             timings=dict(getattr(artifacts, "timings", {}) or {}),
         )

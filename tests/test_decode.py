@@ -15,7 +15,7 @@ import torch
 
 from kernel_ext.errors import ProviderError
 from kernel_ext.providers.base import GenerationParams
-from kernel_ext.providers.decode import HEAD_MODES, SCREEN_CANDIDATES, Sampling, decode
+from kernel_ext.providers.decode import DECODE_MODES, SCREEN_CANDIDATES, Sampling, decode
 from kernel_ext.providers.transformers_gguf import LocalModel, TransformersGGUFProvider
 from tinymodels import EOS_ID, PAD_ID, write_tiny_gemma3, write_tiny_llama
 
@@ -57,11 +57,11 @@ def test_greedy_tokens_equal_generate(tiny: tuple[Any, Any], head: str, prompt: 
     model, tok = tiny
     ids = _ids(tok, prompt)
     expected = _generate(model, ids, 40)
-    got = decode(model, ids, max_new_tokens=40, eos_ids={EOS_ID}, head=head)
+    got = decode(model, ids, max_new_tokens=40, eos_ids={EOS_ID}, mode=head)
     assert got.tokens == expected
     assert got.prompt_tokens == ids.shape[1]
     if head == "exact":  # the fp16 screen ran and certified every token of these fp32 heads
-        assert got.head == "exact" and got.screened == len(got.tokens) and got.fallbacks == 0
+        assert got.mode == "exact" and got.screened == len(got.tokens) and got.fallbacks == 0
     else:
         assert got.screened == 0
 
@@ -79,7 +79,7 @@ def test_ties_fall_back_to_the_full_head_and_keep_the_lowest_id(tiny: tuple[Any,
             weight[other] = weight[first]
         expected = _generate(model, ids, 12)
         assert expected[0] == min(first, other)
-        got = decode(model, ids, max_new_tokens=12, eos_ids={EOS_ID}, head="exact")
+        got = decode(model, ids, max_new_tokens=12, eos_ids={EOS_ID}, mode="exact")
         assert got.tokens == expected
         assert got.fallbacks >= 1  # the tie was not decided by the screen
     finally:
@@ -98,7 +98,7 @@ def test_final_logit_softcapping_is_applied_like_the_model(tiny: tuple[Any, Any]
     try:
         expected = _generate(model, ids, 20)
         for head in ("exact", "full"):
-            assert decode(model, ids, max_new_tokens=20, eos_ids={EOS_ID}, head=head).tokens == expected
+            assert decode(model, ids, max_new_tokens=20, eos_ids={EOS_ID}, mode=head).tokens == expected
         kw = dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0)
         with torch.random.fork_rng():
             torch.manual_seed(3)
@@ -115,17 +115,51 @@ def test_a_bf16_model_uses_its_own_head_and_matches_generate(tmp_path: Path) -> 
     model, tok = _load(write_tiny_llama(tmp_path / "bf16.gguf", seed=4))
     model.to(torch.bfloat16)
     ids = _ids(tok, "the capital of France is")
-    got = decode(model, ids, max_new_tokens=24, eos_ids={EOS_ID}, head="exact")
+    got = decode(model, ids, max_new_tokens=24, eos_ids={EOS_ID}, mode="exact")
     assert got.tokens == _generate(model, ids, 24)
     assert got.screened == 0  # the fp16 screen is only certified for float32 heads
 
 
-def test_fp16_head_is_close_and_reported(tiny: tuple[Any, Any]) -> None:
+def _linears(model: Any) -> list[torch.nn.Linear]:
+    return [m for m in model.base_model.modules() if isinstance(m, torch.nn.Linear)]
+
+
+def test_fp16_mode_uses_fp16_weights_then_restores_the_model(tiny: tuple[Any, Any]) -> None:
     model, tok = tiny
     ids = _ids(tok, "hello world")
-    got = decode(model, ids, max_new_tokens=10, eos_ids={EOS_ID}, head="fp16")
-    assert got.head == "fp16" and 1 <= len(got.tokens) <= 10
-    assert all(0 <= t < model.config.vocab_size for t in got.tokens)
+    with torch.inference_mode():
+        before = model(ids).logits
+    seen: list[bool] = []
+
+    def hook(token: int) -> bool:  # during decoding, the linears run the fp16 copies
+        seen.append(all("forward" in vars(m) for m in _linears(model)))
+        return False
+
+    got = decode(model, ids, max_new_tokens=6, mode="fp16", on_token=hook)
+    assert got.mode == "fp16" and len(got.tokens) == 6 and all(seen) and seen
+    assert not any("forward" in vars(m) for m in _linears(model))  # restored
+    with torch.inference_mode():
+        assert torch.equal(model(ids).logits, before)
+    # fp16 weights change logits a little, not the greedy choice of these tiny models' first token
+    assert got.tokens[0] == decode(model, ids, max_new_tokens=1).tokens[0]
+
+
+def test_fp16_overflow_is_a_clear_error_and_restores_the_model(tiny: tuple[Any, Any]) -> None:
+    model, tok = tiny
+    weight = _linears(model)[-1].weight  # the last MLP projection feeds the final norm
+    saved = weight.detach().clone()
+    try:
+        with torch.no_grad():
+            weight.mul_(1e6)  # beyond fp16's range once copied
+        with pytest.raises(ProviderError, match="fp16 weights overflowed"):
+            decode(model, _ids(tok, "hello"), max_new_tokens=3, mode="fp16")
+        assert not any("forward" in vars(m) for m in _linears(model))
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)
+    # the fp16 copies follow the restored weights
+    got = decode(model, _ids(tok, "hello"), max_new_tokens=3, mode="fp16")
+    assert len(got.tokens) == 3
 
 
 def test_the_screen_bound_holds_for_random_hidden_states(tiny: tuple[Any, Any]) -> None:
@@ -161,7 +195,7 @@ def test_seeded_sampling_matches_generate(tiny: tuple[Any, Any], temperature: fl
     for head in ("exact", "full"):
         with torch.random.fork_rng():
             torch.manual_seed(11)
-            got = decode(model, ids, max_new_tokens=24, eos_ids={EOS_ID}, head=head,
+            got = decode(model, ids, max_new_tokens=24, eos_ids={EOS_ID}, mode=head,
                          sampling=Sampling(temperature, top_p, top_k))
         assert got.tokens == expected
 
@@ -223,7 +257,7 @@ def test_clock_is_injected(tiny: tuple[Any, Any]) -> None:
 @pytest.mark.parametrize(
     "kwargs, fragment",
     [
-        ({"head": "int3"}, "decode head must be one of"),
+        ({"mode": "int3"}, "decode mode must be one of"),
         ({"max_new_tokens": 0}, "max_new_tokens must be >= 1"),
         ({"input_ids": torch.ones(2, 3, dtype=torch.long)}, "input_ids must have shape (1, n)"),
         ({"input_ids": torch.ones(1, 0, dtype=torch.long)}, "input_ids must have shape (1, n)"),
@@ -247,7 +281,7 @@ def test_bad_sampling_is_a_clear_error(kwargs: dict[str, Any], fragment: str) ->
 
 
 def test_head_modes_and_candidates_are_public() -> None:
-    assert HEAD_MODES[0] == "exact" and set(HEAD_MODES) == {"exact", "full", "fp16"}
+    assert DECODE_MODES[0] == "exact" and set(DECODE_MODES) == {"exact", "full", "fp16"}
     assert SCREEN_CANDIDATES >= 2
 
 
@@ -298,15 +332,15 @@ def test_provider_should_stop_is_a_timeout_with_partial_text(provider: Transform
     assert full.text.startswith(r.text)
 
 
-def test_provider_honours_the_head_setting(provider: TransformersGGUFProvider) -> None:
+def test_provider_honours_the_mode_setting(provider: TransformersGGUFProvider) -> None:
     params = GenerationParams(max_new_tokens=8)
-    provider.decode_head = "full"
+    provider.decode_mode = "full"
     a = provider.generate("hello", params).text
     modes = iter(["exact"])
-    provider.decode_head = lambda: next(modes)
+    provider.decode_mode = lambda: next(modes)
     assert provider.generate("hello", params).text == a
-    provider.decode_head = "int3"
-    with pytest.raises(ProviderError, match="decode head must be one of"):
+    provider.decode_mode = "int3"
+    with pytest.raises(ProviderError, match="decode mode must be one of"):
         provider.generate("hello", params)
 
 

@@ -20,9 +20,14 @@ Measured on CPU (``python -m benchmarks.bench_decode``), and why the loop looks 
   error (see :class:`_Head`); when the bound cannot prove that no other row could win, it
   falls back to the full fp32 head. The token is the one the full head picks, so greedy text is
   unchanged. The fp16 copy costs 2 bytes per head weight of extra memory.
-* ``"fp16"`` uses that copy for *all* logits, sampling included: faster sampling, but logits
-  change by up to ~1e-2 and sampled text can differ. Opt-in. (An int8 head through
-  ``torch._weight_int8pack_mm`` and a bf16 head were measured slower than fp16 on this CPU.)
+* ``"fp16"`` (opt-in) also moves the body to fp16 *weights*: every ``nn.Linear`` of the base
+  model multiplies with an fp16 copy of its weight (activations stay float32 between layers:
+  inputs are cast to fp16 for the product only), and the fp16 head gives all logits, sampling
+  included. About half the bytes per token of the float32 model; logits change by ~1e-2, so text
+  can change (it did not on the benchmark's greedy prompts). fp16 rather than bf16 or int8
+  because, on this CPU, torch's fp16 products ran at ~17 GB/s of weights while bf16 ran at ~4 and
+  int8 (``torch._weight_int8pack_mm``, fbgemm dynamic) gained little over fp16 for much larger
+  errors. Only float32 CPU models get the copies; others decode with their own weights.
 * ``"full"`` always uses the model's own forward and head: what ``generate`` computes.
 
 Sampling mirrors ``generate``'s warpers in order (temperature, top-k, top-p), ``softmax`` and
@@ -32,26 +37,27 @@ Sampling mirrors ``generate``'s warpers in order (temperature, top-k, top-p), ``
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import time
 import weakref
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ProviderError
 
 __all__ = [
-    "HEAD_MODES",
+    "DECODE_MODES",
     "SCREEN_CANDIDATES",
     "DecodeResult",
     "Sampling",
     "decode",
 ]
 
-HEAD_MODES: tuple[str, ...] = ("exact", "full", "fp16")
-"""How logits are computed; see the module docstring."""
+DECODE_MODES: tuple[str, ...] = ("exact", "full", "fp16")
+"""What a decode step computes and in which precision; see the module docstring."""
 
 SCREEN_CANDIDATES = 16
 """Rows of the head whose logits are computed exactly after the fp16 screen."""
@@ -97,7 +103,7 @@ class DecodeResult:
     prompt_tokens: int
     first_token_s: float | None
     total_s: float
-    head: str  # the head mode that ran: "exact", "full" or "fp16"
+    mode: str  # the mode that ran: "exact", "full" or "fp16"
     screened: int = 0  # greedy tokens the fp16 screen certified
     fallbacks: int = 0  # greedy tokens that needed the full head
 
@@ -117,7 +123,7 @@ def decode(
     sampling: Sampling | None = None,
     eos_ids: Collection[int] = (),
     on_token: TokenHook | None = None,
-    head: str = "exact",
+    mode: str = "exact",
     clock: Callable[[], float] = time.perf_counter,
 ) -> DecodeResult:
     """Generate up to ``max_new_tokens`` tokens after ``input_ids`` (shape ``(1, n)``).
@@ -129,20 +135,20 @@ def decode(
     """
     import torch
 
-    if head not in HEAD_MODES:
-        raise ProviderError(f"decode head must be one of {', '.join(HEAD_MODES)}, got {head!r}")
+    if mode not in DECODE_MODES:
+        raise ProviderError(f"decode mode must be one of {', '.join(DECODE_MODES)}, got {mode!r}")
     if max_new_tokens < 1:
         raise ProviderError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if input_ids.dim() != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] < 1:
         raise ProviderError(f"input_ids must have shape (1, n) with n >= 1, got {tuple(input_ids.shape)}")
     sampling = sampling or Sampling()
     eos = frozenset(int(e) for e in eos_ids)
-    step = _Stepper(model, head)
+    step = _Stepper(model, mode)
     tokens: list[int] = []
     first: float | None = None
     reason = "length"
     t0 = clock()
-    with torch.inference_mode():
+    with torch.inference_mode(), step.weights():
         ids = input_ids
         for _ in range(max_new_tokens):
             token = step.next_token(ids, sampling)
@@ -158,7 +164,7 @@ def decode(
             ids = torch.tensor([[token]], dtype=input_ids.dtype, device=input_ids.device)
     return DecodeResult(
         tokens=tokens, finish_reason=reason, prompt_tokens=int(input_ids.shape[1]),
-        first_token_s=first, total_s=clock() - t0, head=step.mode,
+        first_token_s=first, total_s=clock() - t0, mode=step.mode,
         screened=step.screened, fallbacks=step.fallbacks,
     )
 
@@ -178,6 +184,9 @@ class _Stepper:
             if self.head is None:
                 mode = "full"  # a head this module cannot reproduce exactly: the model's own
         self.mode = mode
+        self.halves: dict[Any, Any] = {}
+        if mode == "fp16":
+            self.halves = _fp16_linears(model.base_model)
         runner = model if self.head is None else model.base_model
         self.run = runner
         self.kwargs: dict[str, Any] = {_cache_kwarg(runner): self.cache, "use_cache": True}
@@ -185,6 +194,17 @@ class _Stepper:
             self.kwargs["logits_to_keep"] = 1
         self.screened = 0
         self.fallbacks = 0
+
+    @contextlib.contextmanager
+    def weights(self) -> Iterator[None]:
+        """While decoding, the fp16 linears (mode "fp16") replace the model's own forwards."""
+        for module, half in self.halves.items():
+            module.forward = _half_forward(half)
+        try:
+            yield
+        finally:
+            for module in self.halves:
+                del module.forward  # the class's forward again
 
     def next_token(self, ids: Any, sampling: Sampling) -> int:
         out = self.run(input_ids=ids, **self.kwargs)
@@ -194,6 +214,10 @@ class _Stepper:
             return _choose(logits, sampling)
         hidden = out.last_hidden_state[:, -1, :]
         if self.mode == "fp16":
+            if self.halves and not bool(hidden.isfinite().all()):
+                raise ProviderError("the fp16 weights overflowed on this model (non-finite hidden "
+                                    "states); decode with mode 'exact' (%config KernelExt.decode_mode "
+                                    "= 'exact')")
             return _choose(self.head.approx_logits(hidden), sampling)
         if sampling.greedy and self.head.can_screen:
             token = self.head.screened_argmax(hidden)
@@ -333,6 +357,41 @@ def _row_norm_bounds(weight: Any, half: Any, chunk: int = 16384) -> tuple[float,
 
 
 _HEADS: weakref.WeakKeyDictionary[Any, _Head] = weakref.WeakKeyDictionary()
+_HALVES: weakref.WeakKeyDictionary[Any, tuple[Any, int, Any]] = weakref.WeakKeyDictionary()
+
+
+def _fp16_linears(base: Any) -> dict[Any, Any]:
+    """fp16 copies of the weights of ``base``'s float32 CPU linears (cached; refreshed when a
+    weight changes). Modules whose ``forward`` is already replaced (accelerate hooks) keep it."""
+    import torch
+
+    halves: dict[Any, Any] = {}
+    with torch.inference_mode():
+        for module in base.modules():
+            if type(module) is not torch.nn.Linear or "forward" in vars(module):
+                continue
+            w = module.weight
+            if w.dtype != torch.float32 or w.device.type != "cpu":
+                continue
+            cached = _HALVES.get(module)
+            if cached is None or cached[0] is not w or cached[1] != w._version:
+                bias = None if module.bias is None else module.bias.detach().to(torch.float16)
+                cached = (w, w._version, (w.detach().to(torch.float16), bias))
+                _HALVES[module] = cached
+            halves[module] = cached[2]
+    return halves
+
+
+def _half_forward(half: tuple[Any, Any]) -> Callable[[Any], Any]:
+    import torch
+    import torch.nn.functional as F
+
+    weight, bias = half
+
+    def forward(x: Any) -> Any:
+        return F.linear(x.to(torch.float16), weight, bias).to(x.dtype)
+
+    return forward
 
 
 def _head_for(model: Any) -> _Head | None:

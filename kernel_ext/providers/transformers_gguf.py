@@ -40,11 +40,11 @@ class TransformersGGUFProvider:
     """A loaded model behind the :class:`~kernel_ext.providers.base.Provider` protocol."""
 
     def __init__(self, name: str, local: LocalModel, *, template_caps: dict[str, Any] | None = None,
-                 decode_head: str | Callable[[], str] = "exact") -> None:
+                 decode_mode: str | Callable[[], str] = "exact") -> None:
         self.name = name
-        # a mode of kernel_ext.providers.decode.HEAD_MODES, or a callable read at each call
-        # (the registry passes the live `KernelExt.decode_head` setting)
-        self.decode_head = decode_head
+        # a mode of kernel_ext.providers.decode.DECODE_MODES, or a callable read at each call
+        # (the registry passes the live `KernelExt.decode_mode` setting)
+        self.decode_mode = decode_mode
         self.local: LocalModel | None = local
         self.template_caps = template_caps or {}
 
@@ -131,7 +131,7 @@ class TransformersGGUFProvider:
                 return True
             return False
 
-        head = self.decode_head() if callable(self.decode_head) else self.decode_head
+        mode = self.decode_mode() if callable(self.decode_mode) else self.decode_mode
         sampling = Sampling(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
         devices = [torch.device(local.device).index or 0] if local.device.startswith("cuda") else []
         try:
@@ -140,7 +140,7 @@ class TransformersGGUFProvider:
                     torch.manual_seed(params.seed)
                 out = decode(local.model, input_ids, max_new_tokens=params.max_new_tokens,
                              sampling=sampling, eos_ids=_eos_ids(local), on_token=on_new_token,
-                             head=head)
+                             mode=mode)
         except torch.OutOfMemoryError as e:
             raise ProviderOutOfMemoryError(
                 f"{self.name}: out of memory while generating ({e}); try fewer --max-new-tokens, "
