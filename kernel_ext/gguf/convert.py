@@ -9,7 +9,8 @@ opened again. What is reused from Transformers, and what is ours:
 * tokenizer: ``GGUF_TOKENIZER_MAPPING`` and Transformers' builders (``convert_gguf_tokenizer``:
   the gemma / llama sentencepiece, byte-level BPE and unigram converters) are fed our metadata
   instead of their own reader (which re-parses the file); the final tokenizer adopts the built
-  backend instead of deep-copying it (a ~3 s JSON round trip for Gemma's 262k tokens).
+  backend instead of deep-copying it (a ~3 s JSON round trip for Gemma's 262k tokens), and the
+  merges of a vocabulary without them are derived in one pass when its scores are distinct.
 * tensors: ``get_gguf_hf_weights_map`` (gguf-py's name tables) and ``TENSOR_PROCESSORS``
   (llama q/k un-permutation, gemma ``norm - 1``) are reused; the processors receive torch tensors.
 """
@@ -173,6 +174,52 @@ def tokenizer_inputs(metadata: Mapping[str, Any]) -> tuple[str, dict[str, Any], 
     return arch, tokenizer, tok_config
 
 
+def _generate_merges(vocab: dict[str, int], vocab_scores: dict[str, float] | None = None,
+                     skip_tokens: Any = None) -> list[tuple[str, str]]:
+    """``transformers.tokenization_utils_base.generate_merges``, without its global sort when
+    the scores are all distinct (Gemma's are: minus the position in the file).
+
+    The original collects every split of every token into pieces that are both in the
+    vocabulary, then stable-sorts them all by (score, left length, right length), descending
+    when scores are given. With distinct scores that order is simply: tokens by score, and
+    within a token its splits by left length (longest first when descending) -- which is
+    what is produced here directly, in one pass (~4x faster on Gemma's 262k tokens). Equal
+    scores fall back to the original.
+    """
+    from transformers.tokenization_utils_base import generate_merges
+
+    reverse = vocab_scores is not None
+    scores = vocab_scores if reverse else vocab
+    if len(set(scores.values())) != len(scores):
+        return generate_merges(vocab, vocab_scores, skip_tokens)
+    skip = frozenset(skip_tokens) if skip_tokens is not None else frozenset()
+    pieces = {k for k in vocab if k not in skip} if skip else vocab
+    order = sorted(scores, key=scores.__getitem__, reverse=reverse)
+    merges: list[tuple[str, str]] = []
+    extend = merges.extend
+    for token in order:
+        n = len(token)
+        if n < 2 or token in skip:
+            continue
+        splits = range(n - 1, 0, -1) if reverse else range(1, n)
+        extend([(token[:i], token[i:]) for i in splits
+                if token[:i] in pieces and token[i:] in pieces])
+    return merges
+
+
+@contextlib.contextmanager
+def _fast_merges() -> Iterator[None]:
+    """Use :func:`_generate_merges` inside Transformers' GGUF tokenizer builders."""
+    from transformers.integrations.gguf import gguf_tokenizer_mapping as mapping
+
+    original = mapping.generate_merges
+    mapping.generate_merges = _generate_merges
+    try:
+        yield
+    finally:
+        mapping.generate_merges = original
+
+
 def tokenizer_class(model_type: str) -> type:
     """The tokenizer class ``AutoTokenizer`` picks for ``model_type`` (fast backend)."""
     from transformers import PreTrainedTokenizerFast
@@ -193,7 +240,8 @@ def build_tokenizer(metadata: Mapping[str, Any], model_type: str) -> Any:
 
     arch, tok_dict, tok_config = tokenizer_inputs(metadata)
     try:
-        backend, extra = convert_gguf_tokenizer(arch, tok_dict)
+        with _fast_merges():
+            backend, extra = convert_gguf_tokenizer(arch, tok_dict)
     except (ValueError, KeyError, TypeError) as e:
         raise GGUFUnsupportedError(
             f"cannot build a tokenizer from this file's metadata "
