@@ -45,7 +45,7 @@ def _demo_path() -> Path:
     return Path(demo.assemble())
 
 
-# --- child side ------------------------------------------------------------------------------------
+# --- child side ----------------------------------------------------------------------------------
 def _child(mode: str, path: Path, cache: Path | None, out: Path) -> None:
     import resource
 
@@ -60,8 +60,9 @@ def _child(mode: str, path: Path, cache: Path | None, out: Path) -> None:
     extra: dict[str, Any] = {}
     t0 = time.perf_counter()
     if mode == "stock":
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                     dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=torch.float32
+        )
         t_model = time.perf_counter() - t0
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         extra["timings"] = {"model": t_model, "tokenizer": time.perf_counter() - t0 - t_model}
@@ -79,17 +80,35 @@ def _child(mode: str, path: Path, cache: Path | None, out: Path) -> None:
         logits = model(**ids).logits[0].float()
         gen = model.generate(**ids, max_new_tokens=NEW_TOKENS, do_sample=False)
     torch.save(logits, out.with_suffix(".pt"))
-    out.write_text(json.dumps({
-        "mode": mode, "load_s": load_s, "import_s": import_s, "peak_rss": peak,
-        "input_ids": ids.input_ids[0].tolist(), "text": tokenizer.decode(gen[0]), **extra,
-    }))
+    out.write_text(
+        json.dumps(
+            {
+                "mode": mode,
+                "load_s": load_s,
+                "import_s": import_s,
+                "peak_rss": peak,
+                "input_ids": ids.input_ids[0].tolist(),
+                "text": tokenizer.decode(gen[0]),
+                **extra,
+            }
+        )
+    )
 
 
-# --- parent side -----------------------------------------------------------------------------------
+# --- parent side ---------------------------------------------------------------------------------
 def _run(mode: str, path: Path, cache: Path | None, work: Path) -> dict[str, Any]:
     out = work / f"{mode}-{time.monotonic_ns()}.json"
-    cmd = [sys.executable, "-m", "benchmarks.bench_load", "--child", mode, "--path", str(path),
-           "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.bench_load",
+        "--child",
+        mode,
+        "--path",
+        str(path),
+        "--out",
+        str(out),
+    ]
     if cache is not None:
         cmd += ["--cache", str(cache)]
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
@@ -126,8 +145,11 @@ def _kernels(path: Path) -> None:
             by_type: dict[int, list[Any]] = defaultdict(list)
             for info in gf.tensors.values():
                 by_type[info.ggml_type].append(info)
-            print(f"\n{'type':6s} {'Melem':>7s} {'ours':>8s} {'transformers':>13s} {'gguf numpy':>11s}"
-                  "   (Melem/s, 1 thread)")
+            print(
+                f"\n{'type':6s} {'Melem':>7s} {'ours':>8s} {'transformers':>13s} "
+                f"{'gguf numpy':>11s}"
+                "   (Melem/s, 1 thread)"
+            )
             for type_id, infos in sorted(by_type.items()):
                 raws = [np.array(gf.tensor_bytes(i.name)) for i in infos]
                 n = sum(i.n_elements for i in infos)
@@ -135,11 +157,15 @@ def _kernels(path: Path) -> None:
                 theirs = "-"
                 if type_id in hf._DEQUANT:
                     tr = [torch.from_numpy(r) for r in raws]
-                    theirs = f"{n / best(lambda: [hf.dequantize(r, type_id) for r in tr]) / 1e6:13.0f}"
+                    theirs = (
+                        f"{n / best(lambda: [hf.dequantize(r, type_id) for r in tr]) / 1e6:13.0f}"
+                    )
                 qt = GGMLQuantizationType(type_id)
                 ref = best(lambda: [quants.dequantize(r, qt) for r in raws], 1)
-                print(f"{type_name(type_id):6s} {n / 1e6:7.1f} {n / ours / 1e6:8.0f} {theirs:>13s} "
-                      f"{n / ref / 1e6:11.0f}")
+                print(
+                    f"{type_name(type_id):6s} {n / 1e6:7.1f} {n / ours / 1e6:8.0f} {theirs:>13s} "
+                    f"{n / ref / 1e6:11.0f}"
+                )
     finally:
         torch.set_num_threads(before)
 
@@ -165,8 +191,11 @@ def main(argv: list[str]) -> int:
 
     import torch
 
-    print(f"file: {path} ({path.stat().st_size / 1e6:.0f} MB); cpus: {os.cpu_count()}; "
-          f"load average: {os.getloadavg()[0]:.1f}", flush=True)
+    print(
+        f"file: {path} ({path.stat().st_size / 1e6:.0f} MB); cpus: {os.cpu_count()}; "
+        f"load average: {os.getloadavg()[0]:.1f}",
+        flush=True,
+    )
     with tempfile.TemporaryDirectory(prefix="bench_load_") as tmp:
         work = Path(tmp)
         path.read_bytes()  # page cache warm for everyone
@@ -177,17 +206,23 @@ def main(argv: list[str]) -> int:
             runs.append(("stock (model + tokenizer)", stock))
         cold = _run("ours", path, cache, work)
         runs.append(("ours cold (empty cache)", cold))
-        warm = min((_run("ours", path, cache, work) for _ in range(max(1, args.warm_repeat))),
-                   key=lambda r: r["load_s"])
+        warm = min(
+            (_run("ours", path, cache, work) for _ in range(max(1, args.warm_repeat))),
+            key=lambda r: r["load_s"],
+        )
         runs.append(("ours warm (cache filled)", warm))
 
-        print(f"\n{'run':28s} {'load s':>8s} {'peak RSS':>10s} {'vs stock':>9s} {'RSS ratio':>9s}"
-              f"  imports s")
+        print(
+            f"\n{'run':28s} {'load s':>8s} {'peak RSS':>10s} {'vs stock':>9s} {'RSS ratio':>9s}"
+            f"  imports s"
+        )
         for label, r in runs:
             ratio = f"{stock['load_s'] / r['load_s']:.1f}x" if stock else "-"
             rss = f"{r['peak_rss'] / stock['peak_rss']:.2f}" if stock else "-"
-            print(f"{label:28s} {r['load_s']:8.2f} {_mb(r['peak_rss']):>10s} {ratio:>9s} "
-                  f"{rss:>9s}  {r['import_s']:.2f}")
+            print(
+                f"{label:28s} {r['load_s']:8.2f} {_mb(r['peak_rss']):>10s} {ratio:>9s} "
+                f"{rss:>9s}  {r['import_s']:.2f}"
+            )
         for label, r in runs:
             stages = ", ".join(f"{k} {v:.2f}" for k, v in r.get("timings", {}).items())
             print(f"  {label}: {stages}")
@@ -197,7 +232,10 @@ def main(argv: list[str]) -> int:
             for label, r in runs[1:]:
                 diff = (torch.load(r["logits_path"]) - ref).abs().max().item()
                 same = r["text"] == stock["text"] and r["input_ids"] == stock["input_ids"]
-                print(f"  {label}: logits max |diff| vs stock {diff:.2e}; greedy text identical: {same}")
+                print(
+                    f"  {label}: logits max |diff| vs stock {diff:.2e}; "
+                    f"greedy text identical: {same}"
+                )
             print(f"  stock greedy: {stock['text']!r}")
         else:
             print(f"  greedy: {cold['text']!r}")

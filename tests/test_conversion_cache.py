@@ -72,7 +72,9 @@ def test_changed_file_never_hits_the_stale_entry(tmp_path: Path) -> None:
     assert {e.sha256 for e in cache.list_entries(root)} == {first.sha256, second.sha256}
 
 
-def test_in_place_edits_of_a_cached_model_do_not_reach_the_cache(tiny: Path, tmp_path: Path) -> None:
+def test_in_place_edits_of_a_cached_model_do_not_reach_the_cache(
+    tiny: Path, tmp_path: Path
+) -> None:
     root = tmp_path / "cache"
     cold = load_transformers(tiny, cache_dir=root)
     before = _logits(cold)
@@ -85,8 +87,9 @@ def test_in_place_edits_of_a_cached_model_do_not_reach_the_cache(tiny: Path, tmp
 
 
 @pytest.mark.parametrize("garbage", [b"", b"{not json", b'{"version": "1.0", "model": 3}'])
-def test_corrupt_tokenizer_is_ignored_and_rebuilt(tiny: Path, tmp_path: Path, garbage: bytes,
-                                                  caplog: pytest.LogCaptureFixture) -> None:
+def test_corrupt_tokenizer_is_ignored_and_rebuilt(
+    tiny: Path, tmp_path: Path, garbage: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
     root = tmp_path / "cache"
     cold = load_transformers(tiny, cache_dir=root)
     tok_json = _entry(root, tiny) / "tokenizer" / "tokenizer.json"
@@ -100,8 +103,9 @@ def test_corrupt_tokenizer_is_ignored_and_rebuilt(tiny: Path, tmp_path: Path, ga
     assert load_transformers(tiny, cache_dir=root).cache_hits["tokenizer"] is True
 
 
-def test_truncated_weights_are_ignored_and_rebuilt(tiny: Path, tmp_path: Path,
-                                                   caplog: pytest.LogCaptureFixture) -> None:
+def test_truncated_weights_are_ignored_and_rebuilt(
+    tiny: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     root = tmp_path / "cache"
     cold = load_transformers(tiny, cache_dir=root)
     expected = _logits(cold)
@@ -123,11 +127,11 @@ def test_weights_with_a_lying_header_are_rebuilt(tiny: Path, tmp_path: Path) -> 
     weights = _entry(root, tiny) / "weights-float32.safetensors"
     raw = bytearray(weights.read_bytes())
     n = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8:8 + n])
+    header = json.loads(raw[8 : 8 + n])
     name = next(k for k in header if k != "__metadata__")
     header[name]["shape"] = [1, 1]  # still a valid file, wrong for the model
     text = json.dumps(header).encode().ljust(n)
-    weights.write_bytes(len(text).to_bytes(8, "little") + text + bytes(raw[8 + n:]))
+    weights.write_bytes(len(text).to_bytes(8, "little") + text + bytes(raw[8 + n :]))
     again = load_transformers(tiny, cache_dir=root)
     assert again.cache_hits["weights"] is False
     assert load_transformers(tiny, cache_dir=root).cache_hits["weights"] is True
@@ -203,8 +207,9 @@ def test_weights_are_keyed_by_dtype_and_are_plain_safetensors(tiny: Path, tmp_pa
             torch.testing.assert_close(f.get_tensor(key), state[key].detach(), rtol=0, atol=0)
 
 
-def test_writer_abort_and_incomplete_commit_leave_nothing(tmp_path: Path,
-                                                          caplog: pytest.LogCaptureFixture) -> None:
+def test_writer_abort_and_incomplete_commit_leave_nothing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     specs = [("a", (2, 3), torch.float32), ("b", (4,), torch.bfloat16)]
     w = cache.WeightsWriter(tmp_path / "w.safetensors", specs)
     w.put("a", torch.ones(2, 3))

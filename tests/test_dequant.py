@@ -37,8 +37,11 @@ def _quantised(qtype: T, shape: tuple[int, ...], seed: int = 0) -> tuple[np.ndar
     else:
         raw = quants.quantize(x, qtype)
     raw_u8 = np.ascontiguousarray(raw).view(np.uint8).reshape(-1)
-    ref = quants.dequantize(raw_u8.reshape(*shape[:-1], -1), qtype) if qtype not in (T.F32, T.F16) \
+    ref = (
+        quants.dequantize(raw_u8.reshape(*shape[:-1], -1), qtype)
+        if qtype not in (T.F32, T.F16)
         else raw.astype(np.float32)
+    )
     return raw_u8, ref.reshape(shape)
 
 
@@ -48,7 +51,7 @@ def _k_blocks(qtype: T, n_blocks: int, seed: int = 0) -> np.ndarray:
     raw = rng.integers(0, 256, size=(n_blocks, block_bytes), dtype=np.uint8)
     for at in _K_HALVES[qtype]:
         scales = (rng.uniform(-1, 1, n_blocks) * 0.01).astype(np.float16)
-        raw[:, at:at + 2] = scales.view(np.uint8).reshape(n_blocks, 2)
+        raw[:, at : at + 2] = scales.view(np.uint8).reshape(n_blocks, 2)
     return raw.reshape(-1)
 
 
@@ -128,8 +131,21 @@ def test_unsupported_type_names_the_supported_ones(type_id: int) -> None:
 
 def test_required_types_are_supported() -> None:
     names = set(supported_type_names())
-    assert {"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K",
-            "Q4_K", "Q5_K", "Q6_K"} <= names
+    assert {
+        "F32",
+        "F16",
+        "BF16",
+        "Q4_0",
+        "Q4_1",
+        "Q5_0",
+        "Q5_1",
+        "Q8_0",
+        "Q2_K",
+        "Q3_K",
+        "Q4_K",
+        "Q5_K",
+        "Q6_K",
+    } <= names
 
 
 def test_wrong_byte_count_is_a_format_error() -> None:

@@ -25,8 +25,9 @@ TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfo
 def _stock(path: Path) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                 dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32
+    )
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     return model.eval(), tokenizer
 
@@ -57,8 +58,9 @@ def _compare(ours: LoadedArtifacts, stock_model: Any, stock_tok: Any, new_tokens
     ],
     ids=["llama-F32", "llama-Q8_0-tied", "llama-Q4_K", "gemma3-Q5_0", "gemma3-F16"],
 )
-def test_tiny_models_match_stock_transformers(tmp_path: Path, writer: Any, quant: str,
-                                             extra: dict[str, Any]) -> None:
+def test_tiny_models_match_stock_transformers(
+    tmp_path: Path, writer: Any, quant: str, extra: dict[str, Any]
+) -> None:
     path = writer(tmp_path / "tiny.gguf", quant=quant, **extra)
     ours = load_transformers(path)
     stock_model, stock_tok = _stock(path)
@@ -84,13 +86,18 @@ def test_tiny_model_generates_and_reports(tmp_path: Path) -> None:
     assert set(art.timings) >= {"parse", "config", "tokenizer", "weights", "total"}
     assert art.load_s == art.timings["total"] > 0
     assert art.peak_rss is None or art.peak_rss > 0
-    assert art.sha256 is None and art.cache_hits == {"config": False, "tokenizer": False,
-                                                     "weights": False}
+    assert art.sha256 is None and art.cache_hits == {
+        "config": False,
+        "tokenizer": False,
+        "weights": False,
+    }
     ids = art.tokenizer("hello world", return_tensors="pt")
     out = art.model.generate(**ids, max_new_tokens=6, do_sample=False)
-    text = art.tokenizer.decode(out[0][ids.input_ids.shape[1]:], skip_special_tokens=True)
+    text = art.tokenizer.decode(out[0][ids.input_ids.shape[1] :], skip_special_tokens=True)
     assert out.shape[1] == ids.input_ids.shape[1] + 6 and text.strip()
-    assert art.tokenizer.eos_token_id == EOS_ID and art.tokenizer.bos_token_id == ids.input_ids[0, 0]
+    assert (
+        art.tokenizer.eos_token_id == EOS_ID and art.tokenizer.bos_token_id == ids.input_ids[0, 0]
+    )
 
 
 def test_bfloat16_load_is_close_to_float32(tmp_path: Path) -> None:
@@ -144,7 +151,9 @@ def test_unsupported_architecture_lists_the_supported_ones(tmp_path: Path) -> No
     w.close()
     with pytest.raises(GGUFUnsupportedError) as info:
         load_transformers(path)
-    assert "'mamba'" in str(info.value) and "gemma3" in str(info.value) and "llama" in str(info.value)
+    assert (
+        "'mamba'" in str(info.value) and "gemma3" in str(info.value) and "llama" in str(info.value)
+    )
 
 
 def test_missing_tensor_is_a_format_error(tmp_path: Path) -> None:
@@ -173,8 +182,9 @@ def test_bad_dtype_is_refused(tmp_path: Path) -> None:
 
 # --- the real demo model -------------------------------------------------------------------------
 @pytest.mark.slow
-def test_demo_model_matches_stock_cold_and_warm(demo_model_path: Path, tmp_path: Path,
-                                                caplog: pytest.LogCaptureFixture) -> None:
+def test_demo_model_matches_stock_cold_and_warm(
+    demo_model_path: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     cache = tmp_path / "conversions"
     with caplog.at_level(logging.WARNING):
         cold = load_transformers(demo_model_path, cache_dir=cache)
@@ -195,4 +205,31 @@ def test_demo_model_matches_stock_cold_and_warm(demo_model_path: Path, tmp_path:
     assert "Paris" in [warm.tokenizer.decode([i]).strip() for i in top]
     ids = warm.tokenizer("Q: What is the capital of France?\nA:", return_tensors="pt")
     out = warm.model.generate(**ids, max_new_tokens=8, do_sample=False)
-    assert "Paris" in warm.tokenizer.decode(out[0][ids.input_ids.shape[1]:])
+    assert "Paris" in warm.tokenizer.decode(out[0][ids.input_ids.shape[1] :])
+
+
+@pytest.mark.parametrize("scores", ["distinct", "ties", "none"])
+@pytest.mark.parametrize("skip", [None, ["<s>", "a", "\u2581t"]])
+def test_merges_fast_path_equals_transformers(scores: str, skip: list[str] | None) -> None:
+    import random
+
+    from transformers.tokenization_utils_base import generate_merges
+
+    from kernel_ext.gguf.convert import _generate_merges
+
+    rnd = random.Random(0)
+    letters = "abt\u2581"
+    tokens = ["<s>"] + list(letters)
+    while len(tokens) < 400:
+        t = "".join(rnd.choice(letters) for _ in range(rnd.randint(2, 6)))
+        if t not in tokens:
+            tokens.append(t)
+    vocab = {t: i for i, t in enumerate(tokens)}
+    table = {
+        "distinct": {t: rnd.random() for t in tokens},
+        "ties": {t: float(rnd.randint(0, 5)) for t in tokens},
+        "none": None,
+    }[scores]
+    expected = generate_merges(vocab, table, skip)
+    assert len(expected) > 100
+    assert _generate_merges(vocab, table, skip) == expected

@@ -50,8 +50,29 @@ PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
 _SPECIALS = ("<pad>", "</s>", "<s>", "<unk>")
 _GEMMA_SPECIALS = ("<pad>", "<eos>", "<bos>", "<unk>")
 _WORDS = (
-    "the", "capital", "of", "France", "is", "Paris", "hello", "world", "model", "test",
-    "kernel", "notebook", "and", "a", "in", "to", "it", "he", "th", "in", "er", "an", "on",
+    "the",
+    "capital",
+    "of",
+    "France",
+    "is",
+    "Paris",
+    "hello",
+    "world",
+    "model",
+    "test",
+    "kernel",
+    "notebook",
+    "and",
+    "a",
+    "in",
+    "to",
+    "it",
+    "he",
+    "th",
+    "in",
+    "er",
+    "an",
+    "on",
 )
 _CHARS = (
     "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
@@ -78,7 +99,9 @@ def _pieces() -> list[str]:
 MIN_VOCAB = len(_SPECIALS) + 256 + len(_pieces())
 
 
-def tiny_vocab(size: int | None = None, *, gemma: bool = False) -> tuple[list[str], list[float], list[int]]:
+def tiny_vocab(
+    size: int | None = None, *, gemma: bool = False
+) -> tuple[list[str], list[float], list[int]]:
     """``(tokens, scores, token_types)`` of the tiny sentencepiece vocabulary."""
     size = MIN_VOCAB if size is None else int(size)
     if size < MIN_VOCAB:
@@ -108,7 +131,9 @@ def _check_quant(quant: str, hidden: int, ffn: int, head_dim: int) -> GGMLQuanti
     return qtype
 
 
-def _random_k_blocks(rng: np.random.Generator, qtype: GGMLQuantizationType, n_elements: int) -> np.ndarray:
+def _random_k_blocks(
+    rng: np.random.Generator, qtype: GGMLQuantizationType, n_elements: int
+) -> np.ndarray:
     """Random but valid K-quant blocks: random quants, small finite fp16 super-block scales."""
     block_elems, block_bytes = GGML_QUANT_SIZES[qtype]
     n_blocks = n_elements // block_elems
@@ -129,8 +154,14 @@ def _random_k_blocks(rng: np.random.Generator, qtype: GGMLQuantizationType, n_el
 
 
 class _Writer:
-    def __init__(self, writer: GGUFWriter, quant: str, qtype: GGMLQuantizationType,
-                 rng: np.random.Generator, drop: Sequence[str]) -> None:
+    def __init__(
+        self,
+        writer: GGUFWriter,
+        quant: str,
+        qtype: GGMLQuantizationType,
+        rng: np.random.Generator,
+        drop: Sequence[str],
+    ) -> None:
         self.writer, self.quant, self.qtype, self.rng = writer, quant, qtype, rng
         self.drop = frozenset(drop)
 
@@ -165,8 +196,9 @@ class _Writer:
             self.writer.add_tensor(name, q, raw_dtype=self.qtype)
 
 
-def _tokenizer(writer: GGUFWriter, vocab: int | None, gemma: bool,
-               chat_template: str | None) -> int:
+def _tokenizer(
+    writer: GGUFWriter, vocab: int | None, gemma: bool, chat_template: str | None
+) -> int:
     tokens, scores, types = tiny_vocab(vocab, gemma=gemma)
     writer.add_tokenizer_model("llama")
     writer.add_tokenizer_pre("default")

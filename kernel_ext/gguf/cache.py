@@ -58,8 +58,11 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 _HEX = frozenset("0123456789abcdef")
-_ST_DTYPES: dict[torch.dtype, str] = {torch.float32: "F32", torch.float16: "F16",
-                                      torch.bfloat16: "BF16"}
+_ST_DTYPES: dict[torch.dtype, str] = {
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+}
 _ST_TORCH = {v: k for k, v in _ST_DTYPES.items()}
 _ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2}
 _NP_VIEW = {"F32": np.float32, "F16": np.float16, "BF16": np.int16}
@@ -99,9 +102,11 @@ def weights_path(entry: Path, dtype: torch.dtype) -> Path:
     return entry / f"weights-{_dtype_name(dtype)}.safetensors"
 
 
-# --- small atomic writes ---------------------------------------------------------------------------
+# --- small atomic writes -------------------------------------------------------------------------
 def _tmp_near(target: Path, suffix: str = "") -> Path:
-    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix + ".tmp", dir=target.parent)
+    fd, name = tempfile.mkstemp(
+        prefix=f".{target.name}.", suffix=suffix + ".tmp", dir=target.parent
+    )
     os.close(fd)
     return Path(name)
 
@@ -171,7 +176,7 @@ def discard(path: Path, why: str) -> None:
         path.unlink(missing_ok=True)
 
 
-# --- weights ---------------------------------------------------------------------------------------
+# --- weights -------------------------------------------------------------------------------------
 def _header(specs: Iterable[tuple[str, tuple[int, ...], torch.dtype]]) -> bytes:
     header: dict[str, Any] = {"__metadata__": {"format": "pt", "writer": "kernel_ext"}}
     offset = 0
@@ -206,11 +211,18 @@ class WeightsWriter:
     file into place (None and a logged warning if anything failed); ``abort`` drops it.
     """
 
-    def __init__(self, path: Path, specs: list[tuple[str, tuple[int, ...], torch.dtype]],
-                 *, depth: int = 2) -> None:
+    def __init__(
+        self, path: Path, specs: list[tuple[str, tuple[int, ...], torch.dtype]], *, depth: int = 2
+    ) -> None:
         self.path = path
-        self._sizes = [((int(np.prod(shape, dtype=np.int64)) if shape else 1)
-                        * _ITEMSIZE[_ST_DTYPES[dtype]], name) for name, shape, dtype in specs]
+        self._sizes = [
+            (
+                (int(np.prod(shape, dtype=np.int64)) if shape else 1)
+                * _ITEMSIZE[_ST_DTYPES[dtype]],
+                name,
+            )
+            for name, shape, dtype in specs
+        ]
         self._index = 0
         self._filled = 0
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -222,8 +234,9 @@ class WeightsWriter:
         self._queue: queue.Queue[torch.Tensor | None] = queue.Queue(maxsize=max(1, depth))
         self._error: Exception | None = None
         self._closed = False
-        self._thread = threading.Thread(target=self._run, name="kernel_ext-weights-cache",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, name="kernel_ext-weights-cache", daemon=True
+        )
         self._thread.start()
 
     def _run(self) -> None:
@@ -264,8 +277,9 @@ class WeightsWriter:
         done = False
         try:
             if self._error is None and self._index != len(self._sizes):
-                self._error = ValueError(f"only {self._index} of {len(self._sizes)} tensors "
-                                         "were written")
+                self._error = ValueError(
+                    f"only {self._index} of {len(self._sizes)} tensors were written"
+                )
             if self._error is None:
                 size = self._tmp.stat().st_size
                 if size != self._expected_size:
@@ -278,8 +292,9 @@ class WeightsWriter:
         finally:
             if not done:
                 self._tmp.unlink(missing_ok=True)
-        log.warning("kernel_ext conversion cache: weights not cached in %s: %s", self.path,
-                    self._error)
+        log.warning(
+            "kernel_ext conversion cache: weights not cached in %s: %s", self.path, self._error
+        )
         return None
 
     def abort(self) -> None:
@@ -310,8 +325,9 @@ def save_weights(path: Path, tensors: Mapping[str, torch.Tensor]) -> int:
             tmp.unlink(missing_ok=True)
 
 
-def load_weights(path: Path, expected: Mapping[str, tuple[tuple[int, ...], torch.dtype]] | None = None
-                 ) -> dict[str, torch.Tensor]:
+def load_weights(
+    path: Path, expected: Mapping[str, tuple[tuple[int, ...], torch.dtype]] | None = None
+) -> dict[str, torch.Tensor]:
     """Memory-map a safetensors file (copy-on-write) and return its tensors, zero-copy.
 
     ``expected`` maps names to ``(shape, dtype)``; any difference is a :class:`CorruptEntryError`,
@@ -324,7 +340,9 @@ def load_weights(path: Path, expected: Mapping[str, tuple[tuple[int, ...], torch
                 raise CorruptEntryError(f"{path}: shorter than a safetensors header")
             n = int.from_bytes(head, "little")
             if n <= 0 or 8 + n > size or n > 100 << 20:
-                raise CorruptEntryError(f"{path}: header length {n} does not fit the file ({size} bytes)")
+                raise CorruptEntryError(
+                    f"{path}: header length {n} does not fit the file ({size} bytes)"
+                )
             header = json.loads(fh.read(n))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CorruptEntryError(f"{path}: unreadable header: {e}") from e
@@ -336,7 +354,11 @@ def load_weights(path: Path, expected: Mapping[str, tuple[tuple[int, ...], torch
     out: dict[str, torch.Tensor] = {}
     for name, spec in header.items():
         try:
-            st, shape, (start, end) = spec["dtype"], [int(d) for d in spec["shape"]], spec["data_offsets"]
+            st, shape, (start, end) = (
+                spec["dtype"],
+                [int(d) for d in spec["shape"]],
+                spec["data_offsets"],
+            )
             start, end = int(start), int(end)
         except (KeyError, TypeError, ValueError) as e:
             raise CorruptEntryError(f"{path}: bad header entry for {name!r}") from e
@@ -345,7 +367,7 @@ def load_weights(path: Path, expected: Mapping[str, tuple[tuple[int, ...], torch
         count = int(np.prod(shape, dtype=np.int64)) if shape else 1
         if end - start != count * _ITEMSIZE[st] or start < 0 or base + end > size:
             raise CorruptEntryError(f"{path}: tensor {name!r} does not fit the file")
-        arr = mm[base + start: base + end].view(_NP_VIEW[st])
+        arr = mm[base + start : base + end].view(_NP_VIEW[st])
         t = torch.from_numpy(arr)
         if st == "BF16":
             t = t.view(torch.bfloat16)
@@ -356,12 +378,14 @@ def load_weights(path: Path, expected: Mapping[str, tuple[tuple[int, ...], torch
             if t is None:
                 raise CorruptEntryError(f"{path}: no tensor {name!r}")
             if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
-                raise CorruptEntryError(f"{path}: {name!r} is {tuple(t.shape)} {t.dtype}, "
-                                        f"expected {tuple(shape)} {dtype}")
+                raise CorruptEntryError(
+                    f"{path}: {name!r} is {tuple(t.shape)} {t.dtype}, "
+                    f"expected {tuple(shape)} {dtype}"
+                )
     return out
 
 
-# --- management ------------------------------------------------------------------------------------
+# --- management ----------------------------------------------------------------------------------
 def _size(path: Path) -> int:
     total = 0
     for root, _, files in os.walk(path):
@@ -376,7 +400,9 @@ def _size(path: Path) -> int:
 def _entries(cache_dir: Path) -> Iterable[Path]:
     if not cache_dir.is_dir():
         return []
-    return [p for p in cache_dir.iterdir() if p.is_dir() and len(p.name) == 64 and set(p.name) <= _HEX]
+    return [
+        p for p in cache_dir.iterdir() if p.is_dir() and len(p.name) == 64 and set(p.name) <= _HEX
+    ]
 
 
 def list_entries(cache_dir: str | os.PathLike[str]) -> list[CacheEntryInfo]:
@@ -392,12 +418,23 @@ def list_entries(cache_dir: str | os.PathLike[str]) -> list[CacheEntryInfo]:
             mtime = entry.stat().st_mtime
         except OSError:
             continue
-        weights = tuple(sorted(p.name[len("weights-"):-len(".safetensors")]
-                               for p in entry.glob("weights-*.safetensors")))
-        infos.append(CacheEntryInfo(
-            sha256=entry.name, path=entry, size_bytes=_size(entry), source=meta.get("source"),
-            created=meta.get("created"), last_used=float(meta.get("last_used", mtime)),
-            weights=weights))
+        weights = tuple(
+            sorted(
+                p.name[len("weights-") : -len(".safetensors")]
+                for p in entry.glob("weights-*.safetensors")
+            )
+        )
+        infos.append(
+            CacheEntryInfo(
+                sha256=entry.name,
+                path=entry,
+                size_bytes=_size(entry),
+                source=meta.get("source"),
+                created=meta.get("created"),
+                last_used=float(meta.get("last_used", mtime)),
+                weights=weights,
+            )
+        )
     return sorted(infos, key=lambda i: i.last_used)
 
 
@@ -413,7 +450,9 @@ def clear(cache_dir: str | os.PathLike[str], sha: str | None = None) -> int:
     return freed
 
 
-def enforce_cap(cache_dir: str | os.PathLike[str], max_bytes: int, *, keep: str | None = None) -> list[str]:
+def enforce_cap(
+    cache_dir: str | os.PathLike[str], max_bytes: int, *, keep: str | None = None
+) -> list[str]:
     """Delete weight files, least recently used entries first, until the cache fits ``max_bytes``.
 
     Configs and tokenizers are small and stay; an entry's weights go first, then (if still over)

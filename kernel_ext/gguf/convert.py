@@ -3,7 +3,8 @@
 Everything here works on the metadata our bounded reader already parsed: the file is never
 opened again. What is reused from Transformers, and what is ours:
 
-* config: ``GGUF_CONFIG_MAPPING`` / ``GGUF_CONFIG_DEFAULTS_MAPPING`` (``transformers.integrations.ggml``)
+* config: ``GGUF_CONFIG_MAPPING`` / ``GGUF_CONFIG_DEFAULTS_MAPPING``
+  (``transformers.integrations.ggml``)
   and the rules of ``load_gguf_checkpoint`` (tied embeddings when there is no ``output.weight``,
   gemma3 -> ``gemma3_text``, vocab size from the token list) are applied to our metadata dict.
 * tokenizer: ``GGUF_TOKENIZER_MAPPING`` and Transformers' builders (``convert_gguf_tokenizer``:
@@ -56,8 +57,10 @@ _MODEL_TYPE = {"gemma3": "gemma3_text"}
 def check_architecture(metadata: Mapping[str, Any]) -> str:
     arch = metadata.get("general.architecture")
     if not isinstance(arch, str) or not arch:
-        raise GGUFFormatError("the file has no 'general.architecture'; cannot tell what model it is",
-                              field="general.architecture")
+        raise GGUFFormatError(
+            "the file has no 'general.architecture'; cannot tell what model it is",
+            field="general.architecture",
+        )
     if arch not in SUPPORTED_ARCHITECTURES:
         raise GGUFUnsupportedError(
             f"GGUF architecture {arch!r} is not supported; supported: "
@@ -76,13 +79,19 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def config_dict(metadata: Mapping[str, Any], tensor_names: set[str] | frozenset[str]) -> dict[str, Any]:
+def config_dict(
+    metadata: Mapping[str, Any], tensor_names: set[str] | frozenset[str]
+) -> dict[str, Any]:
     """The ``config`` part of Transformers' ``load_gguf_checkpoint``, from our metadata."""
     from transformers.integrations.ggml import GGUF_CONFIG_DEFAULTS_MAPPING, GGUF_CONFIG_MAPPING
 
     arch = check_architecture(metadata)
     name = metadata.get("general.name")
-    updated = "mistral" if arch == "llama" and isinstance(name, str) and "mistral" in name.lower() else arch
+    updated = (
+        "mistral"
+        if arch == "llama" and isinstance(name, str) and "mistral" in name.lower()
+        else arch
+    )
     config: dict[str, Any] = {"tie_word_embeddings": "output.weight" not in tensor_names}
     for key, value in GGUF_CONFIG_DEFAULTS_MAPPING.get(updated, {}).items():
         config.setdefault(key, value)
@@ -101,13 +110,19 @@ def config_dict(metadata: Mapping[str, Any], tensor_names: set[str] | frozenset[
         if isinstance(value, str) and arch in value:
             value = value.replace(arch, updated)
         config[target] = value
-    config["model_type"] = _MODEL_TYPE.get(config.get("model_type", updated), config.get("model_type", updated))
+    config["model_type"] = _MODEL_TYPE.get(
+        config.get("model_type", updated), config.get("model_type", updated)
+    )
     if "vocab_size" not in config:
         tokens = metadata.get("tokenizer.ggml.tokens")
         if isinstance(tokens, list):
             config["vocab_size"] = len(tokens)
-    for key, special in (("bos_token_id", "bos"), ("eos_token_id", "eos"), ("pad_token_id", "padding"),
-                         ("unk_token_id", "unknown")):
+    for key, special in (
+        ("bos_token_id", "bos"),
+        ("eos_token_id", "eos"),
+        ("pad_token_id", "padding"),
+        ("unk_token_id", "unknown"),
+    ):
         # Transformers' PretrainedConfig reads these from the tokenizer part; keep them alike.
         value = metadata.get(f"tokenizer.ggml.{special}_token_id")
         if value is not None:
@@ -115,8 +130,9 @@ def config_dict(metadata: Mapping[str, Any], tensor_names: set[str] | frozenset[
     return config
 
 
-def build_config(metadata: Mapping[str, Any], tensor_names: set[str] | frozenset[str],
-                 dtype: Any = None) -> Any:
+def build_config(
+    metadata: Mapping[str, Any], tensor_names: set[str] | frozenset[str], dtype: Any = None
+) -> Any:
     """A Transformers ``PretrainedConfig`` for the file."""
     from transformers import AutoConfig
 
@@ -126,15 +142,20 @@ def build_config(metadata: Mapping[str, Any], tensor_names: set[str] | frozenset
         config = AutoConfig.for_model(model_type, **cfg)
     except (ValueError, KeyError) as e:
         raise GGUFUnsupportedError(
-            f"Transformers cannot build a {model_type!r} config from this file: {e}") from e
+            f"Transformers cannot build a {model_type!r} config from this file: {e}"
+        ) from e
     if dtype is not None:
         config.dtype = dtype
     return config
 
 
 # --- tokenizer -----------------------------------------------------------------------------------
-_SPECIAL_TOKENS = {"bos_token": "bos_token_id", "eos_token": "eos_token_id",
-                   "unk_token": "unknown_token_id", "pad_token": "padding_token_id"}
+_SPECIAL_TOKENS = {
+    "bos_token": "bos_token_id",
+    "eos_token": "eos_token_id",
+    "unk_token": "unknown_token_id",
+    "pad_token": "padding_token_id",
+}
 
 
 def check_tokenizer(metadata: Mapping[str, Any]) -> None:
@@ -143,7 +164,8 @@ def check_tokenizer(metadata: Mapping[str, Any]) -> None:
     if not isinstance(tokens, list) or not tokens:
         raise GGUFUnsupportedError(
             "the file has no tokenizer (no 'tokenizer.ggml.tokens' list in its metadata); "
-            "use a GGUF that embeds its vocabulary")
+            "use a GGUF that embeds its vocabulary"
+        )
 
 
 def tokenizer_inputs(metadata: Mapping[str, Any]) -> tuple[str, dict[str, Any], dict[str, Any]]:
@@ -154,8 +176,11 @@ def tokenizer_inputs(metadata: Mapping[str, Any]) -> tuple[str, dict[str, Any], 
     arch = check_architecture(metadata)
     check_tokenizer(metadata)
     grouped = {
-        group: {name: _plain(metadata[f"tokenizer.{key}"]) for key, name in renames.items()
-                if f"tokenizer.{key}" in metadata}
+        group: {
+            name: _plain(metadata[f"tokenizer.{key}"])
+            for key, name in renames.items()
+            if f"tokenizer.{key}" in metadata
+        }
         for group, renames in GGUF_TOKENIZER_MAPPING.items()
     }
     tokenizer, tok_config = grouped["tokenizer"], grouped["tokenizer_config"]
@@ -168,14 +193,18 @@ def tokenizer_inputs(metadata: Mapping[str, Any]) -> tuple[str, dict[str, Any], 
     for name, key in _SPECIAL_TOKENS.items():
         token_id = metadata.get(f"tokenizer.ggml.{key}")
         if token_id is not None and not 0 <= int(token_id) < len(tokens):
-            raise GGUFFormatError(f"tokenizer.ggml.{key} = {token_id} is outside the vocabulary "
-                                  f"of {len(tokens)} tokens", field=f"tokenizer.ggml.{key}")
+            raise GGUFFormatError(
+                f"tokenizer.ggml.{key} = {token_id} is outside the vocabulary "
+                f"of {len(tokens)} tokens",
+                field=f"tokenizer.ggml.{key}",
+            )
         tok_config[name] = tokens[int(token_id)] if token_id is not None else None
     return arch, tokenizer, tok_config
 
 
-def _generate_merges(vocab: dict[str, int], vocab_scores: dict[str, float] | None = None,
-                     skip_tokens: Any = None) -> list[tuple[str, str]]:
+def _generate_merges(
+    vocab: dict[str, int], vocab_scores: dict[str, float] | None = None, skip_tokens: Any = None
+) -> list[tuple[str, str]]:
     """``transformers.tokenization_utils_base.generate_merges``, without its global sort when
     the scores are all distinct (Gemma's are: minus the position in the file).
 
@@ -202,8 +231,9 @@ def _generate_merges(vocab: dict[str, int], vocab_scores: dict[str, float] | Non
         if n < 2 or token in skip:
             continue
         splits = range(n - 1, 0, -1) if reverse else range(1, n)
-        extend([(token[:i], token[i:]) for i in splits
-                if token[:i] in pieces and token[i:] in pieces])
+        extend(
+            [(token[:i], token[i:]) for i in splits if token[:i] in pieces and token[i:] in pieces]
+        )
     return merges
 
 
@@ -245,7 +275,8 @@ def build_tokenizer(metadata: Mapping[str, Any], model_type: str) -> Any:
     except (ValueError, KeyError, TypeError) as e:
         raise GGUFUnsupportedError(
             f"cannot build a tokenizer from this file's metadata "
-            f"(tokenizer.ggml.model={tok_dict.get('tokenizer_type')!r}): {e}") from e
+            f"(tokenizer.ggml.model={tok_dict.get('tokenizer_type')!r}): {e}"
+        ) from e
     kwargs = {k: v for k, v in tok_config.items() if v is not None}
     kwargs.update(extra)
     cls = tokenizer_class(model_type)

@@ -45,7 +45,8 @@ _NIBBLES = 0x0F0F0F0F0F0F0F0F
 
 
 def _spread_table(one: int, zero: int) -> torch.Tensor:
-    """byte ``v`` -> an int64 whose byte ``k`` is ``one`` if bit ``k`` of ``v`` is set, else ``zero``."""
+    """byte ``v`` -> an int64 whose byte ``k`` is ``one`` if bit ``k`` of ``v`` is set, else
+    ``zero``."""
     bits = (np.arange(256)[:, None] >> np.arange(8)) & 1
     table = np.where(bits == 1, one, zero).astype(np.uint8)
     return torch.from_numpy(np.ascontiguousarray(table)).view(torch.int64).reshape(256)
@@ -209,7 +210,8 @@ def dequantize(
     data = _as_uint8_tensor(raw)
     if data.numel() != expected:
         raise GGUFFormatError(
-            f"{type_name(ggml_type)} tensor of shape {dims} needs {expected} bytes, got {data.numel()}"
+            f"{type_name(ggml_type)} tensor of shape {dims} needs {expected} bytes, "
+            f"got {data.numel()}"
         )
     torch_shape = tuple(reversed(dims))
     if n_elements == 0:

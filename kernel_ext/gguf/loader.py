@@ -27,6 +27,7 @@ import gc
 import logging
 import os
 import resource
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -48,13 +49,21 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int, str], None]
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
-           "fp16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16,
-           "bf16": torch.bfloat16}
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
 # Tensors stored in a float format, or this small, are decoded in fp32 and cast afterwards, so
 # fix-ups such as gemma's ``norm - 1`` round once, as in Transformers' own loader.
 _FP32_WORK_MAX = 1 << 20
 _FLOAT_TYPES = frozenset({0, 1, 30})  # F32, F16, BF16
+# GIL hand-over interval while the tokenizer thread runs beside the decoding one (default 5 ms)
+_SWITCH_INTERVAL = 5e-4
 
 
 @dataclass
@@ -95,7 +104,7 @@ def estimate_bytes(gf: GGUFFile, dtype: torch.dtype | str = torch.float32) -> in
     return raw + max(16 << 20, raw // 50)
 
 
-# --- helpers ---------------------------------------------------------------------------------------
+# --- helpers -------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def _intra_op_threads(n: int | None) -> Iterator[None]:
     """Decode with ``n`` intra-op threads, then restore torch's setting.
@@ -145,6 +154,22 @@ class _TokenizerJob:
         return self._value
 
 
+@contextlib.contextmanager
+def _switch_interval(active: bool) -> Iterator[None]:
+    """While the tokenizer thread runs Python beside the decoding thread, hand the GIL over
+    more often, so decoding does not wait up to 5 ms after each torch op (measured on the
+    demo model: cold load ~7 % faster with 0.5 ms)."""
+    before = sys.getswitchinterval()
+    if not active or before <= _SWITCH_INTERVAL:
+        yield
+        return
+    sys.setswitchinterval(_SWITCH_INTERVAL)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(before)
+
+
 def _trim_heap() -> None:
     """Give freed heap pages back to the OS (glibc), so conversion garbage does not stay in RSS."""
     gc.collect()
@@ -173,9 +198,12 @@ def _read_bytes(fh: Any, info: TensorInfo) -> torch.Tensor:
     while got < info.nbytes:
         n = fh.readinto(view[got:])
         if not n:
-            raise GGUFFormatError(f"the file ended while reading tensor {info.name!r}; it was "
-                                  "truncated after it was opened", field=info.name,
-                                  offset=info.offset + got)
+            raise GGUFFormatError(
+                f"the file ended while reading tensor {info.name!r}; it was "
+                "truncated after it was opened",
+                field=info.name,
+                offset=info.offset + got,
+            )
         got += n
     return buf
 
@@ -191,8 +219,14 @@ def _set_tensor(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
         raise GGUFFormatError(f"the model has no parameter {name!r}")
 
 
-def _decode(fh: Any, info: TensorInfo, processor: Any, dtype: torch.dtype, device: str,
-            target_shape: tuple[int, ...]) -> torch.Tensor:
+def _decode(
+    fh: Any,
+    info: TensorInfo,
+    processor: Any,
+    dtype: torch.dtype,
+    device: str,
+    target_shape: tuple[int, ...],
+) -> torch.Tensor:
     raw = _read_bytes(fh, info)
     small = info.ggml_type in _FLOAT_TYPES or info.n_elements <= _FP32_WORK_MAX
     work = torch.float32 if small else dtype
@@ -201,8 +235,11 @@ def _decode(fh: Any, info: TensorInfo, processor: Any, dtype: torch.dtype, devic
     t = processor.process(weights=t, name=info.name).weights
     if tuple(t.shape) != target_shape:
         if t.numel() != int(torch.Size(target_shape).numel()):
-            raise GGUFFormatError(f"tensor {info.name!r} has shape {tuple(t.shape)}, the model "
-                                  f"expects {target_shape}", field=info.name)
+            raise GGUFFormatError(
+                f"tensor {info.name!r} has shape {tuple(t.shape)}, the model "
+                f"expects {target_shape}",
+                field=info.name,
+            )
         t = t.reshape(target_shape)
     if t.dtype != dtype:
         t = t.to(dtype)
@@ -220,7 +257,8 @@ def _new_model(config: Any, dtype: torch.dtype) -> Any:
             return AutoModelForCausalLM.from_config(config, dtype=dtype)
     except (ValueError, KeyError) as e:
         raise GGUFUnsupportedError(
-            f"Transformers has no causal LM for model type {config.model_type!r}: {e}") from e
+            f"Transformers has no causal LM for model type {config.model_type!r}: {e}"
+        ) from e
 
 
 def _expected(model: Any, hf_names: list[str]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -228,7 +266,7 @@ def _expected(model: Any, hf_names: list[str]) -> dict[str, tuple[tuple[int, ...
     return {n: (tuple(state[n].shape), state[n].dtype) for n in hf_names}
 
 
-# --- the loader ------------------------------------------------------------------------------------
+# --- the loader ----------------------------------------------------------------------------------
 def load_transformers(
     path: str | os.PathLike[str],
     *,
@@ -268,7 +306,8 @@ def load_transformers(
     if quantization and not device.startswith("cuda"):
         raise GGUFUnsupportedError(
             f"{quantization} quantization (bitsandbytes) needs a CUDA device; load in "
-            "float32/bfloat16 on the CPU instead")
+            "float32/bfloat16 on the CPU instead"
+        )
 
     def mark(stage: str, since: float) -> float:
         now = time.perf_counter()
@@ -308,34 +347,53 @@ def load_transformers(
         t = mark("tokenizer", t)
 
         # model ---------------------------------------------------------------------------------
-        if quantization or device_map is not None:
-            model = _load_via_transformers(gf, arch, cfg_dict, config, dt, device, device_map,
-                                           quantization, progress, decode_threads)
-            hits["weights"] = False
-            t = mark("weights", t)
-        else:
-            model = _new_model(config, dt)
-            t = mark("model_init", t)
-            processor = convert.tensor_processor(arch, cfg_dict)
-            plan = convert.tensor_plan(model, arch, processor, list(gf.tensors))
-            if plan.missing:
-                raise GGUFFormatError(
-                    f"the file has no tensors for {len(plan.missing)} model parameters "
-                    f"(e.g. {', '.join(plan.missing[:3])}); it is incomplete or not a "
-                    f"{arch} model", field="tensors")
-            wpath = _cache.weights_path(entry, dt) if entry is not None else None
-            hits["weights"] = wpath is not None and _fill_from_cache(model, plan, wpath, device,
-                                                                     progress)
-            if not hits["weights"]:
-                _fill_weights(model, gf, plan, processor, dt, device, progress, decode_threads,
-                              _weights_writer(entry, wpath, model, plan, cache_dir, cache_max_bytes)
-                              if wpath is not None and cache_weights else None)
-            t = mark("weights", t)
-            model.tie_weights()
-            leftover = [n for n, p in model.named_parameters() if p.device.type == "meta"]
-            if leftover:
-                raise GGUFFormatError(f"no data for parameters {', '.join(leftover[:5])}")
-            model.to(device)
+        with _switch_interval(job is not None):
+            if quantization or device_map is not None:
+                model = _load_via_transformers(
+                    gf,
+                    arch,
+                    cfg_dict,
+                    config,
+                    dt,
+                    device,
+                    device_map,
+                    quantization,
+                    progress,
+                    decode_threads,
+                )
+                hits["weights"] = False
+                t = mark("weights", t)
+            else:
+                model = _new_model(config, dt)
+                t = mark("model_init", t)
+                processor = convert.tensor_processor(arch, cfg_dict)
+                plan = convert.tensor_plan(model, arch, processor, list(gf.tensors))
+                if plan.missing:
+                    raise GGUFFormatError(
+                        f"the file has no tensors for {len(plan.missing)} model parameters "
+                        f"(e.g. {', '.join(plan.missing[:3])}); it is incomplete or not a "
+                        f"{arch} model",
+                        field="tensors",
+                    )
+                wpath = _cache.weights_path(entry, dt) if entry is not None else None
+                hits["weights"] = wpath is not None and _fill_from_cache(
+                    model, plan, wpath, device, progress
+                )
+                if not hits["weights"]:
+                    writer = None
+                    if wpath is not None and entry is not None and cache_weights:
+                        writer = _weights_writer(
+                            entry, wpath, model, plan, cache_dir, cache_max_bytes
+                        )
+                    _fill_weights(
+                        model, gf, plan, processor, dt, device, progress, decode_threads, writer
+                    )
+                t = mark("weights", t)
+                model.tie_weights()
+                leftover = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+                if leftover:
+                    raise GGUFFormatError(f"no data for parameters {', '.join(leftover[:5])}")
+                model.to(device)
         model.eval()
         if job is not None:
             tokenizer = job.result()
@@ -346,9 +404,20 @@ def load_transformers(
         template = convert.chat_template(gf.metadata)
     load_s = time.perf_counter() - t_start
     timings["total"] = load_s
-    return LoadedArtifacts(model=model, tokenizer=tokenizer, config=config, summary=summary,
-                           chat_template=template, sha256=sha256, dtype=dt, device=device,
-                           load_s=load_s, timings=timings, cache_hits=hits, peak_rss=_peak_rss())
+    return LoadedArtifacts(
+        model=model,
+        tokenizer=tokenizer,
+        config=config,
+        summary=summary,
+        chat_template=template,
+        sha256=sha256,
+        dtype=dt,
+        device=device,
+        load_s=load_s,
+        timings=timings,
+        cache_hits=hits,
+        peak_rss=_peak_rss(),
+    )
 
 
 # Tensors decoded in row chunks when they go straight to the cache file: the big ones that no
@@ -357,9 +426,17 @@ _CHUNKABLE = frozenset({"token_embd.weight", "output.weight"})
 _CHUNK_ELEMENTS = 1 << 24
 
 
-def _fill_weights(model: Any, gf: GGUFFile, plan: convert.TensorPlan, processor: Any,
-                  dtype: torch.dtype, device: str, progress: Progress | None,
-                  decode_threads: int | None, writer: _cache.WeightsWriter | None) -> None:
+def _fill_weights(
+    model: Any,
+    gf: GGUFFile,
+    plan: convert.TensorPlan,
+    processor: Any,
+    dtype: torch.dtype,
+    device: str,
+    progress: Progress | None,
+    decode_threads: int | None,
+    writer: _cache.WeightsWriter | None,
+) -> None:
     """Decode every tensor into ``model``; with a ``writer``, also into the cache file.
 
     On the CPU with a writer the decoded tensors go to the file only, and the model then maps
@@ -368,8 +445,9 @@ def _fill_weights(model: Any, gf: GGUFFile, plan: convert.TensorPlan, processor:
     via_file = writer is not None and device == "cpu"
     with _intra_op_threads(decode_threads if device == "cpu" else None):
         try:
-            _fill_from_gguf(model, gf, plan, processor, dtype, device, progress, writer,
-                            assign=not via_file)
+            _fill_from_gguf(
+                model, gf, plan, processor, dtype, device, progress, writer, assign=not via_file
+            )
         except Exception:
             if writer is not None:
                 writer.abort()
@@ -382,9 +460,18 @@ def _fill_weights(model: Any, gf: GGUFFile, plan: convert.TensorPlan, processor:
             _fill_from_gguf(model, gf, plan, processor, dtype, device, progress, None, assign=True)
 
 
-def _fill_from_gguf(model: Any, gf: GGUFFile, plan: convert.TensorPlan, processor: Any,
-                    dtype: torch.dtype, device: str, progress: Progress | None,
-                    writer: _cache.WeightsWriter | None, *, assign: bool) -> None:
+def _fill_from_gguf(
+    model: Any,
+    gf: GGUFFile,
+    plan: convert.TensorPlan,
+    processor: Any,
+    dtype: torch.dtype,
+    device: str,
+    progress: Progress | None,
+    writer: _cache.WeightsWriter | None,
+    *,
+    assign: bool,
+) -> None:
     expected = _expected(model, list(plan.gguf_to_hf.values()))
     names = list(plan.gguf_to_hf)
     total = len(names)
@@ -393,8 +480,13 @@ def _fill_from_gguf(model: Any, gf: GGUFFile, plan: convert.TensorPlan, processo
             hf_name = plan.gguf_to_hf[name]
             shape, _ = expected[hf_name]
             info = gf.tensors[name]
-            if (not assign and writer is not None and name in _CHUNKABLE
-                    and info.n_elements > _CHUNK_ELEMENTS and len(info.shape) == 2):
+            if (
+                not assign
+                and writer is not None
+                and name in _CHUNKABLE
+                and info.n_elements > _CHUNK_ELEMENTS
+                and len(info.shape) == 2
+            ):
                 for part in _decode_rows(fh, info, processor, dtype, device, shape):
                     writer.put(hf_name, part)
             else:
@@ -408,22 +500,34 @@ def _fill_from_gguf(model: Any, gf: GGUFFile, plan: convert.TensorPlan, processo
                 progress(done, total, "weights")
 
 
-def _decode_rows(fh: Any, info: TensorInfo, processor: Any, dtype: torch.dtype, device: str,
-                 target_shape: tuple[int, ...]) -> Iterator[torch.Tensor]:
+def _decode_rows(
+    fh: Any,
+    info: TensorInfo,
+    processor: Any,
+    dtype: torch.dtype,
+    device: str,
+    target_shape: tuple[int, ...],
+) -> Iterator[torch.Tensor]:
     """A 2-D tensor decoded a few rows at a time (GGUF rows are whole blocks)."""
     ne0, rows = info.shape
     row_bytes = info.nbytes // rows
     step = max(1, _CHUNK_ELEMENTS // ne0)
     for r0 in range(0, rows, step):
         n = min(step, rows - r0)
-        part = TensorInfo(name=info.name, shape=(ne0, n), ggml_type=info.ggml_type,
-                          offset=info.offset + r0 * row_bytes, nbytes=n * row_bytes,
-                          n_elements=ne0 * n)
+        part = TensorInfo(
+            name=info.name,
+            shape=(ne0, n),
+            ggml_type=info.ggml_type,
+            offset=info.offset + r0 * row_bytes,
+            nbytes=n * row_bytes,
+            n_elements=ne0 * n,
+        )
         yield _decode(fh, part, processor, dtype, device, (n, *target_shape[1:]))
 
 
-def _fill_from_cache(model: Any, plan: convert.TensorPlan, wpath: Path, device: str,
-                     progress: Progress | None) -> bool:
+def _fill_from_cache(
+    model: Any, plan: convert.TensorPlan, wpath: Path, device: str, progress: Progress | None
+) -> bool:
     hf_names = list(dict.fromkeys(plan.gguf_to_hf.values()))
     try:
         tensors = _cache.load_weights(wpath, _expected(model, hf_names))
@@ -470,9 +574,19 @@ def _cached_tokenizer(entry: Path, model_type: str) -> Any:
         config = _cache.read_json(tdir / "tokenizer_config.json")
         if not isinstance(config, dict):
             raise _cache.CorruptEntryError("tokenizer_config.json is not an object")
-        kwargs = {k: v for k, v in config.items()
-                  if k not in ("backend", "tokenizer_class", "is_local", "local_files_only",
-                               "name_or_path", "auto_map")}
+        kwargs = {
+            k: v
+            for k, v in config.items()
+            if k
+            not in (
+                "backend",
+                "tokenizer_class",
+                "is_local",
+                "local_files_only",
+                "name_or_path",
+                "auto_map",
+            )
+        }
         template = tdir / "chat_template.jinja"
         if template.is_file():
             kwargs["chat_template"] = template.read_text(encoding="utf-8")
@@ -489,17 +603,22 @@ def _store_tokenizer(entry: Path, tokenizer: Any) -> None:
     try:
         _cache.write_tree(entry / "tokenizer", lambda d: tokenizer.save_pretrained(str(d)))
     except OSError as e:
-        log.warning("kernel_ext conversion cache: could not store the tokenizer in %s: %s", entry, e)
+        log.warning(
+            "kernel_ext conversion cache: could not store the tokenizer in %s: %s", entry, e
+        )
 
 
-def _weights_writer(entry: Path, wpath: Path, model: Any, plan: convert.TensorPlan,
-                    cache_dir: Path | str, cap: int) -> _cache.WeightsWriter | None:
+def _weights_writer(
+    entry: Path, wpath: Path, model: Any, plan: convert.TensorPlan, cache_dir: Path | str, cap: int
+) -> _cache.WeightsWriter | None:
     """A writer for the weights entry (None when it would not fit the cap or cannot start)."""
     names = list(plan.gguf_to_hf.values())
     expected = _expected(model, names)
     specs = [(n, expected[n][0], expected[n][1]) for n in names]
-    need = sum(int(torch.Size(shape).numel()) * torch.tensor([], dtype=dt).element_size()
-               for _, shape, dt in specs)
+    need = sum(
+        int(torch.Size(shape).numel()) * torch.tensor([], dtype=dt).element_size()
+        for _, shape, dt in specs
+    )
     if need > cap:
         log.info("not caching %d bytes of weights: over the %d byte cap", need, cap)
         return None
@@ -511,10 +630,18 @@ def _weights_writer(entry: Path, wpath: Path, model: Any, plan: convert.TensorPl
         return None
 
 
-def _load_via_transformers(gf: GGUFFile, arch: str, cfg_dict: dict[str, Any], config: Any,
-                           dtype: torch.dtype, device: str, device_map: Any,
-                           quantization: str | None, progress: Progress | None,
-                           decode_threads: int | None) -> Any:
+def _load_via_transformers(
+    gf: GGUFFile,
+    arch: str,
+    cfg_dict: dict[str, Any],
+    config: Any,
+    dtype: torch.dtype,
+    device: str,
+    device_map: Any,
+    quantization: str | None,
+    progress: Progress | None,
+    decode_threads: int | None,
+) -> Any:
     """The memory-plan ladder's rungs: decode to a CPU state dict in ``dtype``, then let
     Transformers place it (accelerate ``device_map``) and quantise it (bitsandbytes)."""
     model = _new_model(config, dtype)
@@ -528,21 +655,31 @@ def _load_via_transformers(gf: GGUFFile, arch: str, cfg_dict: dict[str, Any], co
     with _intra_op_threads(decode_threads), open(gf.path, "rb", buffering=0) as fh:
         for done, name in enumerate(names, 1):
             hf_name = plan.gguf_to_hf[name]
-            state[hf_name] = _decode(fh, gf.tensors[name], processor, dtype, "cpu",
-                                     expected[hf_name][0])
+            state[hf_name] = _decode(
+                fh, gf.tensors[name], processor, dtype, "cpu", expected[hf_name][0]
+            )
             if progress is not None:
                 progress(done, len(names), "weights")
-    kwargs: dict[str, Any] = {"config": config, "state_dict": state, "dtype": dtype,
-                              "device_map": device_map if device_map is not None else device}
+    kwargs: dict[str, Any] = {
+        "config": config,
+        "state_dict": state,
+        "dtype": dtype,
+        "device_map": device_map if device_map is not None else device,
+    }
     if quantization is not None:
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = (
-            BitsAndBytesConfig(load_in_8bit=True) if quantization == "8bit"
-            else BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype,
-                                    bnb_4bit_quant_type="nf4"))
+            BitsAndBytesConfig(load_in_8bit=True)
+            if quantization == "8bit"
+            else BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_type="nf4"
+            )
+        )
     try:
         return model_cls.from_pretrained(None, **kwargs)
     except (ImportError, ValueError, RuntimeError) as e:
-        raise KernelExtError(f"Transformers could not place/quantise the model "
-                             f"(device_map={device_map!r}, quantization={quantization!r}): {e}") from e
+        raise KernelExtError(
+            f"Transformers could not place/quantise the model "
+            f"(device_map={device_map!r}, quantization={quantization!r}): {e}"
+        ) from e
