@@ -198,7 +198,7 @@ def _write_tensor(fh: Any, t: torch.Tensor) -> None:
         t = t.cpu()
     t = t.contiguous()
     if t.numel():
-        fh.write(memoryview(t.view(torch.uint8).reshape(-1).numpy()))
+        fh.write(t.view(torch.uint8).reshape(-1).numpy().data)
 
 
 class WeightsWriter:
@@ -373,14 +373,14 @@ def load_weights(
             t = t.view(torch.bfloat16)
         out[name] = t.reshape(shape)
     if expected is not None:
-        for name, (shape, dtype) in expected.items():
-            t = out.get(name)
-            if t is None:
+        for name, (want_shape, want_dtype) in expected.items():
+            got = out.get(name)
+            if got is None:
                 raise CorruptEntryError(f"{path}: no tensor {name!r}")
-            if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+            if tuple(got.shape) != tuple(want_shape) or got.dtype != want_dtype:
                 raise CorruptEntryError(
-                    f"{path}: {name!r} is {tuple(t.shape)} {t.dtype}, "
-                    f"expected {tuple(shape)} {dtype}"
+                    f"{path}: {name!r} is {tuple(got.shape)} {got.dtype}, "
+                    f"expected {tuple(want_shape)} {want_dtype}"
                 )
     return out
 

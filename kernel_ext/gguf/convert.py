@@ -93,13 +93,14 @@ def config_dict(
         else arch
     )
     config: dict[str, Any] = {"tie_word_embeddings": "output.weight" not in tensor_names}
-    for key, value in GGUF_CONFIG_DEFAULTS_MAPPING.get(updated, {}).items():
-        config.setdefault(key, value)
+    defaults: Any = GGUF_CONFIG_DEFAULTS_MAPPING.get(updated, {})
+    for key, default in defaults.items():
+        config.setdefault(key, default)
     for key, raw in metadata.items():
         key = key.replace(arch, updated, 1) if key.startswith(arch + ".") else key
         prefix, _, rest = key.partition(".")
-        renames = GGUF_CONFIG_MAPPING.get(prefix)
-        if not renames or rest not in renames:
+        renames: Any = GGUF_CONFIG_MAPPING.get(prefix) or {}
+        if rest not in renames:
             continue
         target = renames[rest]
         if target is None or target == -1:
@@ -218,7 +219,7 @@ def _generate_merges(
     from transformers.tokenization_utils_base import generate_merges
 
     reverse = vocab_scores is not None
-    scores = vocab_scores if reverse else vocab
+    scores: dict[str, float] = dict(vocab_scores) if vocab_scores is not None else dict(vocab)
     if len(set(scores.values())) != len(scores):
         return generate_merges(vocab, vocab_scores, skip_tokens)
     skip = frozenset(skip_tokens) if skip_tokens is not None else frozenset()

@@ -192,7 +192,7 @@ def _read_bytes(fh: Any, info: TensorInfo) -> torch.Tensor:
     Reading (instead of viewing the file's memory map) keeps the file's pages out of this
     process's RSS once a tensor is decoded; the buffer is freed right after."""
     buf = torch.empty(info.nbytes, dtype=torch.uint8)
-    view = memoryview(buf.numpy())
+    view = buf.numpy().data
     fh.seek(info.offset)
     got = 0
     while got < info.nbytes:
@@ -381,7 +381,7 @@ def load_transformers(
                 )
                 if not hits["weights"]:
                     writer = None
-                    if wpath is not None and entry is not None and cache_weights:
+                    if wpath is not None and entry is not None and cache_dir and cache_weights:
                         writer = _weights_writer(
                             entry, wpath, model, plan, cache_dir, cache_max_bytes
                         )
