@@ -15,6 +15,9 @@ With ``--threads 1`` a second figure is printed: tokens per second of *CPU time*
 compute thread (``time.thread_time``), which other processes on a shared machine barely move;
 use it for ratios when the machine is busy (``uptime``'s load above the core count).
 
+Ratios ("x") are medians over median stock fp32; "best x" compares the fastest runs, which on a
+busy machine are the ones least disturbed by other processes.
+
 Tokens/s here is end to end (prefill of a short prompt included): new tokens / wall time; an
 answer may end early at EOS, on every side alike.
 """
@@ -135,16 +138,17 @@ def main(argv: list[str] | None = None) -> int:
         "stock generate fp32": stock,
         "ours full head fp32": ours("full"),
         "ours exact (fp16 screen)": ours("exact"),
+        "ours fp16 weights (opt-in)": ours("fp16"),
         "stock generate fp32, sampling": lambda ids: stock(ids, sample=True),
         "ours exact, sampling": ours("exact", sample=True),
-        "ours fp16 head, sampling": ours("fp16", sample=True),
+        "ours fp16 weights, sampling": ours("fp16", sample=True),
     }
     times, outputs = _measure(variants, inputs, args.repeats, n, cpu_clock)
     # the fp16 head copy is built on first use: count it, once, in the report
     reference = outputs["stock generate fp32"]
     _report(times, outputs, reference, n, stats)
     sampled_ref = outputs["stock generate fp32, sampling"]
-    for name in ("ours exact, sampling", "ours fp16 head, sampling"):
+    for name in ("ours exact, sampling", "ours fp16 weights, sampling"):
         same = sum(a == b for a, b in zip(outputs[name], sampled_ref))
         print(f"  {name}: same sampled tokens as stock (seed 0) for {same}/{len(PROMPTS)} prompts")
 
@@ -152,10 +156,14 @@ def main(argv: list[str] | None = None) -> int:
     read_gbs, copy_gbs = _bandwidth_gbs()
     fp32_bytes = total
     screen_bytes = total - head_bytes // 2  # body fp32 + fp16 head (+16 rows, negligible)
+    linear_bytes = sum(m.weight.numel() * 4 for m in model.base_model.modules()
+                       if isinstance(m, torch.nn.Linear))
+    fp16_bytes = screen_bytes - linear_bytes // 2
     print(f"bandwidth now: read {read_gbs:.1f} GB/s, memcpy {copy_gbs:.1f} GB/s (read+write)")
     print(f"bytes/token: fp32 model {fp32_bytes / 1e6:.0f} MB (head {head_bytes / 1e6:.0f} MB) -> "
           f"bound {read_gbs * 1e9 / fp32_bytes:.1f} tok/s; exact screen {screen_bytes / 1e6:.0f} MB -> "
-          f"bound {read_gbs * 1e9 / screen_bytes:.1f} tok/s")
+          f"bound {read_gbs * 1e9 / screen_bytes:.1f} tok/s; fp16 weights {fp16_bytes / 1e6:.0f} MB -> "
+          f"bound {read_gbs * 1e9 / fp16_bytes:.1f} tok/s")
 
     if not args.no_llama_cpp:
         _llama_cpp(str(path), n, times["stock generate fp32"], cpu_clock)
@@ -173,8 +181,10 @@ def _measure(variants: dict[str, Callable[[Any], list[int]]], inputs: list[Any],
              n: int, cpu_clock: bool) -> tuple[dict[str, list[float]], dict[str, list[list[int]]]]:
     """tokens/s per variant (wall, or this thread's CPU time when ``cpu_clock``) and first-round tokens."""
     clock = time.thread_time if cpu_clock else time.perf_counter
-    for run in variants.values():  # warm-up (and first-use costs such as the fp16 head copy)
+    for name, run in variants.items():  # warm-up, and first-use costs (the fp16 copies)
+        t = time.perf_counter()
         run(inputs[0])
+        print(f"  warm-up {name}: {time.perf_counter() - t:.2f} s (wall)", flush=True)
     times: dict[str, list[float]] = {k: [] for k in variants}
     outputs: dict[str, list[list[int]]] = {k: [] for k in variants}
     for r in range(repeats):
@@ -192,9 +202,12 @@ def _measure(variants: dict[str, Callable[[Any], list[int]]], inputs: list[Any],
 def _report(times: dict[str, list[float]], outputs: dict[str, list[list[int]]],
             reference: list[list[int]], n: int, stats: dict[str, dict[str, int]],
             base: float | None = None) -> None:
-    base = base if base is not None else statistics.median(times["stock generate fp32"])
+    ref = times["stock generate fp32"] if "stock generate fp32" in times else None
+    base = base if base is not None else statistics.median(ref or [1.0])
+    best_base = max(ref) if ref else None
     for name, ts in times.items():
         med = statistics.median(ts)
+        best = f", best x{max(ts) / best_base:4.2f}" if best_base else ""
         same = sum(a == b for a, b in zip(outputs[name], reference))
         extra = ""
         if "sampling" not in name:
@@ -204,7 +217,7 @@ def _report(times: dict[str, list[float]], outputs: dict[str, list[list[int]]],
             if diffs:
                 extra += f" (first differing token at {min(diffs)} of {n})"
         print(f"{name:34s} {med:6.2f} tok/s  x{med / base:4.2f}  "
-              f"(min {min(ts):.2f}, max {max(ts):.2f}){extra}")
+              f"(min {min(ts):.2f}, max {max(ts):.2f}{best}){extra}")
     for name, s in stats.items():
         if s["screened"] or s["fallbacks"]:
             print(f"  {name}: fp16 screen certified {s['screened']} tokens, "

@@ -17,6 +17,7 @@ from kernel_ext.errors import ProviderError
 from kernel_ext.providers.base import GenerationParams
 from kernel_ext.providers.decode import DECODE_MODES, SCREEN_CANDIDATES, Sampling, decode
 from kernel_ext.providers.transformers_gguf import LocalModel, TransformersGGUFProvider
+from provider_contract import ProviderTests
 from tinymodels import EOS_ID, PAD_ID, write_tiny_gemma3, write_tiny_llama
 
 PROMPTS = ("the capital of France is", "hello world", "a")
@@ -350,3 +351,14 @@ def test_provider_seeded_sampling_is_reproducible(provider: TransformersGGUFProv
     state = torch.random.get_rng_state()
     provider.generate("a", params)
     assert torch.equal(torch.random.get_rng_state(), state)  # the global generator is untouched
+
+
+class TestLocalProviderContract(ProviderTests):
+    """The local provider, decoding with this loop, passes the contract every provider passes."""
+
+    @pytest.fixture
+    def provider(self, tiny: tuple[Any, Any], tmp_path: Path) -> TransformersGGUFProvider:
+        model, tok = tiny
+        local = LocalModel(model=model, tokenizer=tok, path=tmp_path / "tiny.gguf",
+                           sha256="0" * 64, device="cpu", dtype="float32")
+        return TransformersGGUFProvider("tiny-local", local)
