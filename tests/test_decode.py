@@ -182,6 +182,23 @@ def test_the_screen_bound_holds_for_random_hidden_states(tiny: tuple[Any, Any]) 
         assert float((exact - approx).abs().max()) <= float(bound)
 
 
+def test_the_fp16_copies_do_not_keep_a_model_alive(tmp_path: Path) -> None:
+    """Unloading a model frees it, and its cached fp16 copies with it."""
+    import gc
+    import weakref
+
+    from kernel_ext.providers import decode as mod
+
+    model, tok = _load(write_tiny_gemma3(tmp_path / "gone.gguf", seed=5))
+    for mode in ("exact", "fp16"):
+        decode(model, _ids(tok, "hello"), max_new_tokens=2, mode=mode)
+    assert model in mod._HEADS
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None
+
+
 # --- sampling ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("temperature, top_p, top_k", [(1.0, 1.0, 0), (0.7, 0.9, 0), (1.5, 1.0, 20),
                                                         (1.2, 0.8, 30)])
