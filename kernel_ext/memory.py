@@ -24,6 +24,7 @@ __all__ = [
     "sample_memory",
     "available_bytes",
     "choose_plan",
+    "guard_budget",
     "format_bytes",
     "DTYPE_BYTES",
 ]
@@ -83,6 +84,11 @@ def available_bytes(device: str) -> int:
     return psutil.virtual_memory().available
 
 
+def guard_budget(available: int, fraction: float) -> int:
+    """What the guard lets one new load take: ``fraction`` of the memory available now."""
+    return int(available * fraction)
+
+
 def format_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if abs(n) < 1024 or unit == "TB":
@@ -129,7 +135,7 @@ def choose_plan(
     Raises :class:`MemoryBudgetError` with the numbers and the options when nothing fits.
     """
     avail = available if available is not None else available_bytes(device)
-    budget = int(avail * fraction)
+    budget = guard_budget(avail, fraction)
 
     def est(kind: str) -> int:
         return int(n_params * DTYPE_BYTES[kind] * overhead)
@@ -153,8 +159,8 @@ def choose_plan(
     if device.startswith("cuda"):
         cpu = cpu_available if cpu_available is not None else available_bytes("cpu")
         need = est("bfloat16")
-        if need <= budget + int(cpu * fraction):
-            return LoadPlan(device, "bfloat16", None, True, need, budget + int(cpu * fraction),
+        if need <= budget + guard_budget(cpu, fraction):
+            return LoadPlan(device, "bfloat16", None, True, need, budget + guard_budget(cpu, fraction),
                             "does not fit on the GPU; offloading layers to the CPU (slow)")
         tried.append(f"bfloat16 with CPU offload needs {format_bytes(need)}")
     raise MemoryBudgetError(

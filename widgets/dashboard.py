@@ -233,21 +233,17 @@ class Dashboard(Panel):
     def _limits(self, sample: Any) -> dict[str, int | None]:
         """Per device, the usage level a new load may bring memory to: used + the guard's budget.
 
-        The budget is ``kernel_ext.memory.memory_limit(session, device)`` when the memory module
-        offers it, else what the guard documents: ``memory_fraction`` of the available memory.
+        The budget is the guard's own rule (:func:`kernel_ext.memory.guard_budget`).
         """
-        try:
-            from kernel_ext.memory import memory_limit
-        except ImportError:
-            memory_limit = None
+        from kernel_ext.memory import guard_budget
+
         fraction = float(self.session.config.memory_fraction)
         devices = [("cpu", int(sample.ram_used), int(sample.ram_available))]
         devices += [(f"cuda:{g.index}", int(g.used), int(g.free))
                     for g in (getattr(sample, "gpus", None) or [])]
         out: dict[str, int | None] = {}
         for device, used, available in devices:
-            budget = (memory_limit(self.session, device) if memory_limit is not None
-                      else fraction * available)
+            budget = guard_budget(available, fraction)
             out[device] = used + int(budget)
         return out
 
