@@ -354,9 +354,13 @@ def test_provider_honours_the_mode_setting(provider: TransformersGGUFProvider) -
     params = GenerationParams(max_new_tokens=8)
     provider.decode_mode = "full"
     a = provider.generate("hello", params).text
-    modes = iter(["exact"])
-    provider.decode_mode = lambda: next(modes)
-    assert provider.generate("hello", params).text == a
+    reads: list[str] = []
+    provider.decode_mode = lambda: reads.append("exact") or "exact"  # a live setting
+    r = provider.generate("hello", params)
+    assert r.text == a and r.notes == [] and reads == ["exact"]
+    provider.decode_mode = "fp16"
+    r = provider.generate("hello", params)
+    assert r.notes == ["fp16 weights"] and "fp16 weights" in r.footer()
     provider.decode_mode = "int3"
     with pytest.raises(ProviderError, match="decode mode must be one of"):
         provider.generate("hello", params)
