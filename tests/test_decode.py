@@ -383,3 +383,17 @@ class TestLocalProviderContract(ProviderTests):
         local = LocalModel(model=model, tokenizer=tok, path=tmp_path / "tiny.gguf",
                            sha256="0" * 64, device="cpu", dtype="float32")
         return TransformersGGUFProvider("tiny-local", local)
+
+
+def test_the_setting_reaches_loaded_models(ip: Any, tmp_path: Path) -> None:
+    """%config KernelExt.decode_mode applies to models already loaded, at the next %%infer."""
+    path = write_tiny_llama(tmp_path / "cfg.gguf", seed=6)
+    ip.run_line_magic("model", f"load {path} --no-progress")
+    ip.run_cell_magic("infer", "-n 4 -o a -q", "hello")
+    assert ip.user_ns["a"].notes == []
+    ip.run_line_magic("config", "KernelExt.decode_mode = 'fp16'")
+    ip.run_cell_magic("infer", "-n 4 -o b -q", "hello")
+    assert "fp16 weights" in ip.user_ns["b"].notes
+    ip.run_line_magic("config", "KernelExt.decode_mode = 'int8'")  # refused (logged), value kept
+    ext = next(c for c in ip.configurables if type(c).__name__ == "KernelExt")
+    assert ext.decode_mode == "fp16"
