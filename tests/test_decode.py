@@ -397,3 +397,24 @@ def test_the_setting_reaches_loaded_models(ip: Any, tmp_path: Path) -> None:
     ip.run_line_magic("config", "KernelExt.decode_mode = 'int8'")  # refused (logged), value kept
     ext = next(c for c in ip.configurables if type(c).__name__ == "KernelExt")
     assert ext.decode_mode == "fp16"
+
+
+def test_a_hooked_head_runs_the_models_own_forward(tiny: tuple[Any, Any]) -> None:
+    """Accelerate's offloading replaces a module's forward: then only that forward is right."""
+    model, tok = tiny
+    head = model.get_output_embeddings()
+    calls: list[int] = []
+    original = head.forward
+
+    def hooked(x: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        return original(x)
+
+    head.forward = hooked
+    try:
+        ids = _ids(tok, "hello world")
+        got = decode(model, ids, max_new_tokens=5, mode="exact")
+        assert got.mode == "full" and len(calls) == len(got.tokens)
+        assert got.tokens == _generate(model, ids, 5)[: len(got.tokens)]
+    finally:
+        del head.forward

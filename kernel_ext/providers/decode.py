@@ -11,9 +11,9 @@ Measured on the demo model (Gemma 3 270M, float32, CPU; ``python -m benchmarks.b
 
 * Per-token Python work is not the bottleneck: the plain loop with the model's own head ran at
   1.01x. A ``StaticCache`` in eager mode attends over the whole preallocated length with a mask
-  and was about 2x *slower* than the dynamic cache; it only pays under ``torch.compile``, whose
-  compile time on a 2-core CPU is not paid back within a typical answer (see the benchmark
-  notes), so the loop stays eager.
+  and was about 2x *slower* than the dynamic cache; it only pays under ``torch.compile``, and
+  ``torch.compile(model.forward)`` with a static cache recompiled at every step here (a guard on
+  the cache's length; recompile limit reached after ~5 minutes), so the loop stays eager.
 * The LM head dominates the bytes read per token for small-body, large-vocabulary models
   (Gemma 3 270M: a 262,144 x 640 head, 671 MB in fp32, versus a 400 MB body). For greedy
   decoding with an fp32 head, the default ``"exact"`` mode screens the vocabulary with an fp16
@@ -408,6 +408,8 @@ def _head_for(model: Any) -> _Head | None:
     out = model.get_output_embeddings()
     if not isinstance(out, torch.nn.Linear) or out.bias is not None:
         return None
+    if "forward" in vars(out) or out.weight.device.type == "meta":
+        return None  # accelerate hooks (offloading) own this head: only its forward is right
     if getattr(model, "base_model", model) is model:
         return None
     weight = out.weight
