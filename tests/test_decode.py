@@ -119,6 +119,8 @@ def test_a_bf16_model_uses_its_own_head_and_matches_generate(tmp_path: Path) -> 
     got = decode(model, ids, max_new_tokens=24, eos_ids={EOS_ID}, mode="exact")
     assert got.tokens == _generate(model, ids, 24)
     assert got.screened == 0  # the fp16 screen is only certified for float32 heads
+    fp16 = decode(model, ids, max_new_tokens=24, eos_ids={EOS_ID}, mode="fp16")
+    assert fp16.mode == "exact" and fp16.tokens == got.tokens  # no fp16 copies of a bf16 model
 
 
 def _linears(model: Any) -> list[torch.nn.Linear]:

@@ -187,10 +187,12 @@ class _Stepper:
             self.head = _head_for(model)
             if self.head is None:
                 mode = "full"  # a head this module cannot reproduce exactly: the model's own
-        self.mode = mode
         self.halves: dict[Any, Any] = {}
         if mode == "fp16":
             self.halves = _fp16_linears(model.base_model)
+            if not self.halves and (self.head is None or self.head.half is None):
+                mode = "exact"  # not a float32 CPU model: nothing to copy, its own weights run
+        self.mode = mode
         runner = model if self.head is None else model.base_model
         self.run = runner
         self.kwargs: dict[str, Any] = {_cache_kwarg(runner): self.cache, "use_cache": True}
