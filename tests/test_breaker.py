@@ -8,17 +8,7 @@ import pytest
 
 from kernel_ext.errors import BreakerOpenError, PromptError, TemplateError, TransientProviderError
 from kernel_ext.resilience.breaker import BreakerEvent, BreakerSettings, CircuitBreaker, State
-
-
-class FakeClock:
-    def __init__(self, t: float = 1000.0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-    def advance(self, dt: float) -> None:
-        self.t += dt
+from fakes import FakeClock
 
 
 def make(**kw: object) -> tuple[CircuitBreaker, FakeClock, list[BreakerEvent]]:

@@ -30,21 +30,7 @@ from kernel_ext.providers.base import GenerationParams, GenerationResult, Health
 from kernel_ext.providers.remote import RemoteProvider
 from kernel_ext.resilience import Resilience, attach
 from kernel_ext.session import Session
-
-
-class Clock:
-    """Monotonic fake time; ``sleep`` advances it and is recorded."""
-
-    def __init__(self) -> None:
-        self.t = 100.0
-        self.sleeps: list[float] = []
-
-    def __call__(self) -> float:
-        return self.t
-
-    def sleep(self, s: float) -> None:
-        self.sleeps.append(s)
-        self.t += s
+from fakes import FakeClock as Clock
 
 
 class Wall:
@@ -133,7 +119,7 @@ class TestScriptedProviderContract(ProviderTests):
 # --- fixtures ----------------------------------------------------------------------------------
 @pytest.fixture
 def clock() -> Clock:
-    return Clock()
+    return Clock(100.0)
 
 
 @pytest.fixture
@@ -494,7 +480,7 @@ def test_state_round_trips_through_the_session(
     state = json.loads(json.dumps(state))  # what a checkpoint stores
     assert state["resilience"]["breakers"]["a"]["state"] == "open"
 
-    clock2 = Clock()
+    clock2 = Clock(100.0)
     clock2.t = 7.0  # a new kernel: a different monotonic origin
     s2 = Session(session.config, None, state_dir=tmp_path / "state2")
     attach(s2, clock=clock2, sleep=clock2.sleep)

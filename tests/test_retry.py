@@ -14,19 +14,7 @@ from kernel_ext.errors import (
     TransientProviderError,
 )
 from kernel_ext.resilience.retry import RetryPolicy, is_transient
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.t = 0.0
-        self.sleeps: list[float] = []
-
-    def __call__(self) -> float:
-        return self.t
-
-    def sleep(self, s: float) -> None:
-        self.sleeps.append(s)
-        self.t += s
+from fakes import FakeClock as Clock
 
 
 def policy(clock: Clock, **kw: object) -> RetryPolicy:
@@ -56,7 +44,7 @@ def flaky(fails: int, error: Exception) -> tuple[list[int], object]:
 
 
 def test_transient_errors_are_retried_with_exponential_backoff() -> None:
-    clock = Clock()
+    clock = Clock(0.0)
     calls, fn = flaky(3, TransientProviderError("503"))
     assert policy(clock).call(fn) == "done"  # type: ignore[arg-type]
     assert len(calls) == 4
@@ -64,14 +52,14 @@ def test_transient_errors_are_retried_with_exponential_backoff() -> None:
 
 
 def test_connection_errors_count_as_transient() -> None:
-    clock = Clock()
+    clock = Clock(0.0)
     calls, fn = flaky(1, ConnectionResetError("reset"))
     assert policy(clock).call(fn) == "done"  # type: ignore[arg-type]
     assert len(calls) == 2
 
 
 def test_gives_up_after_attempts_and_reraises_the_last_error() -> None:
-    clock = Clock()
+    clock = Clock(0.0)
     calls, fn = flaky(10, TransientProviderError("still down"))
     with pytest.raises(TransientProviderError, match="still down"):
         policy(clock, attempts=3).call(fn)  # type: ignore[arg-type]
@@ -79,7 +67,7 @@ def test_gives_up_after_attempts_and_reraises_the_last_error() -> None:
 
 
 def test_total_time_budget_bounds_retries_and_cuts_the_last_wait() -> None:
-    clock = Clock()
+    clock = Clock(0.0)
     calls, fn = flaky(100, TransientProviderError("down"))
     with pytest.raises(TransientProviderError):
         policy(clock, attempts=100, max_seconds=5.0).call(fn)  # type: ignore[arg-type]
@@ -90,7 +78,7 @@ def test_total_time_budget_bounds_retries_and_cuts_the_last_wait() -> None:
 
 
 def test_waits_are_capped_and_jittered() -> None:
-    clock = Clock()
+    clock = Clock(0.0)
     values = iter([0.0, 1.0, 0.5, 0.25, 0.0, 1.0])
     p = policy(clock, attempts=7, initial=1.0, max_wait=4.0, jitter=0.5, rng=lambda: next(values))
     _, fn = flaky(6, TransientProviderError("x"))
@@ -111,7 +99,7 @@ def test_waits_are_capped_and_jittered() -> None:
     ],
 )
 def test_non_transient_errors_are_never_retried(error: Exception) -> None:
-    clock = Clock()
+    clock = Clock(0.0)
     calls, fn = flaky(5, error)
     with pytest.raises(type(error)):
         policy(clock).call(fn)  # type: ignore[arg-type]
@@ -120,7 +108,7 @@ def test_non_transient_errors_are_never_retried(error: Exception) -> None:
 
 
 def test_on_retry_reports_each_retry() -> None:
-    clock = Clock()
+    clock = Clock(0.0)
     seen: list[tuple[int, str, float]] = []
     _, fn = flaky(2, TransientProviderError("503"))
     policy(clock).call(fn, on_retry=lambda n, e, w: seen.append((n, str(e), w)))  # type: ignore[arg-type]
@@ -135,7 +123,7 @@ def test_from_config() -> None:
 
 
 def test_a_deadline_ends_retries_and_caps_the_wait() -> None:
-    clock = Clock()
+    clock = Clock(0.0)
     calls, fn = flaky(100, TransientProviderError("down"))
     with pytest.raises(TransientProviderError):
         policy(clock, attempts=100, max_seconds=100.0).call(fn, deadline=2.0)  # type: ignore[arg-type]

@@ -23,21 +23,12 @@ from kernel_ext.memory import GpuSample, MemorySample
 from kernel_ext.resilience import attach as attach_resilience
 from kernel_ext.session import Session
 from widgets import BreakerPanel, CheckpointPanel, Dashboard, MemoryPanel, open_dashboards
+from fakes import FakeClock
 
 GiB = 1024**3
 
 
 # --- helpers -------------------------------------------------------------------------------------
-class FakeClock:
-    def __init__(self, t: float = 1000.0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-    def advance(self, dt: float) -> None:
-        self.t += dt
-
 
 class Sampler:
     """Real MemorySample values with a RAM figure the test controls."""

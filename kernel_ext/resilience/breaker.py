@@ -275,15 +275,7 @@ class CircuitBreaker:
                 retry_in=retry_in,
                 retry_at=None if retry_in is None else self._clock() + retry_in,
             )
-            self._emit(
-                BreakerEvent(
-                    "call",
-                    self.name,
-                    self._snapshot(),
-                    outcome=Outcome.REJECTED.value,
-                    error=str(err),
-                )
-            )
+            self._emit_call(Outcome.REJECTED, str(err), None)
             raise err
 
     def record_success(self, duration: float = 0.0) -> Outcome:
@@ -375,21 +367,16 @@ class CircuitBreaker:
                 )
 
     # --- internals (call with the lock held) --------------------------------------------------
+    def _emit_call(self, outcome: Outcome, error: str | None, duration: float | None) -> None:
+        self._emit(BreakerEvent("call", self.name, self._snapshot(), outcome=outcome.value,
+                                error=error, duration=duration))
+
     def _record(self, outcome: Outcome, error: str | None, duration: float) -> Outcome:
         with self._lock:
             self._maybe_half_open()
             if outcome is Outcome.IGNORED:
                 self.release()
-                self._emit(
-                    BreakerEvent(
-                        "call",
-                        self.name,
-                        self._snapshot(),
-                        outcome=outcome.value,
-                        error=error,
-                        duration=duration,
-                    )
-                )
+                self._emit_call(outcome, error, duration)
                 return outcome
             failed = outcome in _COUNTED_AS_FAILURE
             self._total_calls += 1
@@ -397,16 +384,7 @@ class CircuitBreaker:
                 self._last_error = error
             if self._state is State.HALF_OPEN:
                 self._trials.append(failed)
-                self._emit(
-                    BreakerEvent(
-                        "call",
-                        self.name,
-                        self._snapshot(),
-                        outcome=outcome.value,
-                        error=error,
-                        duration=duration,
-                    )
-                )
+                self._emit_call(outcome, error, duration)
                 if len(self._trials) >= self._settings.half_open_calls:
                     rate = sum(self._trials) / len(self._trials)
                     self._transition(
@@ -415,29 +393,11 @@ class CircuitBreaker:
                 return outcome
             if self._state is not State.CLOSED:
                 # A call admitted before the breaker opened finished late: count it, no trip.
-                self._emit(
-                    BreakerEvent(
-                        "call",
-                        self.name,
-                        self._snapshot(),
-                        outcome=outcome.value,
-                        error=error,
-                        duration=duration,
-                    )
-                )
+                self._emit_call(outcome, error, duration)
                 return outcome
             self._window.append(failed)
             self._consecutive = self._consecutive + 1 if failed else 0
-            self._emit(
-                BreakerEvent(
-                    "call",
-                    self.name,
-                    self._snapshot(),
-                    outcome=outcome.value,
-                    error=error,
-                    duration=duration,
-                )
-            )
+            self._emit_call(outcome, error, duration)
             if failed and self._should_trip():
                 self._transition(State.OPEN)
             return outcome
