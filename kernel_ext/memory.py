@@ -128,17 +128,21 @@ def choose_plan(
     available: int | None = None,
     cpu_available: int | None = None,
     overhead: float = 1.15,
+    float32_copies: int = 0,
 ) -> LoadPlan:
     """The first plan on the ladder whose estimate fits ``fraction`` of available memory.
 
     ``overhead`` covers buffers, the KV cache of a short generation and allocator slack.
+    ``float32_copies``: bytes of the fp16 copies CPU decoding keeps of float32 weights
+    (``KernelExt.decode_mode``), counted for float32 plans only.
     Raises :class:`MemoryBudgetError` with the numbers and the options when nothing fits.
     """
     avail = available if available is not None else available_bytes(device)
     budget = guard_budget(avail, fraction)
 
     def est(kind: str) -> int:
-        return int(n_params * DTYPE_BYTES[kind] * overhead)
+        copies = float32_copies if kind == "float32" else 0
+        return int(n_params * DTYPE_BYTES[kind] * overhead) + copies
 
     tried: list[str] = []
     ladder: list[tuple[str, str | None, str]] = [(dtype, None, "")]

@@ -176,10 +176,12 @@ class ModelRegistry:
             with read_gguf(path) as gf:  # validates the whole header before anything else
                 summary = gf.summary()
                 chat_template = gf.metadata.get("tokenizer.chat_template")
+                hidden = gf.metadata.get(f"{summary['architecture']}.embedding_length")
             pin = sha256 or known_pin
             digest = verify_sha256(path, pin) if pin else sha256_file(path)
             plan = choose_plan(int(summary["n_params"]), device=dev, dtype=dt,
-                               fraction=cfg.memory_fraction)
+                               fraction=cfg.memory_fraction,
+                               float32_copies=_decode_copies(cfg.decode_mode, dev, summary, hidden))
             session.audit.write("model.plan", name=name, path=path, sha256=digest, plan=plan.describe())
             artifacts = self._load_weights(path, digest, plan, name, progress)
         except KernelExtError as e:
@@ -301,6 +303,18 @@ class ModelRegistry:
             f"  placement {i['plan']}\n"
             f"  loaded in {i['load_s']:.2f} s; chat template: {'yes' if i['chat_template'] else 'no'}"
         )
+
+
+def _decode_copies(mode: str, device: str, summary: dict[str, Any], hidden: Any) -> int:
+    """Bytes of the fp16 copies :mod:`kernel_ext.providers.decode` makes of float32 weights on
+    the CPU: the LM head in ``exact`` mode, every weight (at most) in ``fp16`` mode."""
+    if device != "cpu":
+        return 0
+    if mode == "fp16":
+        return int(summary["n_params"]) * 2
+    if mode == "exact" and isinstance(hidden, int) and summary.get("vocab_size"):
+        return int(summary["vocab_size"]) * hidden * 2
+    return 0
 
 
 def _name_from_path(path: Path) -> str:

@@ -60,3 +60,14 @@ def test_probe_reports_this_machine() -> None:
 
 def test_format_bytes() -> None:
     assert format_bytes(512) == "512 B" and format_bytes(1536 * 1024) == "1.50 MB"
+
+
+def test_float32_plans_count_the_decode_copies() -> None:
+    plain = choose_plan(N, device="cpu", dtype="float32", fraction=0.8, available=16 * GB)
+    copied = choose_plan(N, device="cpu", dtype="float32", fraction=0.8, available=16 * GB,
+                         float32_copies=GB)
+    assert copied.estimate_bytes == plain.estimate_bytes + GB
+    # a bfloat16 plan makes no fp16 copies: the copies can be what pushes the ladder down
+    plan = choose_plan(N, device="cpu", dtype="float32", fraction=0.8, available=6 * GB,
+                       float32_copies=2 * GB)
+    assert plan.dtype == "bfloat16"
