@@ -464,7 +464,10 @@ def test_state_round_trips_through_the_session(
 ) -> None:
     with OpenAIStub() as stub:
         hub.add_provider(
-            "remote", RemoteProvider("remote", stub.url, model="m", chat=True, api_key_env="MY_KEY")
+            "remote",
+            RemoteProvider(
+                "remote", stub.url, model="m", chat=True, api_key_env="MY_KEY", read_timeout=7.5
+            ),
         )
         a = ScriptedProvider("a").fail_with(ProviderError("x"), ProviderError("x"))
         add(hub, a)
@@ -491,9 +494,15 @@ def test_state_round_trips_through_the_session(
     assert b.state.value == "open" and b.snapshot().retry_in == pytest.approx(6.0)
     assert b.snapshot().trip_count == 2
     assert hub2.fallbacks == ["remote"]
-    remote = hub2.extra_providers["remote"]
-    assert isinstance(remote, RemoteProvider) and remote.model == "m" and remote.chat
-    assert remote.api_key_env == "MY_KEY" and "MY_KEY" in json.dumps(state)
+    # A checkpoint never re-creates a remote provider (it could name any URL and any env var
+    # as the "key"); %resume prints the command that registers it again instead.
+    assert "remote" not in hub2.extra_providers
+    (line,) = [x for x in lines if x.startswith("remote provider remote")]
+    assert "not restored" in line
+    assert line.endswith(
+        f"%model remote remote --url {stub.url} --model m --chat --timeout 7.5 "
+        "--api-key-env MY_KEY"
+    )
     clock2.t += 6
     assert b.state.value == "half_open"
     s2.close()
@@ -598,3 +607,25 @@ def test_retries_do_not_outlive_the_timeout(
     with pytest.raises(AllProvidersFailedError):
         session.infer("Q", GenerationParams(max_new_tokens=4, timeout=1.0), model="a")
     assert sum(clock.sleeps) <= 1.0 + 1e-9 and len(a.calls) < 10
+
+
+def test_a_tampered_checkpoint_cannot_send_a_secret_to_its_server(
+    session: Session, hub: Resilience, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KERNEL_EXT_TEST_SECRET", "s3cret")
+    with OpenAIStub() as stub:
+        state = {
+            "resilience": {
+                "remotes": {
+                    "evil": {"url": stub.url, "chat": False,
+                             "api_key_env": "KERNEL_EXT_TEST_SECRET"}
+                },
+                "fallbacks": ["evil"],
+            }
+        }
+        lines = session.restore_state(state)
+        assert "evil" not in hub.extra_providers
+        assert any(x.startswith("remote provider evil not restored") for x in lines)
+        with pytest.raises(AllProvidersFailedError):
+            session.infer("Q", P, model="evil")
+        assert stub.requests == []

@@ -65,6 +65,7 @@ class RemoteProvider:
         self.chat = chat
         self._api_key = api_key
         self.api_key_env = api_key_env  # saved with the session state; the key itself never is
+        self.read_timeout = float(read_timeout)  # saved with the session state
         self._timeout = httpx.Timeout(read_timeout, connect=connect_timeout)
         self._transport = transport
         self._clock = clock

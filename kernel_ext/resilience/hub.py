@@ -5,6 +5,7 @@ the fallback list and the offline cache of one session, and their saved state.
 from __future__ import annotations
 
 import logging
+import shlex
 import threading
 import time
 from collections.abc import Callable
@@ -79,14 +80,14 @@ class Resilience:
             return b
 
     def limiter(self, name: str) -> TokenBucket:
-        rate, burst = float(self.config.rate_limit_per_second), int(self.config.rate_limit_burst)
+        """The rate limiter for provider ``name`` (created on first use, settings kept current)."""
+        wanted = TokenBucket.from_config(self.config, name=name, clock=self.clock)
         with self._lock:
             lim = self.limiters.get(name)
             if lim is None:
-                lim = TokenBucket(rate, burst, name=name, clock=self.clock)
-                self.limiters[name] = lim
-            elif (lim.rate, lim.burst) != (rate, burst):
-                lim.configure(rate, burst)
+                self.limiters[name] = lim = wanted
+            elif (lim.rate, lim.burst) != (wanted.rate, wanted.burst):
+                lim.configure(wanted.rate, wanted.burst)
             return lim
 
     def _on_breaker_event(self, event: BreakerEvent) -> None:
@@ -169,16 +170,9 @@ class Resilience:
         return self.identities.get(name, f"name:{name}")
 
     def default_model(self) -> str | None:
-        models = self.session.models
-        for attr in ("active", "default_name", "current"):
-            value = getattr(models, attr, None)
-            if callable(value):
-                try:
-                    value = value()
-                except (TypeError, LookupError):
-                    value = None
-            if isinstance(value, str) and value:
-                return value
+        active = self.session.models.active
+        if active:
+            return str(active)
         names = _model_names(self.session)
         if names:
             return names[-1]
@@ -203,24 +197,12 @@ class Resilience:
 
     def restore_state(self, state: dict[str, Any]) -> list[str]:
         lines: list[str] = []
-        from ..providers.remote import RemoteProvider
-
+        # Remote providers are listed, never re-created: a checkpoint is a file anyone may have
+        # edited, and a provider built from it would send prompts (and the value of whichever
+        # environment variable it names as the API key) to whichever URL it names.
         for name, spec in (state.get("remotes") or {}).items():
             if name not in self.extra_providers:
-                try:
-                    self.add_provider(
-                        name,
-                        RemoteProvider(
-                            name,
-                            spec["url"],
-                            model=spec.get("model"),
-                            chat=bool(spec.get("chat")),
-                            api_key_env=spec.get("api_key_env"),
-                        ),
-                    )
-                    lines.append(f"remote provider {name} -> {spec['url']}")
-                except (KeyError, ValueError) as e:
-                    lines.append(f"remote provider {name} not restored: {e}")
+                lines.append(_remote_not_restored(str(name), spec))
         for name, ident in (state.get("identities") or {}).items():
             self.identities.setdefault(str(name), str(ident))
         fallbacks = [str(n) for n in state.get("fallbacks") or []]
@@ -283,4 +265,25 @@ def _remote_spec(provider: Any) -> dict[str, Any] | None:
         "model": getattr(provider, "model", None),
         "chat": bool(getattr(provider, "chat", False)),
         "api_key_env": getattr(provider, "api_key_env", None),
+        "read_timeout": getattr(provider, "read_timeout", None),
     }
+
+
+def _remote_not_restored(name: str, spec: Any) -> str:
+    """The line ``%resume`` prints for a saved remote provider: the command that registers it."""
+    if not isinstance(spec, dict) or not isinstance(spec.get("url"), str):
+        return f"remote provider {name} not restored (its saved settings are unreadable)"
+    words = ["%model", "remote", name, "--url", spec["url"]]
+    if spec.get("model"):
+        words += ["--model", str(spec["model"])]
+    if spec.get("chat"):
+        words.append("--chat")
+    if isinstance(spec.get("read_timeout"), (int, float)):
+        words += ["--timeout", f"{float(spec['read_timeout']):g}"]
+    if spec.get("api_key_env"):
+        words += ["--api-key-env", str(spec["api_key_env"])]
+    return (
+        f"remote provider {name} not restored: a checkpoint cannot vouch for the server it names "
+        f"or for which environment variable holds its key; check the URL, then re-register it "
+        f"with: {shlex.join(words)}"
+    )
