@@ -55,3 +55,44 @@ def test_prefix_of_stop_that_does_not_complete_is_released() -> None:
 def test_earliest_of_several_stops_wins() -> None:
     dec, _ = feed("one. two! three", stop=("!", "."))
     assert dec.text == "one"
+
+
+class CountingTokenizer(ByteTokenizer):
+    def __init__(self) -> None:
+        self.decoded = 0
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        self.decoded += len(ids)
+        return super().decode(ids, skip_special_tokens)
+
+
+def test_each_token_decodes_a_few_tokens_not_the_whole_answer() -> None:
+    tok = CountingTokenizer()
+    dec = IncrementalDecoder(tok)
+    text = "streaming " * 100
+    for t in tok.encode(text):
+        dec.add([t])
+    assert dec.finish() == text
+    per_token = (tok.decoded - len(text)) / len(text)  # minus the one final full decode
+    assert per_token < 4  # re-decoding everything each time would be ~len(text)/2 = 500
+
+
+def test_sentencepiece_leading_spaces_survive_incremental_decoding() -> None:
+    from tinymodels import write_tiny_llama  # a real SentencePiece-style GGUF tokenizer
+
+    import tempfile
+    from pathlib import Path
+
+    from kernel_ext.gguf.loader import load_transformers
+
+    with tempfile.TemporaryDirectory() as d:
+        art = load_transformers(write_tiny_llama(Path(d) / "t.gguf"), cache_dir=None)
+    tok = art.tokenizer
+    text = "the cat sat on the mat, 42 times!"
+    ids = tok(text, add_special_tokens=False).input_ids
+    pieces: list[str] = []
+    dec = IncrementalDecoder(tok, (), pieces.append)
+    for t in ids:
+        dec.add([t])
+    assert dec.finish() == tok.decode(ids, skip_special_tokens=True)
+    assert "".join(pieces) == dec.text

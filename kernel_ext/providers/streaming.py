@@ -2,7 +2,8 @@
 
 Text is emitted as soon as it is final: never half a UTF-8 character (the tokenizer's
 replacement character is held back) and never the beginning of a stop string that may still
-complete.
+complete. Each token costs one decode of the last few tokens (prefix/read offsets, as vLLM
+does), not of the whole answer.
 """
 
 from __future__ import annotations
@@ -22,29 +23,40 @@ class IncrementalDecoder:
         self._stop = [s for s in stop if s]
         self._on_text = on_text
         self._ids: list[int] = []
+        # ids[prefix:read] decode to text already in ``_full``; decoding from ``prefix`` keeps
+        # the context tokenizers need (SentencePiece drops a leading space at the start).
+        self._prefix = 0
+        self._read = 0
         self._full = ""
         self.emitted = 0
         self.stopped = False
         self.text = ""
 
+    def _decode(self, ids: list[int]) -> str:
+        return self._tok.decode(ids, skip_special_tokens=True)
+
     def add(self, token_ids: Sequence[int]) -> None:
         if self.stopped:
             return
         self._ids.extend(int(t) for t in token_ids)
-        full = self._tok.decode(self._ids, skip_special_tokens=True)
-        if full.endswith("\ufffd"):
-            return  # an incomplete multi-byte character: wait for the next token
-        self._full = full
-        cut = self._first_stop(full)
+        before = self._decode(self._ids[self._prefix:self._read])
+        after = self._decode(self._ids[self._prefix:])
+        if len(after) <= len(before) or after.endswith("\ufffd"):
+            return  # nothing new yet, or an incomplete multi-byte character
+        self._full += after[len(before):]
+        self._prefix, self._read = self._read, len(self._ids)
+        cut = self._first_stop(self._full)
         if cut is not None:
             self.stopped = True
-            self._emit(full[:cut], final=True)
+            self._emit(self._full[:cut], final=True)
             return
-        self._emit(full, final=False)
+        self._emit(self._full, final=False)
 
     def finish(self) -> str:
         if not self.stopped:
-            full = self._tok.decode(self._ids, skip_special_tokens=True) if self._ids else ""
+            full = self._decode(self._ids) if self._ids else ""
+            if not full.startswith(self._full):
+                full = self._full  # what was streamed stays the answer
             cut = self._first_stop(full)
             self._emit(full if cut is None else full[:cut], final=True)
         return self.text
