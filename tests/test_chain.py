@@ -629,3 +629,43 @@ def test_a_tampered_checkpoint_cannot_send_a_secret_to_its_server(
         with pytest.raises(AllProvidersFailedError):
             session.infer("Q", P, model="evil")
         assert stub.requests == []
+
+
+def test_text_streamed_by_a_failed_provider_is_set_apart_from_the_fallback_answer(
+    session: Session, hub: Resilience
+) -> None:
+    with OpenAIStub() as stub:
+        stub.script("drop")  # streams "Paris", " is", then the connection ends
+        hub.add_provider("r", RemoteProvider("r", stub.url))
+        add(hub, ScriptedProvider("b", answer="from b"))
+        hub.fallbacks = ["b"]
+        pieces: list[str] = []
+        result = session.infer("Q", P, model="r", on_token=pieces.append)
+    assert result.text == "from b"
+    shown = "".join(pieces)
+    head, sep, tail = shown.partition("\n[r failed: TransientProviderError: ")
+    assert head == "Paris is" and sep and tail.endswith("; answer from b follows]\nfrom b")
+    assert any("r failed after streaming part of an answer" in n for n in result.notes)
+
+
+def test_text_streamed_before_a_retry_is_set_apart_from_the_retried_answer(
+    session: Session, hub: Resilience
+) -> None:
+    session.config.retry_attempts = 2
+    with OpenAIStub() as stub:
+        stub.script("drop")
+        hub.add_provider("r", RemoteProvider("r", stub.url))
+        pieces: list[str] = []
+        result = session.infer("Q", P, model="r", on_token=pieces.append)
+    shown = "".join(pieces)
+    assert shown.startswith("Paris is\n[r failed: TransientProviderError: ")
+    assert shown.endswith("; answer from r follows]\n" + result.text)
+    assert shown.count("\n[") == 1
+
+
+def test_a_clean_failover_streams_no_separator(session: Session, hub: Resilience) -> None:
+    add(hub, ScriptedProvider("a").fail_with(ProviderError("x")), ScriptedProvider("b"))
+    hub.fallbacks = ["b"]
+    pieces: list[str] = []
+    result = session.infer("Q", P, model="a", on_token=pieces.append)
+    assert "".join(pieces) == result.text == "forty two"

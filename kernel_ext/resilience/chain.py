@@ -47,16 +47,38 @@ class _Run:
         self.attempts: list[dict[str, Any]] = []
         self.notes: list[str] = []
         self.causes: dict[str, BaseException] = {}
-        self.streamed = 0
+        self.streamed = 0  # characters the current provider has streamed so far
+        self.current = ""  # the provider (or "the offline cache") being tried
+        self.abandoned: str | None = None  # why streamed text was left behind, until set apart
         clock = hub.clock
         self.start = clock()
         timeout = params.timeout or 0.0
         self.deadline = self.start + timeout if timeout > 0 else None
 
     def on_token(self, piece: str) -> None:
+        self.set_apart()
         self.streamed += len(piece)
         if self.user_on_token is not None:
             self.user_on_token(piece)
+
+    def abandon(self, name: str, error: BaseException) -> bool:
+        """``name`` failed after streaming some text, which stays in the cell: the next answer
+        is set apart from it by a separator line. Returns whether any text was streamed."""
+        if not self.streamed:
+            return False
+        self.streamed = 0
+        reason = _err(error).splitlines()[0] if str(error) else type(error).__name__
+        self.abandoned = f"{name} failed: {reason[:200]}"
+        return True
+
+    def set_apart(self) -> None:
+        """Emit the separator owed to abandoned streamed text, before the next answer streams."""
+        if self.abandoned is None:
+            return
+        line = f"\n[{self.abandoned}; answer from {self.current} follows]\n"
+        self.abandoned = None
+        if self.user_on_token is not None:
+            self.user_on_token(line)
 
     def should_stop(self) -> bool:
         return self.deadline is not None and self.hub.clock() >= self.deadline
@@ -163,11 +185,13 @@ class FallbackChain:
             run.attempt(name, "skipped", err, breaker.state.value)
             return None
         params = run.params
+        run.current = name
         for degraded in (False, True):
             try:
                 result = self._call(run, name, provider, params)
             except ProviderOutOfMemoryError as e:
                 run.causes[name] = e
+                run.abandon(name, e)
                 run.attempt(
                     name,
                     "out_of_memory",
@@ -215,11 +239,10 @@ class FallbackChain:
     def _failed(self, run: _Run, name: str, state: str, e: BaseException) -> None:
         run.causes[name] = e
         run.attempt(name, "failed", e, state)
-        if run.streamed:
+        if run.abandon(name, e):
             run.notes.append(
-                f"{name} failed after streaming part of an answer; that part was dropped"
+                f"{name} failed after streaming part of an answer; that part is not in the answer"
             )
-            run.streamed = 0
 
     def _call(
         self, run: _Run, name: str, provider: Provider, params: GenerationParams
@@ -261,8 +284,7 @@ class FallbackChain:
                 name, "retry", error, breaker.state.value, attempt=attempt, wait_s=round(wait, 3)
             )
             run.notes.append(f"{name}: transient error, retry {attempt} after {wait:.2f} s")
-            if run.streamed:
-                run.streamed = 0
+            run.abandon(name, error)
 
         return retries.call(once, on_retry=on_retry, deadline=run.deadline)
 
@@ -286,6 +308,8 @@ class FallbackChain:
             return None
         run.attempt("offline_cache", "cached", None, None, age_s=round(hit.cache_age_s or 0, 3))
         if run.user_on_token is not None and hit.text:
+            run.current = "the offline cache"
+            run.set_apart()
             run.user_on_token(hit.text)
         return hit
 
