@@ -194,6 +194,12 @@ def test_infer_over_a_list_is_a_resumable_task(ip: Any, tiny: Path, capsys: Any)
     ip.user_ns["answers"] = None
     cell(ip, "--over words --into answers -n 3 -q", "{index}: say {item}")
     assert ip.user_ns["answers"] == answers and calls == []
+    # a changed item, or a changed prompt, is answered again
+    ip.user_ns["words"] = ["cat", "emu", "owl"]
+    cell(ip, "--over words --into answers -n 3 -q", "{index}: say {item}")
+    assert len(calls) == 1 and ip.user_ns["answers"][0] == answers[0]
+    cell(ip, "--over words --into answers -n 3 -q", "{index}: shout {item}")
+    assert len(calls) == 4
     with pytest.raises(UsageError, match="must be a list"):
         ip.user_ns["text"] = "not a list"
         cell(ip, "--over text --into x -q", "{item}")

@@ -7,7 +7,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import html
+import json
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -127,8 +129,13 @@ def _run_over(ext: Any, ns: Any, template: str, params: GenerationParams, user_n
                          f"not {type(items).__name__}")
     from ..checkpoint.tasks import task
 
-    # Items travel with their index so {index} is right for the items a resumed run skips to.
-    t = task(f"infer:{ns.into}", list(enumerate(items)), key=lambda pair: pair[0],
+    # The task's name covers what makes an answer: a changed prompt, model or option starts
+    # over instead of reusing old answers. Items travel with their index (as lists, which the
+    # task fingerprints) so {index} is right and a changed item is answered again.
+    model = ns.model or ext.session.models.active
+    recipe = json.dumps([template, model, params.cache_key()], sort_keys=True, default=str)
+    name = f"infer:{ns.into}:{hashlib.sha256(recipe.encode()).hexdigest()[:12]}"
+    t = task(name, [[i, item] for i, item in enumerate(items)], key=lambda pair: pair[0],
              session=ext.session, progress=not ns.quiet)
     for index, item in t:
         prompt = interpolate(template, {**user_ns, "item": item, "index": index})
