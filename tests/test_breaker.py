@@ -453,3 +453,21 @@ def test_plain_value_errors_are_excluded_but_our_value_errors_count() -> None:
     with pytest.raises(GGUFFormatError):
         b.call(corrupt_file)
     assert b.state is State.OPEN
+
+
+def test_guard_records_a_result_its_check_calls_timed_out_as_a_timeout() -> None:
+    b, clock, events = make(consecutive_failures=2)
+
+    def partial() -> str:
+        clock.advance(2.0)
+        return "partial"
+
+    def cut_off(result: str, took: float) -> str | None:
+        return f"{result} after {took:.1f} s" if result == "partial" else None
+
+    assert b.guard(ok, timed_out=cut_off) == "ok"
+    assert events[-1].outcome == "success"
+    assert b.guard(partial, timed_out=cut_off) == "partial"  # the result still comes back
+    assert events[-1].outcome == "slow" and events[-1].error == "partial after 2.0 s"
+    b.guard(partial, timed_out=cut_off)
+    assert b.state is State.OPEN

@@ -224,11 +224,18 @@ class CircuitBreaker:
     # --- calls --------------------------------------------------------------------------------
     def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run ``fn`` under the breaker: rejected while open, its outcome recorded."""
+        return self.guard(lambda: fn(*args, **kwargs))
+
+    def guard(
+        self, fn: Callable[[], T], *, timed_out: Callable[[T, float], str | None] | None = None
+    ) -> T:
+        """:meth:`call` for ``fn()``; a result for which ``timed_out(result, seconds)`` gives a
+        message (a partial answer cut off by its timeout) is recorded as a timeout."""
         self.acquire()
         start = self._clock()
         finished = False
         try:
-            result = fn(*args, **kwargs)
+            result = fn()
             finished = True
         except Exception as e:
             finished = True
@@ -238,7 +245,12 @@ class CircuitBreaker:
             if not finished:
                 # interrupted (KeyboardInterrupt, SystemExit): no outcome, give the permit back
                 self.release()
-        self.record_success(self._clock() - start)
+        took = self._clock() - start
+        detail = timed_out(result, took) if timed_out is not None else None
+        if detail is not None:
+            self.record_timeout(took, detail)
+        else:
+            self.record_success(took)
         return result
 
     def acquire(self) -> None:

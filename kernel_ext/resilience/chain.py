@@ -252,32 +252,20 @@ class FallbackChain:
         limiter = hub.limiter(name)
         retries = hub.retry_policy()
 
+        def generate() -> GenerationResult:
+            provider.load()
+            return provider.generate(
+                run.prompt, params, on_token=run.on_token, should_stop=run.should_stop
+            )
+
+        def timed_out(result: GenerationResult, took: float) -> str | None:
+            if not result.timed_out:
+                return None
+            return f"timed out after {took:.2f} s (timeout {params.timeout:g} s)"
+
         def once() -> GenerationResult:
             limiter.acquire()
-            breaker.acquire()
-            start = hub.clock()
-            done = False
-            try:
-                provider.load()
-                result = provider.generate(
-                    run.prompt, params, on_token=run.on_token, should_stop=run.should_stop
-                )
-                done = True
-            except Exception as e:
-                done = True
-                breaker.record_error(e, hub.clock() - start)
-                raise
-            finally:
-                if not done:  # the user interrupted the cell: no outcome, free the permit
-                    breaker.release()
-            took = hub.clock() - start
-            if result.timed_out:
-                breaker.record_timeout(
-                    took, f"timed out after {took:.2f} s (timeout {params.timeout:g} s)"
-                )
-            else:
-                breaker.record_success(took)
-            return result
+            return breaker.guard(generate, timed_out=timed_out)
 
         def on_retry(attempt: int, error: BaseException, wait: float) -> None:
             run.attempt(
