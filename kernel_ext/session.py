@@ -126,9 +126,11 @@ class _DirectChain:
             on_token: TokenCallback | None = None) -> GenerationResult:
         import time
 
+        from .resilience.chain import make_should_stop
+
         provider = self.session.models.get(model).provider
         deadline = time.monotonic() + params.timeout if params.timeout else None
         return provider.generate(
             prompt, params, on_token=on_token,
-            should_stop=(lambda: time.monotonic() > deadline) if deadline else None,
+            should_stop=make_should_stop(deadline, time.monotonic) if deadline else None,
         )

@@ -669,3 +669,27 @@ def test_a_clean_failover_streams_no_separator(session: Session, hub: Resilience
     pieces: list[str] = []
     result = session.infer("Q", P, model="a", on_token=pieces.append)
     assert "".join(pieces) == result.text == "forty two"
+
+
+def test_make_should_stop_turns_true_at_the_deadline(clock: Clock) -> None:
+    from kernel_ext.resilience.chain import make_should_stop
+
+    stop = make_should_stop(clock.t + 2.0, clock)
+    assert not stop()
+    clock.t += 2.0
+    assert stop()
+    assert not make_should_stop(None, clock)()
+
+
+def test_the_direct_chain_stops_at_the_timeout(tmp_path: Path) -> None:
+    """Before resilience is attached, session.infer still honours params.timeout."""
+    from tinymodels import write_tiny_llama
+
+    path = write_tiny_llama(tmp_path / "tiny-llama.gguf", seed=1)
+    s = Session(KernelExtConfig(), None, state_dir=tmp_path / "state")
+    try:
+        s.models.load(str(path), name="tiny", progress=False)
+        r = s.infer("hello world", GenerationParams(max_new_tokens=8, timeout=1e-9))
+        assert r.timed_out and r.completion_tokens < 8
+    finally:
+        s.close()
