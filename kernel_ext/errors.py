@@ -15,6 +15,7 @@ __all__ = [
     "IntegrityError",
     "ModelNotFoundError",
     "MemoryBudgetError",
+    "ModelLoadError",
     "PromptError",
     "TemplateError",
     "ProviderError",
@@ -74,6 +75,10 @@ class ModelNotFoundError(KernelExtError, LookupError):
 
 class MemoryBudgetError(KernelExtError, RuntimeError):
     """Loading would exceed the memory budget; the message gives the numbers and the options."""
+
+
+class ModelLoadError(KernelExtError, RuntimeError):
+    """Loading a valid file failed in a later stage (conversion, weights); names the stage."""
 
 
 # --- prompts -----------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .default_model import DEFAULT_MODEL_NAME, KNOWN_PINS, default_model_path
-from .errors import KernelExtError, ModelNotFoundError
+from .errors import KernelExtError, MemoryBudgetError, ModelLoadError, ModelNotFoundError
 from .memory import LoadPlan, choose_plan, format_bytes
 from .providers.transformers_gguf import LocalModel, TransformersGGUFProvider
 
@@ -184,10 +184,20 @@ class ModelRegistry:
                                float32_copies=_decode_copies(cfg.decode_mode, dev, summary, hidden))
             session.audit.write("model.plan", name=name, path=path, sha256=digest, plan=plan.describe())
             artifacts = self._load_weights(path, digest, plan, name, progress)
-        except KernelExtError as e:
-            session.audit.write("model.load_failed", name=name, path=path, error=e)
-            session.events.emit("model", action="failed", name=name, info={"error": str(e)})
+        except KeyboardInterrupt:
+            self._load_failed(name, path, "interrupted by the user")
             raise
+        except KernelExtError as e:
+            self._load_failed(name, path, e)
+            raise
+        except Exception as e:  # torch, tokenizers, the file system: say so in one line
+            self._load_failed(name, path, e)
+            if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
+                raise MemoryBudgetError(
+                    f"ran out of memory while loading {path.name}: {e}. Try --dtype bfloat16, "
+                    "another --device, or %model unload another model first"
+                ) from e
+            raise ModelLoadError(f"loading {path.name} failed: {type(e).__name__}: {e}") from e
         load_s = time.perf_counter() - t0
         local = LocalModel(
             model=artifacts.model, tokenizer=artifacts.tokenizer, path=path, sha256=digest,
@@ -210,6 +220,10 @@ class ModelRegistry:
                             duration_s=round(load_s, 3), footprint=entry.footprint)
         session.events.emit("model", action="loaded", name=name, info=entry.info())
         return entry
+
+    def _load_failed(self, name: str, path: Path, error: object) -> None:
+        self.session.audit.write("model.load_failed", name=name, path=path, error=error)
+        self.session.events.emit("model", action="failed", name=name, info={"error": str(error)})
 
     def _load_weights(self, path: Path, digest: str, plan: LoadPlan, name: str, progress: bool) -> Any:
         import torch
@@ -235,6 +249,7 @@ class ModelRegistry:
             return load_transformers(
                 path, dtype=getattr(torch, plan.dtype), device=plan.device, sha256=digest,
                 cache_dir=cache, progress=on_progress,
+                cache_max_bytes=int(self.session.config.conversion_cache_max_gb * 1024**3),
                 quantization=plan.quantization, device_map="auto" if plan.offload else None,
             )
         finally:

@@ -203,3 +203,31 @@ def test_infer_over_a_list_is_a_resumable_task(ip: Any, tiny: Path, capsys: Any)
     with pytest.raises(UsageError, match="must be a list"):
         ip.user_ns["text"] = "not a list"
         cell(ip, "--over text --into x -q", "{item}")
+
+
+def test_a_load_that_fails_late_is_one_line_and_audited(ip: Any, tmp_path: Path) -> None:
+    # a valid GGUF file whose weights are missing: the header is fine, conversion fails
+    broken = write_tiny_llama(tmp_path / "no-output-norm.gguf", drop=("output_norm.weight",))
+    with pytest.raises(UsageError) as info:
+        line(ip, "model", f"load {broken} --no-progress")
+    assert "model.norm.weight" in str(info.value) and "incomplete" in str(info.value)
+    session = ip.configurables[-1].session
+    failures = session.audit.read(kind="model.load_failed")
+    assert failures and failures[-1]["name"] == "no-output-norm"
+    assert session.models.names() == []
+
+
+def test_an_unexpected_load_failure_is_wrapped_not_a_traceback(
+    ip: Any, tiny: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import kernel_ext.gguf.loader as loader
+
+    def broken(*args: Any, **kwargs: Any) -> None:  # a fault we cannot cause for real
+        raise RuntimeError("native library fault")
+
+    monkeypatch.setattr(loader, "load_transformers", broken)
+    with pytest.raises(UsageError, match="ModelLoadError: loading tiny-llama.gguf failed: "
+                                         "RuntimeError: native library fault"):
+        line(ip, "model", f"load {tiny} --no-progress")
+    session = ip.configurables[-1].session
+    assert session.audit.read(kind="model.load_failed")[-1]["error"].startswith("RuntimeError")
