@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-import shlex
 from typing import Any
 
 from IPython.core.error import UsageError
@@ -18,12 +17,7 @@ __all__ = ["fallback", "remote", "run"]
 
 
 def _hub(ext: Any) -> Any:
-    hub = getattr(ext.session, "resilience", None)
-    if hub is None:
-        from ..resilience import attach
-
-        hub = attach(ext.session)
-    return hub
+    return ext.session.resilience  # attached by load_ipython_extension
 
 
 def run(ext: Any, magic: str, line: str, cell: str | None = None) -> Any:
@@ -210,7 +204,7 @@ def remote(ext: Any, args: list[str]) -> None:
     from ..providers.remote import RemoteProvider
 
     hub = _hub(ext)
-    ns = _remote_parser().parse(shlex.join(args))
+    ns = _remote_parser().parse(args)
     if ns.remove:
         if ns.name not in hub.extra_providers:
             raise UsageError(f"%model remote: no remote provider {ns.name!r}")

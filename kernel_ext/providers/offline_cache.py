@@ -17,10 +17,9 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from ..errors import ProviderError
-from .base import GenerationParams, GenerationResult, Health, StopCheck, TokenCallback
+from .base import GenerationParams, GenerationResult
 
-__all__ = ["OfflineCache", "OfflineCacheProvider", "cache_key"]
+__all__ = ["OfflineCache", "cache_key"]
 
 log = logging.getLogger(__name__)
 
@@ -115,48 +114,3 @@ class OfflineCache:
             p.unlink(missing_ok=True)
             n += 1
         return n
-
-
-class OfflineCacheProvider:
-    """The cache as a :class:`~kernel_ext.providers.base.Provider` for fixed identities.
-
-    It only answers what it has; a miss raises :class:`ProviderError`.
-    """
-
-    def __init__(
-        self, cache: OfflineCache, identities: Iterable[str], name: str = "offline_cache"
-    ) -> None:
-        self.cache = cache
-        self.identities = list(identities)
-        self.name = name
-
-    def load(self) -> None:
-        self.cache.root.mkdir(parents=True, exist_ok=True)
-
-    def generate(
-        self,
-        prompt: str,
-        params: GenerationParams,
-        *,
-        on_token: TokenCallback | None = None,
-        should_stop: StopCheck | None = None,
-    ) -> GenerationResult:
-        result = self.cache.get(self.identities, prompt, params)
-        if result is None:
-            raise ProviderError(
-                f"the offline cache has no answer for this prompt and these settings "
-                f"(providers {', '.join(self.identities) or 'none'}); it only replays answers "
-                "a provider gave before"
-            )
-        if on_token is not None and result.text:
-            on_token(result.text)
-        return result
-
-    def health(self) -> Health:
-        return Health(True, f"{len(self.cache)} cached answers in {self.cache.root}")
-
-    def close(self) -> None:
-        return None
-
-    def cache_identity(self) -> str:
-        return f"offline_cache:{self.cache.root}"
