@@ -189,3 +189,31 @@ def test_damaged_progress_starts_over_with_a_warning(cwd: Path,
     again = task("fragile", ["a", "b"], progress=False)
     assert again.done == 0 and list(again) == ["a", "b"]
     assert "damaged" in capsys.readouterr().err
+
+
+def test_a_result_encode_chokes_on_stays_in_memory_the_others_are_saved(
+        cwd: Path, capsys: pytest.CaptureFixture) -> None:
+    import torch
+
+    t = task("meta", [0, 1, 2], every_items=1, progress=False)
+    for i in t:
+        t.record(torch.empty(2, device="meta") if i == 1 else i)  # .to("cpu") raises
+    assert len(t.results) == 3
+    assert "kept in memory only" in capsys.readouterr().err
+    assert stored_keys("meta", cwd / DEFAULT) == [0, 2]
+
+
+def test_any_save_failure_warns_once_and_the_loop_goes_on(cwd: Path,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    store = Store(cwd / "s")
+    t = task("broken", range(4), every_items=1, progress=False, store=store)
+
+    def fails(*args: object, **kwargs: object) -> int:  # a fault the real store cannot raise
+        raise RuntimeError("backend bug")
+
+    store.commit_task = fails  # type: ignore[method-assign]
+    for i in t:
+        t.record(i)
+    assert t.results == [0, 1, 2, 3]
+    err = capsys.readouterr().err
+    assert err.count("progress not saved") == 1 and "RuntimeError: backend bug" in err

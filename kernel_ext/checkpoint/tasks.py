@@ -232,7 +232,9 @@ class Task:
                 continue
             try:
                 entries.append((list(k) if isinstance(k, tuple) else k, fp, encode(value)))
-            except Unstorable as e:
+            except Exception as e:  # noqa: BLE001 - Unstorable, or a value encode() chokes on
+                if not isinstance(e, Unstorable):
+                    e = Unstorable(f"{type(e).__name__}: {e}")
                 self._warn_once("unstorable", f"kernel_ext: task {self.name!r}: some results are "
                                 f"kept in memory only ({e}); they are recomputed after a crash")
         self.store.commit_task(self.name, entries, total=self.total)
@@ -241,15 +243,19 @@ class Task:
         return len(entries)
 
     def _flush_quietly(self) -> None:
+        """Save pending results; a failure warns once and is published, never raised (this
+        runs inside the user's loop and in the ``post_run_cell`` hook)."""
         try:
             self.checkpoint()
-        except CheckpointError as e:
+        except Exception as e:  # noqa: BLE001 - saving progress never breaks the user's loop
+            message = str(e) if isinstance(e, CheckpointError) else f"{type(e).__name__}: {e}"
             self._last_flush = self.clock()  # retry at the next interval, not at every item
-            self._warn_once("failure", f"kernel_ext: task {self.name!r}: progress not saved: {e}")
+            self._warn_once("failure", f"kernel_ext: task {self.name!r}: progress not saved: "
+                            f"{message}")
             if self.session is not None:
                 self.session.events.emit("checkpoint", action="failed",
-                                         status={"last_failure": str(e), "task": self.name})
-                self.session.audit.write("checkpoint.failure", task=self.name, error=str(e))
+                                         status={"last_failure": message, "task": self.name})
+                self.session.audit.write("checkpoint.failure", task=self.name, error=message)
 
     def reset(self) -> None:
         """Forget every result, in memory and in the store."""
