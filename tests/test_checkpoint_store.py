@@ -333,3 +333,44 @@ def test_cuda_tensors_are_copied_to_the_cpu_and_restored_on_the_device(store: St
     assert entry["meta"]["device"].startswith("cuda") and entry["meta"]["torch_dtype"] == "bfloat16"
     got = store.restore().values["t"]
     assert got.device.type == "cuda" and got.dtype == torch.bfloat16 and torch.equal(got, t)
+
+
+@pytest.mark.parametrize("url, message", [
+    ("bogus-proto://bucket/x", "Protocol not known"),
+    ("s3://bucket/x", "s3fs"),  # s3fs is not installed here
+])
+def test_unusable_store_url_is_a_typed_error_that_says_what_to_do(url: str, message: str) -> None:
+    with pytest.raises(CheckpointError, match=message) as info:
+        Store(url)
+    assert "checkpoint_url" in str(info.value)
+
+
+def test_malformed_manifest_is_corrupt_and_restore_falls_back(store: Store) -> None:
+    first = store.commit(enc_all({"x": 1})).snapshot
+    second = store.commit(enc_all({"x": 2})).snapshot
+    path = Path(store.location) / "snapshots" / f"{second}.json"
+    path.write_bytes(json.dumps({"id": second, "variables": {}}).encode())  # no "created"
+    fresh = Store(store.location)
+    with pytest.raises(CheckpointCorruptError, match="malformed manifest"):
+        fresh.manifest(second)
+    restored = fresh.restore()
+    assert restored.snapshot == first and restored.values == {"x": 1}
+
+
+def test_plaintext_task_is_refused_when_a_key_is_set(tmp_path: Path, key_env: str) -> None:
+    from kernel_ext.checkpoint._codec import blob_hash, json_bytes
+
+    store = Store(tmp_path / "e", key_env=key_env)
+    store.commit_task("t", [(0, None, "real")], total=1)
+    assert store.load_task("t") == [(0, None, "real")]
+    # swap in plaintext progress whose pointer claims "not sealed"
+    segment = json_bytes([[0, None, {"json": "forged"}]])
+    manifest = json_bytes({"format": 1, "name": "t", "total": 1, "sealed": False, "done": 1,
+                           "segments": [blob_hash(segment)], "refs": [blob_hash(segment)]})
+    for data in (segment, manifest):
+        (tmp_path / "e" / "blobs").mkdir(exist_ok=True)
+        (tmp_path / "e" / "blobs" / blob_hash(data)).write_bytes(data)
+    (tmp_path / "e" / store._task_key("t")).write_bytes(
+        json_bytes({"name": "t", "manifest": blob_hash(manifest), "sealed": False}))
+    with pytest.raises(CheckpointCorruptError, match="not encrypted"):
+        Store(tmp_path / "e", key_env=key_env).load_task("t")

@@ -98,6 +98,10 @@ class Store:
             raise CheckpointError(f"cannot open the checkpoint store at {location}: {e}; check "
                                   "the path and its permissions, or set "
                                   "%config KernelExt.checkpoint_url") from e
+        except (ImportError, ValueError) as e:  # fsspec: backend not installed, unknown protocol
+            raise CheckpointError(f"cannot open the checkpoint store at {location}: {e}; install "
+                                  "the fsspec package for that protocol (e.g. s3fs for s3://) "
+                                  "or fix %config KernelExt.checkpoint_url") from e
 
     # --- keys -----------------------------------------------------------------------------------
     def _cipher(self) -> Cipher | None:
@@ -137,6 +141,12 @@ class Store:
             manifest = json.loads(data)
         except ValueError as e:
             raise CheckpointCorruptError(f"snapshot {snapshot}: unreadable manifest: {e}") from e
+        if (not isinstance(manifest, dict) or not isinstance(manifest.get("variables"), dict)
+                or not all(isinstance(v, dict) for v in manifest["variables"].values())
+                or not isinstance(manifest.get("created"), (int, float))
+                or not isinstance(manifest.get("id"), str)):
+            raise CheckpointCorruptError(f"snapshot {snapshot}: malformed manifest (no "
+                                         "'id', 'variables' table or 'created' time)")
         self._manifests[snapshot] = manifest
         return manifest
 
@@ -385,7 +395,11 @@ class Store:
         return json.loads(self._read_blob_ref(h, pointer.get("sealed", False), f"task {name!r}"))
 
     def _read_blob_ref(self, h: str, sealed: bool, what: str) -> bytes:
-        data = self._read_part({"hash": h, "type": "blob", "sealed": sealed}, self._cipher(), what)
+        cipher = self._cipher()
+        if cipher is not None and not sealed:  # the flag itself is not authenticated
+            raise CheckpointCorruptError(f"{what} is not encrypted although a key is set; "
+                                         "refusing it (it may have been replaced)")
+        data = self._read_part({"hash": h, "type": "blob", "sealed": sealed}, cipher, what)
         return bytes(data)
 
     def load_task(self, name: str) -> list[tuple[Any, Any, Any]]:
