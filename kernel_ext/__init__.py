@@ -35,18 +35,25 @@ def task(name: str, items: Any, **kwargs: Any) -> Any:
 
 def load_ipython_extension(ip: Any) -> None:
     global _ext
-    if _ext is not None and _ext.shell is ip:
-        return  # already loaded in this shell
+    if _ext is not None:
+        if _ext.shell is ip:
+            return  # already loaded in this shell
+        unload_ipython_extension(_ext.shell)  # one kernel_ext per process
+    from . import checkpoint, resilience
     from .magics import KernelExt
 
     ext = KernelExt(shell=ip, parent=ip)
-    ip.register_magics(ext)
-    ip.configurables.append(ext)
+    try:
+        resilience.attach(ext.session)
+        checkpoint.attach(ext.session)
+    except Exception:
+        ext.session.close()
+        while ext in ip.configurables:
+            ip.configurables.remove(ext)
+        raise
+    # Registered last: a failure above leaves nothing half-loaded, and %load_ext can be retried.
+    ip.register_magics(ext)  # Magics.__init__ already put it in ip.configurables (%config)
     _ext = ext
-    from . import checkpoint, resilience
-
-    resilience.attach(ext.session)
-    checkpoint.attach(ext.session)
 
 
 def unload_ipython_extension(ip: Any) -> None:
@@ -56,8 +63,9 @@ def unload_ipython_extension(ip: Any) -> None:
         return
     _ext = None
     ext.session.close()
-    if ext in ip.configurables:
+    while ext in ip.configurables:
         ip.configurables.remove(ext)
+    ip.magics_manager.registry.pop(type(ext).__name__, None)
     magics = ip.magics_manager.magics
     for kind, names in ext.magics.items():
         for name in names:

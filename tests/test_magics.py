@@ -231,3 +231,14 @@ def test_an_unexpected_load_failure_is_wrapped_not_a_traceback(
         line(ip, "model", f"load {tiny} --no-progress")
     session = ip.configurables[-1].session
     assert session.audit.read(kind="model.load_failed")[-1]["error"].startswith("RuntimeError")
+
+
+def test_unload_removes_everything_and_reload_works(ip: Any) -> None:
+    ext = ip.configurables[-1]
+    ip.extension_manager.unload_extension("kernel_ext")
+    assert ext not in ip.configurables
+    assert "KernelExt" not in ip.magics_manager.registry
+    assert "infer" not in ip.magics_manager.magics["cell"]
+    assert "model" not in ip.magics_manager.magics["line"]
+    ip.extension_manager.load_extension("kernel_ext")
+    assert ip.configurables[-1] is not ext and "infer" in ip.magics_manager.magics["cell"]
