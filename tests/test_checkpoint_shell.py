@@ -383,3 +383,95 @@ def test_checkpoint_url_memory(state: Path) -> None:
         assert not (state / "checkpoints").exists()
     finally:
         close_shell(sh)
+
+
+def test_one_bad_variable_is_skipped_and_the_rest_saved(shell: InteractiveShell, state: Path
+                                                        ) -> None:
+    run(shell, "import torch\nbad = torch.empty(3, device='meta')\ngood = [1]")
+    run(shell, "%checkpoint now")
+    latest = Store(state / "checkpoints").restore()
+    assert set(latest.values) == {"good"}
+    assert "NotImplementedError" in latest.manifest["skipped"]["bad"]
+    assert manager().status["last_failure"] is None
+
+
+def test_restore_never_replaces_ipython_names(shell: InteractiveShell, state: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    from kernel_ext.checkpoint._codec import encode
+
+    forged = {"x": 1, "get_ipython": "pwned", "In": [], "exit": 0, "__builtins__": {}}
+    Store(state / "checkpoints").commit({n: encode(v) for n, v in forged.items()})
+    capsys.readouterr()
+    run(shell, "%resume")
+    out = capsys.readouterr().out
+    ns = shell.user_ns
+    assert ns["x"] == 1 and callable(ns["get_ipython"]) and ns["In"] != []
+    assert ns["exit"] != 0 and not isinstance(ns["__builtins__"], dict)
+    assert "not restored: get_ipython: not a user variable name" in out
+
+
+def test_checkpoint_enabled_setting_works_at_any_time(shell: InteractiveShell, state: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    m = manager()
+    m.clock = clock = FakeClock()
+    run(shell, "a = 1")
+    assert len(snapshots(state)) == 1
+    run(shell, "%config KernelExt.checkpoint_enabled = False")
+    clock.now += 100
+    run(shell, "a = 2")
+    assert len(snapshots(state)) == 1 and "checkpoints: off" in _status(shell, capsys)
+    run(shell, "%config KernelExt.checkpoint_enabled = True")
+    clock.now += 100
+    run(shell, "a = 3")
+    assert Store(state / "checkpoints").restore().values["a"] == 3
+
+
+def test_status_lists_arrays_without_encoding_them(shell: InteractiveShell,
+                                                   monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    import kernel_ext.checkpoint.manager as manager_module
+
+    encoded: list[str] = []
+    real = manager_module.encode
+
+    def spy(value: Any, **kwargs: Any) -> Any:
+        encoded.append(type(value).__name__)
+        return real(value, **kwargs)
+
+    manager().enabled = False
+    run(shell, "import numpy as np\nimport torch\nw = np.ones(4)\nt = torch.ones(2)\n"
+               "b = b'x'\nn = [1]\nobj = object()")
+    monkeypatch.setattr(manager_module, "encode", spy)
+    out = _status(shell, capsys)
+    assert "tracked (4): b, n, t, w" in out and "obj: object is not a storable kind" in out
+    assert sorted(encoded) == ["list", "object"]
+
+
+def test_bad_store_url_leaves_the_extension_loaded_with_checkpoints_off(
+        state: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    sh = make_shell(state, checkpoint_url="bogus-proto://x")
+    try:
+        err = capsys.readouterr().err
+        assert err.count("checkpoints are off") == 1 and "Protocol not known" in err
+        run(sh, "a = 1")  # the hook stays quiet
+        out = _status(sh, capsys)
+        assert "checkpoints: off" in out and "last failure" in out and "Protocol not known" in out
+        assert "checkpoint failed" not in capsys.readouterr().err
+    finally:
+        close_shell(sh)
+
+
+def test_malformed_manifest_does_not_break_a_fresh_kernel(state: Path,
+                                                          capsys: pytest.CaptureFixture[str]
+                                                          ) -> None:
+    sh = make_shell(state)
+    run(sh, "a = 1")
+    close_shell(sh)
+    sid = snapshots(state)[0]
+    (state / "checkpoints" / "snapshots" / f"{sid}.json").write_text('{"variables": {}}')
+    capsys.readouterr()
+    sh = make_shell(state)
+    try:
+        assert f"a checkpoint exists for this notebook ({sid})" in capsys.readouterr().out
+    finally:
+        close_shell(sh)

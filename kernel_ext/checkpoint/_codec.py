@@ -32,6 +32,7 @@ __all__ = [
     "blob_hash",
     "decode",
     "encode",
+    "is_bulk",
     "json_bytes",
     "never_reason",
 ]
@@ -131,6 +132,20 @@ def never_reason(value: Any) -> str | None:
         if module.startswith(("transformers.", "tokenizers")):
             return f"model object ({cls.__name__}): %resume reloads models loaded with %model"
     return None
+
+
+def is_bulk(value: Any) -> bool:
+    """Whether :func:`encode` stores ``value`` as bulk data without looking inside it (numeric
+    arrays, dense tensors, DataFrames, bytes): costly to encode, so a status lists it unencoded."""
+    if type(value) is np.ndarray:
+        return value.dtype.kind in _ARRAY_KINDS or value.dtype.kind in _TIME_KINDS
+    if type(value) in (bytes, bytearray):
+        return True
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(value, torch.Tensor):
+        return value.layout == torch.strided and not value.is_quantized
+    pd = sys.modules.get("pandas")
+    return pd is not None and type(value) is pd.DataFrame
 
 
 # --- encoding -----------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError
-from ._codec import Encoded, Unstorable, encode, never_reason
+from ._codec import Encoded, Unstorable, encode, is_bulk, never_reason
 from .store import CommitResult, Restored, Store
 
 __all__ = ["IPYTHON_NAMES", "CheckpointManager", "fmt_bytes"]
@@ -89,7 +89,6 @@ class CheckpointManager:
         self.config = session.config
         self.clock = clock
         self._stderr = stderr
-        self.enabled = bool(self.config.checkpoint_enabled)
         self.paused: str | None = None
         self.tracked: set[str] = set()
         self.pickled: set[str] = set()
@@ -111,6 +110,16 @@ class CheckpointManager:
             "written_bytes": None, "duration_s": None, "tracked": [], "skipped": {},
             "last_failure": None, "failures": 0, "snapshots": 0,
         }
+
+    @property
+    def enabled(self) -> bool:
+        """Automatic saving on? Read live from ``KernelExt.checkpoint_enabled`` (which
+        ``%checkpoint on|off`` and ``%config`` both set)."""
+        return bool(self.config.checkpoint_enabled)
+
+    @enabled.setter
+    def enabled(self, value: bool) -> None:
+        self.config.checkpoint_enabled = bool(value)
 
     # --- the store ------------------------------------------------------------------------------
     @property
@@ -137,28 +146,22 @@ class CheckpointManager:
         hidden = getattr(shell, "user_ns_hidden", {})
         out = {}
         for name, value in list(shell.user_ns.items()):
-            if name.startswith("_") or name in IPYTHON_NAMES:
+            if not self._user_name(name):
                 continue
             if name in hidden and hidden[name] is value:
                 continue
             out[name] = value
         return out
 
-    def _excluded(self, name: str) -> str | None:
-        if name in self.tracked:
-            return None
-        if name in self.untracked:
-            return "untracked (%checkpoint track NAME to save it again)"
-        for pattern in self.ignored:
-            if fnmatch.fnmatchcase(name, pattern):
-                return f"ignored by pattern {pattern!r}"
-        return None
+    @staticmethod
+    def _user_name(name: str) -> bool:
+        return not name.startswith("_") and name not in IPYTHON_NAMES
 
-    def scan(self) -> tuple[dict[str, Encoded], dict[str, str]]:
-        """Encode every tracked variable; returns ``(encoded, skipped-with-reason)``."""
+    def _candidates(self) -> tuple[dict[str, Any], dict[str, str]]:
+        """Tracked variables by the rules alone (nothing encoded); ``(values, skipped)``."""
         from .tasks import Task
 
-        encoded: dict[str, Encoded] = {}
+        values: dict[str, Any] = {}
         skipped: dict[str, str] = {}
         names = self.user_variables()
         for name in sorted(self.tracked - names.keys() - self._carried.keys()):
@@ -171,17 +174,58 @@ class CheckpointManager:
                 reason = never_reason(value)
             if reason is not None:
                 skipped[name] = reason
-                continue
+            else:
+                values[name] = value
+        return values, skipped
+
+    def _excluded(self, name: str) -> str | None:
+        if name in self.tracked:
+            return None
+        if name in self.untracked:
+            return "untracked (%checkpoint track NAME to save it again)"
+        for pattern in self.ignored:
+            if fnmatch.fnmatchcase(name, pattern):
+                return f"ignored by pattern {pattern!r}"
+        return None
+
+    def scan(self) -> tuple[dict[str, Encoded], dict[str, str]]:
+        """Encode every tracked variable; returns ``(encoded, skipped-with-reason)``.
+
+        One variable that cannot be encoded (for any reason) is skipped with that reason; it
+        never stops the others from being saved.
+        """
+        values, skipped = self._candidates()
+        encoded: dict[str, Encoded] = {}
+        for name, value in values.items():
             try:
                 encoded[name] = encode(value, allow_pickle=name in self.pickled)
             except Unstorable as e:
                 skipped[name] = str(e)
+            except Exception as e:  # noqa: BLE001 - one bad variable must not stop the snapshot
+                skipped[name] = f"cannot be saved: {type(e).__name__}: {e}"
         return encoded, skipped
 
     def scan_status(self) -> None:
-        """Refresh ``tracked`` / ``skipped`` in :attr:`status` without saving."""
-        encoded, skipped = self.scan()
-        self._update_status(tracked=sorted(encoded), skipped=skipped)
+        """Refresh ``tracked`` / ``skipped`` in :attr:`status` without saving.
+
+        Cheap: arrays, tensors, DataFrames, bytes and pickled variables are listed by the
+        rules, not encoded (a bulk value that then fails to encode is listed as skipped by
+        the next save).
+        """
+        values, skipped = self._candidates()
+        tracked = []
+        for name, value in values.items():
+            if name in self.pickled or is_bulk(value):
+                tracked.append(name)
+                continue
+            try:
+                encode(value)
+                tracked.append(name)
+            except Unstorable as e:
+                skipped[name] = str(e)
+            except Exception as e:  # noqa: BLE001 - status must not fail on one variable
+                skipped[name] = f"cannot be saved: {type(e).__name__}: {e}"
+        self._update_status(tracked=sorted(tracked), skipped=skipped)
 
     def settings(self) -> dict[str, Any]:
         return {"tracked": sorted(self.tracked), "pickled": sorted(self.pickled),
@@ -341,15 +385,27 @@ class CheckpointManager:
             signal.signal(signal.SIGTERM, prev if prev is not None else signal.SIG_DFL)
         self._installed = False  # the exit hook checks this (threading's cannot be removed)
 
+    def disable(self, error: BaseException) -> None:
+        """Turn automatic saving off after a start-up failure: warn once, keep it in status."""
+        self.enabled = False
+        self._update_status()
+        self._warned = True  # this warning replaces the usual one
+        self._record_failure(error, "startup")
+        self._warn(f"kernel_ext: checkpoints are off: {type(error).__name__}: {error}\n  Fix "
+                   "the store (%config KernelExt.checkpoint_url = ...), then %checkpoint on. "
+                   "Details: %checkpoint status")
+
     # --- start-up and resume --------------------------------------------------------------------
     def startup_message(self) -> str | None:
-        """Tell a fresh kernel that a checkpoint exists (and pause saving until %resume)."""
-        try:
-            store = self.store
-            history = store.snapshots()
-            tasks = [t for t in store.tasks() if t.get("total") and t["done"] < t["total"]]
-        except CheckpointError as e:
-            return f"kernel_ext: the checkpoint store at {self.location} is unreadable: {e}"
+        """Tell a fresh kernel that a checkpoint exists (and pause saving until %resume).
+
+        Raises :class:`CheckpointError` when the store cannot be opened or read.
+        """
+        store = self.store
+        history = store.snapshots()
+        tasks = [t for t in store.tasks()
+                 if isinstance(t.get("total"), int) and isinstance(t.get("done"), int)
+                 and t["done"] < t["total"]]
         if not history:
             return None
         self.paused = "a checkpoint from an earlier kernel exists; %resume or %checkpoint on"
@@ -381,6 +437,10 @@ class CheckpointManager:
         m = restored.manifest
         lines = list(restored.notes)
         shell = self.session.shell
+        hidden = getattr(shell, "user_ns_hidden", {}) if shell is not None else {}
+        for name in [n for n in restored.values if not self._user_name(n) or n in hidden]:
+            del restored.values[name]  # a manifest must not replace IPython's own names
+            lines.append(f"not restored: {name}: not a user variable name")
         if shell is not None:
             shell.user_ns.update(restored.values)
         self._apply_settings(m.get("settings", {}))
