@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -229,3 +232,94 @@ def test_writer_abort_and_incomplete_commit_leave_nothing(
     assert w.commit() == (tmp_path / "w.safetensors").stat().st_size
     back = cache.load_weights(tmp_path / "w.safetensors", {"a": ((2, 3), torch.float32)})
     assert back["a"].tolist() == [[0.0, 1.0, 2.0]] * 2 and back["b"].dtype == torch.bfloat16
+
+
+def test_clear_with_a_bad_key_is_a_typed_error_and_a_usage_error(tmp_path: Path, ip: Any) -> None:
+    from IPython.core.error import UsageError
+
+    from kernel_ext.errors import KernelExtError
+
+    with pytest.raises(cache.CacheError, match="64 hexadecimal") as info:
+        cache.clear(tmp_path, "BADSHA")
+    assert isinstance(info.value, KernelExtError) and isinstance(info.value, ValueError)
+    with pytest.raises(UsageError, match="not a conversion cache key"):
+        ip.run_line_magic("model", "cache clear BADSHA")
+
+
+def _in_thread(fn: Callable[[], object]) -> list[object]:
+    """Run ``fn`` on a daemon thread; a hang fails the test (after 60 s) instead of the run."""
+    out: list[object] = []
+    th = threading.Thread(target=lambda: out.append(fn()), daemon=True)
+    th.start()
+    th.join(timeout=60)
+    assert not th.is_alive(), "the writer blocked"
+    return out
+
+
+def test_writer_that_fails_with_any_error_never_blocks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(fh: Any, t: torch.Tensor) -> None:
+        raise RuntimeError("disk controller on fire")
+
+    monkeypatch.setattr(cache, "_write_tensor", broken)
+    specs = [(f"t{i}", (4,), torch.float32) for i in range(10)]
+    w = cache.WeightsWriter(tmp_path / "w.safetensors", specs, depth=1)
+
+    def feed() -> int | None:
+        for name, _, _ in specs:
+            w.put(name, torch.ones(4))
+        return w.commit()
+
+    with caplog.at_level(logging.WARNING, logger="kernel_ext.gguf.cache"):
+        assert _in_thread(feed) == [None]
+    assert isinstance(w.error, RuntimeError) and "on fire" in caplog.text
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_load_survives_a_failing_weights_writer(
+    tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    plain = load_transformers(tiny)
+    calls = 0
+
+    def broken(fh: Any, t: torch.Tensor) -> None:
+        nonlocal calls
+        calls += 1
+        raise RuntimeError("disk controller on fire")
+
+    monkeypatch.setattr(cache, "_write_tensor", broken)
+    root = tmp_path / "cache"
+    with caplog.at_level(logging.WARNING):
+        (art,) = _in_thread(lambda: load_transformers(tiny, cache_dir=root))
+    assert isinstance(art, LoadedArtifacts) and calls >= 1
+    assert art.cache_hits["weights"] is False
+    assert "not cached" in caplog.text and "on fire" in caplog.text
+    torch.testing.assert_close(_logits(art), _logits(plain), rtol=0, atol=0)
+    entry = _entry(root, tiny)
+    assert not list(entry.glob("weights-*")) and not list(entry.glob(".weights-*"))
+
+
+def test_interrupted_load_stops_the_writer_and_removes_its_file(
+    tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kernel_ext.gguf import loader
+
+    real = loader._decode
+    calls = 0
+
+    def interrupted(*args: Any, **kwargs: Any) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loader, "_decode", interrupted)
+    root = tmp_path / "cache"
+    with pytest.raises(KeyboardInterrupt):
+        load_transformers(tiny, cache_dir=root)
+    assert calls == 3
+    assert not [t for t in threading.enumerate() if t.name == "kernel_ext-weights-cache"]
+    entry = _entry(root, tiny)
+    assert not list(entry.glob("weights-*")) and not list(entry.glob(".weights-*"))

@@ -35,6 +35,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import KernelExtError
+
 __all__ = [
     "CacheEntryInfo",
     "entry_dir",
@@ -51,6 +53,7 @@ __all__ = [
     "enforce_cap",
     "discard",
     "CorruptEntryError",
+    "CacheError",
     "FORMAT_VERSION",
 ]
 
@@ -72,6 +75,10 @@ class CorruptEntryError(ValueError):
     """A cache piece that cannot be used; callers log it, discard it and rebuild."""
 
 
+class CacheError(KernelExtError, ValueError):
+    """A bad request to the conversion cache (e.g. a key that is not a SHA-256 digest)."""
+
+
 @dataclass(frozen=True)
 class CacheEntryInfo:
     sha256: str
@@ -86,7 +93,10 @@ class CacheEntryInfo:
 def _check_sha(sha: str) -> str:
     s = str(sha).strip().lower()
     if len(s) != 64 or not set(s) <= _HEX:
-        raise ValueError(f"cache keys are SHA-256 hex digests (64 characters 0-9a-f), got {sha!r}")
+        raise CacheError(
+            f"{sha!r} is not a conversion cache key: keys are SHA-256 digests, 64 hexadecimal "
+            "characters (0-9, a-f), as `%model cache list` shows them"
+        )
     return s
 
 
@@ -229,8 +239,16 @@ class WeightsWriter:
         header = _header(specs)
         self._expected_size = len(header) + sum(n for n, _ in self._sizes)
         self._tmp = _tmp_near(path)
-        self._fh = open(self._tmp, "wb")  # noqa: SIM115 - closed by commit/abort
-        self._fh.write(header)
+        try:
+            self._fh = open(self._tmp, "wb")  # noqa: SIM115 - closed by commit/abort
+            try:
+                self._fh.write(header)
+            except OSError:
+                self._fh.close()
+                raise
+        except OSError:
+            self._tmp.unlink(missing_ok=True)
+            raise
         self._queue: queue.Queue[torch.Tensor | None] = queue.Queue(maxsize=max(1, depth))
         self._error: Exception | None = None
         self._closed = False
@@ -240,6 +258,8 @@ class WeightsWriter:
         self._thread.start()
 
     def _run(self) -> None:
+        # Any failure is recorded (commit reports it) and the queue is still drained, so the
+        # loader's put() and _stop() never wait on a writer that has stopped reading.
         while True:
             t = self._queue.get()
             if t is None:
@@ -248,8 +268,25 @@ class WeightsWriter:
                 continue
             try:
                 _write_tensor(self._fh, t)
-            except OSError as e:
+            except Exception as e:  # noqa: BLE001 - handed to the loader by error/commit()
                 self._error = e
+
+    @property
+    def error(self) -> Exception | None:
+        """Why writing failed (the file will not be published), or None so far."""
+        return self._error
+
+    def _hand_over(self, item: torch.Tensor | None) -> None:
+        # A bounded wait, so a writer thread that died anyway cannot block the loader.
+        while True:
+            try:
+                self._queue.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                if not self._thread.is_alive():
+                    if self._error is None:
+                        self._error = RuntimeError("the weights writer thread stopped")
+                    return
 
     def put(self, name: str, tensor: torch.Tensor) -> None:
         """Queue ``tensor`` (all of ``name``, or its next rows) for writing."""
@@ -262,14 +299,15 @@ class WeightsWriter:
         if self._filled == size:
             self._index += 1
             self._filled = 0
-        self._queue.put(tensor)
+        if self._error is None:  # after a failure nothing more is written: do not queue
+            self._hand_over(tensor)
 
     def _stop(self) -> None:
         if not self._closed:
             self._closed = True
-            self._queue.put(None)
-            self._thread.join()
-            self._fh.close()
+            self._hand_over(None)
+        self._thread.join()  # both idempotent: a stop interrupted halfway can be repeated
+        self._fh.close()
 
     def commit(self) -> int | None:
         """Wait for the writes, then publish; the file size, or None when it failed."""
@@ -298,8 +336,13 @@ class WeightsWriter:
         return None
 
     def abort(self) -> None:
-        self._stop()
-        self._tmp.unlink(missing_ok=True)
+        """Drop the file: the thread skips what is still queued, the temporary file goes."""
+        if self._error is None:
+            self._error = RuntimeError("aborted")
+        try:
+            self._stop()
+        finally:
+            self._tmp.unlink(missing_ok=True)
 
 
 def save_weights(path: Path, tensors: Mapping[str, torch.Tensor]) -> int:

@@ -43,7 +43,7 @@ from . import convert
 from .dequant import dequantize
 from .reader import GGUFFile, TensorInfo, read_gguf
 
-__all__ = ["LoadedArtifacts", "load_transformers", "estimate_bytes", "resolve_dtype"]
+__all__ = ["LoadedArtifacts", "LoadError", "load_transformers", "estimate_bytes", "resolve_dtype"]
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,11 @@ _FP32_WORK_MAX = 1 << 20
 _FLOAT_TYPES = frozenset({0, 1, 30})  # F32, F16, BF16
 # GIL hand-over interval while the tokenizer thread runs beside the decoding one (default 5 ms)
 _SWITCH_INTERVAL = 5e-4
+
+
+class LoadError(KernelExtError, RuntimeError):
+    """A load failed for a reason outside the kernel_ext hierarchy (a Transformers or tokenizer
+    error, an OS error); the message names the stage, the original error is chained."""
 
 
 @dataclass
@@ -296,9 +301,6 @@ def load_transformers(
     Transformers' ``from_pretrained`` (see the module docstring). ``decode_threads``: torch
     intra-op threads while decoding (None: leave torch's setting).
     """
-    t_start = time.perf_counter()
-    timings: dict[str, float] = {}
-    hits: dict[str, bool] = {}
     dt = resolve_dtype(dtype)
     device = str(device)
     if quantization not in (None, "8bit", "4bit"):
@@ -308,15 +310,48 @@ def load_transformers(
             f"{quantization} quantization (bitsandbytes) needs a CUDA device; load in "
             "float32/bfloat16 on the CPU instead"
         )
+    stage = ["opening the file"]
+    try:
+        return _load(
+            path, dt, device, sha256, cache_dir, progress, device_map, quantization,
+            cache_weights, cache_max_bytes, decode_threads, stage,
+        )
+    except (KernelExtError, torch.OutOfMemoryError, MemoryError):
+        raise
+    except Exception as e:
+        raise LoadError(
+            f"loading {Path(path).name} failed while {stage[0]}: {type(e).__name__}: {e}"
+        ) from e
 
-    def mark(stage: str, since: float) -> float:
+
+def _load(
+    path: str | os.PathLike[str],
+    dt: torch.dtype,
+    device: str,
+    sha256: str | None,
+    cache_dir: Path | str | None,
+    progress: Progress | None,
+    device_map: Any,
+    quantization: str | None,
+    cache_weights: bool,
+    cache_max_bytes: int,
+    decode_threads: int | None,
+    stage: list[str],
+) -> LoadedArtifacts:
+    """:func:`load_transformers` after its argument checks; ``stage[0]`` says what it is doing."""
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    hits: dict[str, bool] = {}
+
+    def mark(name: str, since: float) -> float:
         now = time.perf_counter()
-        timings[stage] = timings.get(stage, 0.0) + now - since
+        timings[name] = timings.get(name, 0.0) + now - since
         return now
 
     t = time.perf_counter()
     with read_gguf(path) as gf:
         t = mark("parse", t)
+        stage[0] = "checking the metadata"
         summary = gf.summary()
         arch = convert.check_architecture(gf.metadata)
         convert.check_tokenizer(gf.metadata)
@@ -325,11 +360,13 @@ def load_transformers(
             if sha256 is None:
                 from .integrity import sha256_file
 
+                stage[0] = "hashing the file"
                 sha256 = sha256_file(path)
                 t = mark("hash", t)
             entry = _cache.entry_dir(cache_dir, sha256)
 
         # config --------------------------------------------------------------------------------
+        stage[0] = "building the model config"
         cfg_dict = convert.config_dict(gf.metadata, frozenset(gf.tensors))
         config = convert.build_config(gf.metadata, frozenset(gf.tensors), dtype=dt)
         hits["config"] = entry is not None and _cached_config_ok(entry, config.model_type)
@@ -338,6 +375,7 @@ def load_transformers(
         t = mark("config", t)
 
         # tokenizer -----------------------------------------------------------------------------
+        stage[0] = "reading the cached tokenizer"
         tokenizer = _cached_tokenizer(entry, config.model_type) if entry is not None else None
         hits["tokenizer"] = tokenizer is not None
         job = None
@@ -347,6 +385,7 @@ def load_transformers(
         t = mark("tokenizer", t)
 
         # model ---------------------------------------------------------------------------------
+        stage[0] = "building the model and loading its weights"
         with _switch_interval(job is not None):
             if quantization or device_map is not None:
                 model = _load_via_transformers(
@@ -396,9 +435,11 @@ def load_transformers(
                 model.to(device)
         model.eval()
         if job is not None:
+            stage[0] = "converting the tokenizer"
             tokenizer = job.result()
             timings["tokenizer"] += job.seconds
             t = mark("tokenizer_wait", t)
+        stage[0] = "finishing the load"
         if entry is not None:
             _cache.touch(entry, source=Path(path).name)
         template = convert.chat_template(gf.metadata)
@@ -443,21 +484,28 @@ def _fill_weights(
     the finished file; if the file cannot be written or read back, decode into memory instead.
     """
     via_file = writer is not None and device == "cpu"
-    with _intra_op_threads(decode_threads if device == "cpu" else None):
-        try:
+    committed = False
+    try:
+        with _intra_op_threads(decode_threads if device == "cpu" else None):
             _fill_from_gguf(
                 model, gf, plan, processor, dtype, device, progress, writer, assign=not via_file
             )
-        except Exception:
-            if writer is not None:
-                writer.abort()
-            raise
-        if writer is None:
-            return
-        stored = writer.commit() is not None
-        if via_file and not (stored and _fill_from_cache(model, plan, writer.path, device, None)):
-            log.warning("kernel_ext: decoding the weights again, into memory")
-            _fill_from_gguf(model, gf, plan, processor, dtype, device, progress, None, assign=True)
+            if writer is None:
+                return
+            stored = writer.commit() is not None  # None: it logged why the cache was skipped
+            committed = True
+            if via_file and not (
+                stored and _fill_from_cache(model, plan, writer.path, device, None)
+            ):
+                log.warning("kernel_ext: decoding the weights again, into memory")
+                _fill_from_gguf(
+                    model, gf, plan, processor, dtype, device, progress, None, assign=True
+                )
+    finally:
+        # on any exit before the commit (an error, KeyboardInterrupt): stop the thread, close
+        # and delete the temporary file
+        if writer is not None and not committed:
+            writer.abort()
 
 
 def _fill_from_gguf(
@@ -498,6 +546,8 @@ def _fill_from_gguf(
                 del value
             if progress is not None:
                 progress(done, total, "weights")
+            if not assign and writer is not None and writer.error is not None:
+                return  # the file will not be published: the caller decodes into memory
 
 
 def _decode_rows(
@@ -679,7 +729,7 @@ def _load_via_transformers(
     try:
         return model_cls.from_pretrained(None, **kwargs)
     except (ImportError, ValueError, RuntimeError) as e:
-        raise KernelExtError(
+        raise LoadError(
             f"Transformers could not place/quantise the model "
             f"(device_map={device_map!r}, quantization={quantization!r}): {e}"
         ) from e
