@@ -13,9 +13,9 @@ import pytest
 import torch
 from gguf import GGUFWriter
 
-from kernel_ext.errors import GGUFFormatError, GGUFUnsupportedError
+from kernel_ext.errors import GGUFFormatError, GGUFUnsupportedError, KernelExtError
 from kernel_ext.gguf import read_gguf
-from kernel_ext.gguf.loader import LoadedArtifacts, estimate_bytes, load_transformers
+from kernel_ext.gguf.loader import LoadedArtifacts, LoadError, estimate_bytes, load_transformers
 from tinymodels import EOS_ID, write_tiny_gemma3, write_tiny_llama
 
 PROMPT = "The capital of France is"
@@ -233,3 +233,44 @@ def test_merges_fast_path_equals_transformers(scores: str, skip: list[str] | Non
     expected = generate_merges(vocab, table, skip)
     assert len(expected) > 100
     assert _generate_merges(vocab, table, skip) == expected
+
+
+# --- errors from outside kernel_ext are wrapped, with the stage that failed ----------------------
+def test_tokenizer_build_error_is_a_load_error_naming_the_stage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kernel_ext.gguf import convert
+
+    path = write_tiny_llama(tmp_path / "tiny.gguf")
+
+    def broken(metadata: Any, model_type: str) -> Any:
+        raise KeyError("tokenizer.ggml.merges")
+
+    monkeypatch.setattr(convert, "build_tokenizer", broken)
+    with pytest.raises(LoadError, match="while converting the tokenizer: KeyError") as info:
+        load_transformers(path)
+    assert isinstance(info.value, KernelExtError)
+    assert isinstance(info.value.__cause__, KeyError)
+
+
+def test_config_error_is_a_load_error_and_oom_passes_through(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kernel_ext.gguf import convert, loader
+
+    path = write_tiny_llama(tmp_path / "tiny.gguf")
+    with monkeypatch.context() as m:
+
+        def bad_config(*args: Any, **kwargs: Any) -> Any:
+            raise TypeError("unexpected keyword 'rope_scaling'")
+
+        m.setattr(convert, "build_config", bad_config)
+        with pytest.raises(LoadError, match="tiny.gguf failed while building the model config"):
+            load_transformers(path)
+
+    def oom(*args: Any, **kwargs: Any) -> Any:
+        raise torch.OutOfMemoryError("out of memory")
+
+    monkeypatch.setattr(loader, "_new_model", oom)
+    with pytest.raises(torch.OutOfMemoryError):
+        load_transformers(path)
