@@ -89,12 +89,16 @@ def guard_budget(available: int, fraction: float) -> int:
     return int(available * fraction)
 
 
-def format_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1024 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n:.2f} TB"
+def format_bytes(n: float | None) -> str:
+    """``1536`` -> ``"1.5 KiB"`` (powers of 1024, IEC names); ``None`` -> ``"–"``."""
+    if n is None:
+        return "–"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(value) < 1024:
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,7 @@ def test_refusal_gives_numbers_and_options() -> None:
         choose_plan(N, device="cpu", dtype="float32", fraction=0.5, available=1 * GB)
     msg = str(info.value)
     assert "float32 needs" in msg and "bfloat16 needs" in msg
-    assert "512.00 MB" in msg  # 50 % of 1 GB
+    assert "512.0 MiB" in msg  # 50 % of 1 GB
     assert "--dtype" in msg and "memory_fraction" in msg and "--device" in msg
     assert isinstance(info.value, RuntimeError)
 
@@ -59,7 +59,8 @@ def test_probe_reports_this_machine() -> None:
 
 
 def test_format_bytes() -> None:
-    assert format_bytes(512) == "512 B" and format_bytes(1536 * 1024) == "1.50 MB"
+    assert format_bytes(512) == "512 B" and format_bytes(1536 * 1024) == "1.5 MiB"
+    assert format_bytes(None) == "–" and format_bytes(3 * 1024**4) == "3.0 TiB"
 
 
 def test_float32_plans_count_the_decode_copies() -> None:

@@ -9,6 +9,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ipywidgets import VBox, Widget
+from kernel_ext.memory import format_bytes
 
 __all__ = [
     "Panel",
@@ -28,16 +29,7 @@ def esc(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
 
-def fmt_bytes(n: float | int | None) -> str:
-    """``1536`` -> ``"1.5 KiB"``; ``None`` -> ``"–"``."""
-    if n is None:
-        return "–"
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} TiB"  # pragma: no cover - the loop always returns
+fmt_bytes = format_bytes  # one formatter for the whole toolkit: kernel_ext.memory.format_bytes
 
 
 def fmt_seconds(s: float | None) -> str:

@@ -28,24 +28,15 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError
+from ..memory import format_bytes
 from ._codec import Encoded, Unstorable, encode, is_bulk, never_reason
 from .store import CommitResult, Restored, Store
 
-__all__ = ["IPYTHON_NAMES", "CheckpointManager", "fmt_bytes"]
+__all__ = ["IPYTHON_NAMES", "CheckpointManager"]
 
 log = logging.getLogger(__name__)
 
 IPYTHON_NAMES = frozenset({"In", "Out", "exit", "quit", "get_ipython", "open"})
-
-
-def fmt_bytes(n: float | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GB"
 
 
 def fmt_time(ts: float | None) -> str:
@@ -416,7 +407,7 @@ class CheckpointManager:
             size = sum(int(v.get("nbytes", 0)) for v in m["variables"].values())
             lines.append(f"kernel_ext: a checkpoint exists for this notebook "
                          f"({fmt_time(m['created'])}, {len(m['variables'])} variables, "
-                         f"{fmt_bytes(size)}).")
+                         f"{format_bytes(size)}).")
         except CheckpointError:
             lines.append(f"kernel_ext: a checkpoint exists for this notebook ({history[0]}).")
         for t in tasks:
@@ -445,7 +436,7 @@ class CheckpointManager:
             shell.user_ns.update(restored.values)
         self._apply_settings(m.get("settings", {}))
         size = sum(int(m["variables"][n].get("nbytes", 0)) for n in restored.values)
-        lines.append(f"restored {len(restored.values)} variable(s) ({fmt_bytes(size)}) from "
+        lines.append(f"restored {len(restored.values)} variable(s) ({format_bytes(size)}) from "
                      f"snapshot {restored.snapshot} ({fmt_time(m['created'])}): "
                      f"{', '.join(sorted(restored.values)) or '-'}")
         for name, why in sorted(restored.refused.items()):

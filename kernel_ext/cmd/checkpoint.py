@@ -13,7 +13,8 @@ from typing import Any
 
 from IPython.core.error import UsageError
 
-from ..checkpoint.manager import CheckpointManager, fmt_bytes, fmt_time
+from ..checkpoint.manager import CheckpointManager, fmt_time
+from ..memory import format_bytes
 from ._args import MagicParser, dispatch
 
 __all__ = ["run"]
@@ -41,7 +42,7 @@ def _now(m: CheckpointManager, rest: list[str]) -> None:
     result = m.checkpoint("manual", force=True)
     assert result is not None
     print(f"snapshot {result.snapshot}: {len(m.status['tracked'])} variable(s), "
-          f"{fmt_bytes(result.total_bytes)} ({fmt_bytes(result.written_bytes)} written) in "
+          f"{format_bytes(result.total_bytes)} ({format_bytes(result.written_bytes)} written) in "
           f"{result.duration:.3f} s; skipped {len(m.status['skipped'])}")
 
 
@@ -53,7 +54,7 @@ def _status(m: CheckpointManager, rest: list[str]) -> None:
         (f"checkpoints: {state}, every {m.config.checkpoint_interval:g} s, keep "
          f"{m.config.checkpoint_keep}, store {m.location}"),
         (f"last snapshot: {s.get('last_snapshot') or '-'} at {fmt_time(s.get('last_time'))}, "
-         f"size {fmt_bytes(s.get('size_bytes'))}, took "
+         f"size {format_bytes(s.get('size_bytes'))}, took "
          f"{'-' if s.get('duration_s') is None else format(s['duration_s'], '.3f') + ' s'}"),
         f"tracked ({len(s.get('tracked') or [])}): {', '.join(s.get('tracked') or []) or '-'}",
     ]
@@ -80,7 +81,7 @@ def _list(m: CheckpointManager, rest: list[str]) -> None:
             man = store.manifest(sid)
             size = sum(int(v.get("nbytes", 0)) for v in man["variables"].values())
             print(f"-{i}  {sid}  {fmt_time(man['created'])}  {len(man['variables'])} vars  "
-                  f"{fmt_bytes(size)}  ({man.get('reason', '')})")
+                  f"{format_bytes(size)}  ({man.get('reason', '')})")
         except Exception as e:  # noqa: BLE001 - a damaged manifest is listed, not fatal
             print(f"-{i}  {sid}  unreadable: {e}")
     for t in store.tasks():

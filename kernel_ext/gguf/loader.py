@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from ..errors import GGUFFormatError, GGUFUnsupportedError, KernelExtError
+from ..errors import ModelLoadError
 from . import cache as _cache
 from . import convert
 from .dequant import dequantize
@@ -66,9 +67,7 @@ _FLOAT_TYPES = frozenset({0, 1, 30})  # F32, F16, BF16
 _SWITCH_INTERVAL = 5e-4
 
 
-class LoadError(KernelExtError, RuntimeError):
-    """A load failed for a reason outside the kernel_ext hierarchy (a Transformers or tokenizer
-    error, an OS error); the message names the stage, the original error is chained."""
+LoadError = ModelLoadError  # a later stage of a load failed; the message names the stage
 
 
 @dataclass
