@@ -212,7 +212,7 @@ class ModelRegistry:
             provider=TransformersGGUFProvider(name, local, template_caps=caps,
                                               decode_mode=lambda: cfg.decode_mode),
             summary=summary, load_s=load_s, footprint=_footprint(artifacts.model),
-            timings=dict(getattr(artifacts, "timings", {}) or {}),
+            timings=dict(artifacts.timings),
         )
         self._entries[name] = entry
         self.active = name

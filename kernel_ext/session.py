@@ -60,7 +60,13 @@ class Session:
         from .models import ModelRegistry
 
         self.models = ModelRegistry(self)
-        self.chain: Any = _DirectChain(self)  # replaced by kernel_ext.resilience.attach
+        # Set by kernel_ext.resilience.attach and kernel_ext.checkpoint.attach on extension load;
+        # a bare Session (tests, scripts) has the direct chain and no breakers or checkpoints.
+        self.chain: Any = _DirectChain(self)
+        self.resilience: Any = None
+        self.breakers: dict[str, Any] = {}
+        self.extra_providers: dict[str, Any] = {}
+        self.checkpoints: Any = None
         self._closers: list[Callable[[], None]] = []
         self.last_result: GenerationResult | None = None
 
@@ -102,17 +108,15 @@ class Session:
     def state(self) -> dict[str, Any]:
         """JSON-able session state saved with each snapshot (models, breakers, fallbacks)."""
         state: dict[str, Any] = {"models": self.models.state()}
-        resilience = getattr(self, "resilience", None)  # kernel_ext.resilience.attach
-        if resilience is not None:
-            state["resilience"] = resilience.state()  # breaker states, fallbacks, remotes
+        if self.resilience is not None:
+            state["resilience"] = self.resilience.state()  # breaker states, fallbacks, remotes
         return state
 
     def restore_state(self, state: dict[str, Any]) -> list[str]:
         """Bring back what :meth:`state` saved; returns human-readable lines of what was done."""
         lines = self.models.restore_state(state.get("models", []))
-        resilience = getattr(self, "resilience", None)
-        if resilience is not None and state.get("resilience"):
-            lines += resilience.restore_state(state["resilience"])
+        if self.resilience is not None and state.get("resilience"):
+            lines += self.resilience.restore_state(state["resilience"])
         return lines
 
 

@@ -226,9 +226,7 @@ class Dashboard(Panel):
 
     # --- reading the session --------------------------------------------------------------------
     def _footprints(self) -> dict[str, int]:
-        models = getattr(self.session, "models", None)
-        fn = getattr(models, "footprints", None)
-        return dict(fn()) if callable(fn) else {}
+        return self.session.models.footprints()
 
     def _limits(self, sample: Any) -> dict[str, int | None]:
         """Per device, the usage level a new load may bring memory to: used + the guard's budget.
@@ -240,7 +238,7 @@ class Dashboard(Panel):
         fraction = float(self.session.config.memory_fraction)
         devices = [("cpu", int(sample.ram_used), int(sample.ram_available))]
         devices += [(f"cuda:{g.index}", int(g.used), int(g.free))
-                    for g in (getattr(sample, "gpus", None) or [])]
+                    for g in sample.gpus]
         out: dict[str, int | None] = {}
         for device, used, available in devices:
             budget = guard_budget(available, fraction)
@@ -256,24 +254,12 @@ class Dashboard(Panel):
 
 
 def _breaker_snapshots(session: Any) -> list[Any]:
-    """Snapshots of the session's breakers, whatever container the resilience layer uses."""
-    breakers = getattr(session, "breakers", None)
-    if breakers is None:
-        chain = getattr(session, "chain", None)
-        breakers = getattr(chain, "breakers", None)
-    if breakers is None:
-        return []
-    items = breakers.values() if isinstance(breakers, Mapping) else breakers
-    return [b.snapshot() for b in list(items) if callable(getattr(b, "snapshot", None))]
+    return [b.snapshot() for b in list(session.breakers.values())]
 
 
 def _checkpoint_status(session: Any) -> dict[str, Any] | None:
-    """The checkpoint manager's status dict (``session.checkpoints.status``), if any."""
-    manager = getattr(session, "checkpoints", None)
-    status = getattr(manager, "status", None)
-    if callable(status):
-        status = status()
-    return dict(status) if isinstance(status, Mapping) and status else None
+    """The checkpoint manager's status dict, if checkpoints are attached."""
+    return dict(session.checkpoints.status) if session.checkpoints is not None else None
 
 
 @atexit.register

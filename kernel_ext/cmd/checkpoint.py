@@ -21,7 +21,7 @@ __all__ = ["run"]
 
 
 def _manager(ext: Any) -> CheckpointManager:
-    manager = getattr(ext.session, "checkpoints", None)
+    manager = ext.session.checkpoints
     if manager is None:
         raise UsageError("checkpoints are not attached; %reload_ext kernel_ext")
     return manager

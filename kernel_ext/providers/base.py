@@ -159,5 +159,8 @@ class Provider(Protocol):
     def health(self) -> Health:
         """A cheap check of whether a call could succeed now."""
 
+    def cache_identity(self) -> str:
+        """What makes this provider's answers interchangeable (the offline-cache key part)."""
+
     def close(self) -> None:
         """Free what ``load`` took. Idempotent."""

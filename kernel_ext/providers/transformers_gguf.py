@@ -46,12 +46,12 @@ class TransformersGGUFProvider:
         # (the registry passes the live `KernelExt.decode_mode` setting)
         self.decode_mode = decode_mode
         self.local: LocalModel | None = local
+        self.sha256 = local.sha256
         self.template_caps = template_caps or {}
 
-    @property
-    def identity(self) -> str:
-        """What makes answers of this provider interchangeable: the file's content hash."""
-        return self.local.sha256 if self.local is not None else self.name
+    def cache_identity(self) -> str:
+        """The model file's content hash: answers stay valid for the same file, even unloaded."""
+        return f"sha256:{self.sha256}"
 
     def load(self) -> None:
         if self.local is None:

@@ -15,6 +15,7 @@ from typing import Any
 from ..errors import ModelNotFoundError
 from ..providers.base import Provider
 from ..providers.offline_cache import OfflineCache
+from ..providers.remote import RemoteProvider
 from .breaker import BreakerEvent, BreakerSettings, CircuitBreaker
 from .ratelimit import TokenBucket
 from .retry import RetryPolicy
@@ -125,7 +126,7 @@ class Resilience:
 
     def known_names(self) -> list[str]:
         names = list(self.extra_providers)
-        for n in _model_names(self.session):
+        for n in self.session.models.names():
             if n not in names:
                 names.append(n)
         return names
@@ -135,15 +136,9 @@ class Resilience:
         provider = self.extra_providers.get(name)
         if provider is not None:
             return provider
-        try:
-            entry = self.session.models.get(name)
-        except ModelNotFoundError:
-            raise
-        except (KeyError, LookupError, AttributeError) as e:
-            raise ModelNotFoundError(self._unknown(name)) from e
-        if entry is None:
+        if name not in self.session.models.names():
             raise ModelNotFoundError(self._unknown(name))
-        return getattr(entry, "provider", entry)
+        return self.session.models.get(name).provider
 
     def _unknown(self, name: str) -> str:
         known = ", ".join(self.known_names()) or "none yet"
@@ -157,23 +152,18 @@ class Resilience:
 
         Remembered per name, so answers stay reachable after the model is unloaded.
         """
-        ident = _identity_of(provider) if provider is not None else None
-        if ident is None:
-            try:
-                entry = self.session.models.get(name)
-            except (LookupError, AttributeError):
-                entry = None
-            ident = _sha_of(entry)
-        if ident is not None:
-            self.identities[name] = ident
-            return ident
+        if provider is None and name in self.session.models.names():
+            provider = self.session.models.get(name).provider
+        if provider is not None:
+            self.identities[name] = provider.cache_identity()
+            return self.identities[name]
         return self.identities.get(name, f"name:{name}")
 
     def default_model(self) -> str | None:
         active = self.session.models.active
         if active:
             return str(active)
-        names = _model_names(self.session)
+        names = self.session.models.names()
         if names:
             return names[-1]
         if self.extra_providers:
@@ -191,7 +181,7 @@ class Resilience:
                 "remotes": {
                     n: _remote_spec(p)
                     for n, p in self.extra_providers.items()
-                    if _remote_spec(p) is not None
+                    if isinstance(p, RemoteProvider)
                 },
             }
 
@@ -225,47 +215,13 @@ class Resilience:
                 log.exception("kernel_ext: closing provider %r failed", p)
 
 
-def _sha_of(obj: Any) -> str | None:
-    for o in (obj, getattr(obj, "spec", None), getattr(obj, "local", None)):
-        sha = getattr(o, "sha256", None)
-        if isinstance(sha, str) and sha:
-            return f"sha256:{sha}"
-    return None
-
-
-def _identity_of(provider: Any) -> str | None:
-    ident = getattr(provider, "cache_identity", None)
-    if callable(ident):
-        return str(ident())
-    sha = _sha_of(provider)
-    if sha is not None:
-        return sha
-    value = getattr(provider, "identity", None)
-    if isinstance(value, str) and value:
-        return value
-    return None
-
-
-def _model_names(session: Any) -> list[str]:
-    names = getattr(session.models, "names", None)
-    if not callable(names):
-        return []
-    try:
-        return [str(n) for n in names()]
-    except (TypeError, LookupError):
-        return []
-
-
-def _remote_spec(provider: Any) -> dict[str, Any] | None:
-    url = getattr(provider, "base_url", None)
-    if not isinstance(url, str):
-        return None
+def _remote_spec(provider: RemoteProvider) -> dict[str, Any]:
     return {
-        "url": url,
-        "model": getattr(provider, "model", None),
-        "chat": bool(getattr(provider, "chat", False)),
-        "api_key_env": getattr(provider, "api_key_env", None),
-        "read_timeout": getattr(provider, "read_timeout", None),
+        "url": provider.base_url,
+        "model": provider.model,
+        "chat": provider.chat,
+        "api_key_env": provider.api_key_env,
+        "read_timeout": provider.read_timeout,
     }
 
 
