@@ -37,7 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     ip.run_line_magic("model", "load --no-progress")
     print(f"load (through %model load, conversion cache as found): {time.perf_counter() - t0:.2f} s")
-    session = ip.configurables[-1].session
+    import kernel_ext
+
+    session = kernel_ext.current_session()
     local = session.models.get().provider.local
     model, tok = local.model, local.tokenizer
 
