@@ -2,7 +2,7 @@
 
 ``python -m benchmarks.bench_load [--path FILE] [--warm-repeat N] [--skip-stock]``
 
-Each run is a fresh subprocess, so its peak RSS (``ru_maxrss``) is its own:
+Each run is a fresh subprocess, so its peak RSS (``VmHWM``) is its own:
 
 * stock: ``AutoModelForCausalLM.from_pretrained(dir, gguf_file=..., dtype=float32)`` +
   ``AutoTokenizer.from_pretrained(dir, gguf_file=...)``;
@@ -46,9 +46,18 @@ def _demo_path() -> Path:
 
 
 # --- child side ----------------------------------------------------------------------------------
-def _child(mode: str, path: Path, cache: Path | None, out: Path) -> None:
+def _vm_hwm() -> int:
+    """This process's peak RSS in bytes. Not ``ru_maxrss``: Linux carries that across exec, so a
+    child would report its parent's peak (the runner's, after bench_decode: ~4 GB)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
     import resource
 
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _child(mode: str, path: Path, cache: Path | None, out: Path) -> None:
     t0 = time.perf_counter()
     import torch
     import transformers  # noqa: F401
@@ -74,7 +83,7 @@ def _child(mode: str, path: Path, cache: Path | None, out: Path) -> None:
         extra["timings"] = art.timings
         extra["cache_hits"] = art.cache_hits
     load_s = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _vm_hwm()
     ids = tokenizer(PROMPT, return_tensors="pt")
     with torch.no_grad():
         logits = model(**ids).logits[0].float()
