@@ -22,22 +22,14 @@ import shutil
 import tempfile
 import time
 import types
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from benchmarks._timing import best_of
+
 __all__ = ["main"]
-
-
-def _best(fn: Callable[[], Any], repeat: int) -> float:
-    best = float("inf")
-    for _ in range(max(1, repeat)):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def _shell(state: Path) -> Any:
@@ -115,7 +107,7 @@ def main(argv: list[str]) -> int:
         first = m.checkpoint("bench")
         first_s = time.perf_counter() - t0
         assert first is not None
-        unchanged = _best(lambda: m.checkpoint("bench"), args.repeat)
+        unchanged = best_of(lambda: m.checkpoint("bench"), args.repeat)
         assert m.checkpoint("bench") is None
         results.append((f"hook, nothing changed, 100 vars, {total / 1e9:.2f} GB",
                         (f"{unchanged * 1e3:.1f} ms (target < 200 ms at 1 GB) "
@@ -126,7 +118,7 @@ def main(argv: list[str]) -> int:
         shell.user_ns.update({f"j{i}": {"i": i, "tags": ["a", "b"]} for i in range(20)})
         m.checkpoint("bench")
         m.store.wait_idle()
-        small = _best(lambda: m.checkpoint("bench"), args.repeat * 4)
+        small = best_of(lambda: m.checkpoint("bench"), args.repeat * 4)
         results.append(("hook, nothing changed, 120 vars, 8 MB",
                         f"{small * 1e3:.2f} ms (target < 10 ms) [{'ok' if small < 0.01 else 'MISS'}]"))
         for name in [n for n in shell.user_ns if n.startswith(("v", "j"))]:

@@ -11,22 +11,13 @@ vocabulary, and ``gguf.GGUFReader`` (slow: ~20 s, so best of M, default 1). Also
 from __future__ import annotations
 
 import argparse
-import time
-from collections.abc import Callable
 from pathlib import Path
+
+from benchmarks._timing import best_of
 
 __all__ = ["main"]
 
 _TOKENS = "tokenizer.ggml.tokens"
-
-
-def _best(fn: Callable[[], object], repeat: int) -> float:
-    best = float("inf")
-    for _ in range(max(1, repeat)):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def _demo_path() -> Path:
@@ -55,26 +46,26 @@ def main(argv: list[str]) -> int:
 
     _ours(path)  # warm the page cache so that every reader sees the same cache state
     rows: list[tuple[str, float]] = [("kernel_ext read_gguf (with vocabulary)",
-                                      _best(lambda: _ours(path), args.repeat))]
+                                      best_of(lambda: _ours(path), args.repeat))]
     try:
         from transformers.integrations.gguf.reader import read_gguf_metadata
     except ImportError as e:
         print(f"transformers' read_gguf_metadata is not available: {e}")
     else:
         rows.append(("transformers read_gguf_metadata (no vocabulary)",
-                     _best(lambda: read_gguf_metadata(str(path)), args.repeat)))
+                     best_of(lambda: read_gguf_metadata(str(path)), args.repeat)))
         rows.append(("transformers read_gguf_metadata (with vocabulary)",
-                     _best(lambda: read_gguf_metadata(str(path), string_arrays=(_TOKENS,)),
+                     best_of(lambda: read_gguf_metadata(str(path), string_arrays=(_TOKENS,)),
                            args.repeat)))
     if args.gguf_py_repeat > 0:
         import gguf
 
-        rows.append(("gguf.GGUFReader", _best(lambda: gguf.GGUFReader(str(path)),
+        rows.append(("gguf.GGUFReader", best_of(lambda: gguf.GGUFReader(str(path)),
                                               args.gguf_py_repeat)))
 
     from kernel_ext.gguf import sha256_file
 
-    sha = _best(lambda: sha256_file(path), 1)
+    sha = best_of(lambda: sha256_file(path), 1)
     ours = rows[0][1]
     print(f"{'reader':<52} {'seconds':>9} {'x ours':>8}")
     for name, secs in rows:
