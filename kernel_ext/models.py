@@ -177,13 +177,15 @@ class ModelRegistry:
                 summary = gf.summary()
                 chat_template = gf.metadata.get("tokenizer.chat_template")
                 hidden = gf.metadata.get(f"{summary['architecture']}.embedding_length")
-            pin = sha256 or known_pin
-            digest = verify_sha256(path, pin) if pin else sha256_file(path)
-            plan = choose_plan(int(summary["n_params"]), device=dev, dtype=dt,
-                               fraction=cfg.memory_fraction,
-                               float32_copies=_decode_copies(cfg.decode_mode, dev, summary, hidden))
-            session.audit.write("model.plan", name=name, path=path, sha256=digest, plan=plan.describe())
-            artifacts = self._load_weights(path, digest, plan, name, progress)
+                pin = sha256 or known_pin
+                digest = verify_sha256(path, pin) if pin else sha256_file(path)
+                plan = choose_plan(int(summary["n_params"]), device=dev, dtype=dt,
+                                   fraction=cfg.memory_fraction,
+                                   float32_copies=_decode_copies(cfg.decode_mode, dev, summary,
+                                                                 hidden))
+                session.audit.write("model.plan", name=name, path=path, sha256=digest,
+                                    plan=plan.describe())
+                artifacts = self._load_weights(gf, digest, plan, name, progress)
         except KeyboardInterrupt:
             self._load_failed(name, path, "interrupted by the user")
             raise
@@ -225,7 +227,7 @@ class ModelRegistry:
         self.session.audit.write("model.load_failed", name=name, path=path, error=error)
         self.session.events.emit("model", action="failed", name=name, info={"error": str(error)})
 
-    def _load_weights(self, path: Path, digest: str, plan: LoadPlan, name: str, progress: bool) -> Any:
+    def _load_weights(self, gf: Any, digest: str, plan: LoadPlan, name: str, progress: bool) -> Any:
         import torch
 
         from .gguf.loader import load_transformers
@@ -247,7 +249,7 @@ class ModelRegistry:
         cache = self.session.cache_dir / "conversions" if self.session.config.conversion_cache else None
         try:
             return load_transformers(
-                path, dtype=getattr(torch, plan.dtype), device=plan.device, sha256=digest,
+                gf, dtype=getattr(torch, plan.dtype), device=plan.device, sha256=digest,
                 cache_dir=cache, progress=on_progress,
                 cache_max_bytes=int(self.session.config.conversion_cache_max_gb * 1024**3),
                 quantization=plan.quantization, device_map="auto" if plan.offload else None,

@@ -274,3 +274,17 @@ def test_config_error_is_a_load_error_and_oom_passes_through(
     monkeypatch.setattr(loader, "_new_model", oom)
     with pytest.raises(torch.OutOfMemoryError):
         load_transformers(path)
+
+
+def test_an_open_gguf_file_is_used_as_is_not_parsed_again(tmp_path: Path, monkeypatch: Any) -> None:
+    from kernel_ext.gguf import loader as loader_mod
+    from kernel_ext.gguf.reader import read_gguf
+
+    path = write_tiny_llama(tmp_path / "t.gguf")
+    calls: list[object] = []
+    monkeypatch.setattr(loader_mod, "read_gguf", lambda *a, **k: calls.append(a) or read_gguf(*a, **k))
+    with read_gguf(path) as gf:
+        art = load_transformers(gf, cache_dir=None)
+    assert calls == []
+    assert art.summary["architecture"] == "llama"
+    assert art.model(**art.tokenizer("hi", return_tensors="pt")).logits.shape[-1] > 0

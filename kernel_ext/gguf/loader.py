@@ -272,7 +272,7 @@ def _expected(model: Any, hf_names: list[str]) -> dict[str, tuple[tuple[int, ...
 
 # --- the loader ----------------------------------------------------------------------------------
 def load_transformers(
-    path: str | os.PathLike[str],
+    path: str | os.PathLike[str] | GGUFFile,
     *,
     dtype: torch.dtype | str = torch.float32,
     device: str = "cpu",
@@ -286,6 +286,9 @@ def load_transformers(
     decode_threads: int | None = 1,
 ) -> LoadedArtifacts:
     """Load the GGUF at ``path`` as a Transformers model and tokenizer.
+
+    ``path`` may also be a :class:`GGUFFile` the caller already opened (and validated): it is
+    used as it is, not parsed again, and the caller closes it.
 
     ``sha256``: the file's digest if already known (it keys the cache; computed when a cache is
     used and it is not given; it is trusted, not re-checked: pin checks live in
@@ -318,13 +321,12 @@ def load_transformers(
     except (KernelExtError, torch.OutOfMemoryError, MemoryError):
         raise
     except Exception as e:
-        raise LoadError(
-            f"loading {Path(path).name} failed while {stage[0]}: {type(e).__name__}: {e}"
-        ) from e
+        name = path.path.name if isinstance(path, GGUFFile) else Path(path).name
+        raise LoadError(f"loading {name} failed while {stage[0]}: {type(e).__name__}: {e}") from e
 
 
 def _load(
-    path: str | os.PathLike[str],
+    path: str | os.PathLike[str] | GGUFFile,
     dt: torch.dtype,
     device: str,
     sha256: str | None,
@@ -348,7 +350,9 @@ def _load(
         return now
 
     t = time.perf_counter()
-    with read_gguf(path) as gf:
+    opened = path if isinstance(path, GGUFFile) else None
+    with contextlib.nullcontext(opened) if opened is not None else read_gguf(path) as gf:
+        path = gf.path
         t = mark("parse", t)
         stage[0] = "checking the metadata"
         summary = gf.summary()
