@@ -242,3 +242,18 @@ def test_unload_removes_everything_and_reload_works(ip: Any) -> None:
     assert "model" not in ip.magics_manager.magics["line"]
     ip.extension_manager.load_extension("kernel_ext")
     assert ip.configurables[-1] is not ext and "infer" in ip.magics_manager.magics["cell"]
+
+
+def test_model_cache_list_and_clear(ip: Any, tiny: Path, capsys: Any) -> None:
+    line(ip, "model", f"load {tiny} --no-progress")
+    capsys.readouterr()
+    line(ip, "model", "cache list")
+    listing = capsys.readouterr().out
+    sha = ip.configurables[-1].session.models.get().sha256
+    assert sha[:16] in listing and "float32" in listing and "tiny-llama.gguf" in listing
+    with pytest.raises(UsageError, match="64 hexadecimal"):
+        line(ip, "model", "cache clear nothex")
+    line(ip, "model", f"cache clear {sha}")
+    assert f"for {sha}" in capsys.readouterr().out
+    line(ip, "model", "cache list")
+    assert "is empty" in capsys.readouterr().out

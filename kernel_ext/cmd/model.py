@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import time
 from typing import Any
 
 from IPython.core.error import UsageError
@@ -80,7 +81,9 @@ def _cache(ext: Any, args: list[str]) -> None:
         if not entries:
             print(f"conversion cache {root} is empty")
         for e in entries:
-            print("  ".join(f"{k}={v}" for k, v in (e.items() if isinstance(e, dict) else vars(e).items())))
+            weights = ", ".join(e.weights) or "no weights"
+            print(f"{e.sha256[:16]}…  {format_bytes(e.size_bytes):>10}  {weights:<18} "
+                  f"{e.source or '?'}  (last used {time.strftime('%Y-%m-%d %H:%M', time.localtime(e.last_used))})")
     elif args[0] == "clear" and len(args) <= 2:
         cache.clear(root, *(args[1:2]))
         print(f"cleared the conversion cache {root}" + (f" for {args[1]}" if len(args) == 2 else ""))
