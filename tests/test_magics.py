@@ -257,3 +257,19 @@ def test_model_cache_list_and_clear(ip: Any, tiny: Path, capsys: Any) -> None:
     assert f"for {sha}" in capsys.readouterr().out
     line(ip, "model", "cache list")
     assert "is empty" in capsys.readouterr().out
+
+
+def test_stop_strings_understand_escapes() -> None:
+    from kernel_ext.cmd.infer import _params, parser
+    from kernel_ext.config import KernelExtConfig
+
+    ns = parser().parse(r"""--stop "\n" --stop "\n\nQ:" --stop 'a\\nb' --stop "." """)
+    assert _params(ns, KernelExtConfig()).stop == ("\n", "\n\nQ:", "a\\nb", ".")
+
+
+@pytest.mark.slow
+def test_a_newline_stop_ends_the_demo_models_answer(ip: Any, demo_model_path: Path) -> None:
+    line(ip, "model", "load --no-progress")
+    cell(ip, r'-n 8 --stop "\n" -o r -q', "Q: What is the capital of Japan?\nA:")
+    r = ip.user_ns["r"]
+    assert "Tokyo" in r.text and "\n" not in r.text and r.finish_reason == "stop"

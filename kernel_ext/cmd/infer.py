@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import html
 import json
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -33,7 +34,8 @@ def parser() -> MagicParser:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1]")
     p.add_argument("--top-k", type=int, default=0, help="sample from the K most likely (0: off)")
     p.add_argument("--seed", type=int, help="makes sampling reproducible")
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--stop", action="append", default=[],
+                   help=r"stop string (repeatable); \n, \t, \r and \\ are escapes")
     p.add_argument("--system", help="system prompt")
     chat = p.add_mutually_exclusive_group()
     chat.add_argument("--chat", dest="chat", action="store_true", default=None,
@@ -64,9 +66,17 @@ def _params(ns: Any, config: Any) -> GenerationParams:
         raise UsageError(f"%%infer: --timeout must be >= 0 seconds, got {timeout}")
     return GenerationParams(
         max_new_tokens=max_new, temperature=temperature, top_p=ns.top_p, top_k=ns.top_k,
-        seed=ns.seed, stop=tuple(ns.stop), system=ns.system, chat=ns.chat,
+        seed=ns.seed, stop=tuple(_unescape(s) for s in ns.stop if s), system=ns.system, chat=ns.chat,
         timeout=timeout or None,
     )
+
+
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+
+
+def _unescape(text: str) -> str:
+    """``--stop "\\n"`` means a newline: a magic line cannot hold a real one."""
+    return re.sub(r"\\([ntr\\])", lambda m: _ESCAPES[m.group(1)], text)
 
 
 def _check_name(flag: str, name: str | None) -> None:
