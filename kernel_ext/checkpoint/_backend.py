@@ -97,15 +97,10 @@ class LocalBackend(Backend):
         return self.root / TMP / f"{uuid.uuid4().hex}{suffix}"
 
     def _fsync_dir(self, path: Path) -> None:
-        self._step("fsync_dir")
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            self._os.fsync(fd)
-        finally:
-            os.close(fd)
+        self._fsync_path(str(path), step="fsync_dir")
 
-    def _fsync_path(self, path: str) -> None:
-        self._step("fsync")
+    def _fsync_path(self, path: str, step: str = "fsync") -> None:
+        self._step(step)  # the crash tests kill the writer at each named step
         fd = os.open(path, os.O_RDONLY)
         try:
             self._os.fsync(fd)
