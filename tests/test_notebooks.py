@@ -44,6 +44,16 @@ def test_notebooks_are_valid_and_open_without_a_kernel_dialog() -> None:
         assert spec.get("name") == "python3", f"{name}: kernelspec.name must be python3"
 
 
+def test_notebooks_are_committed_clean() -> None:
+    """Outputs hold machine-specific paths, times and sizes: notebooks are committed without."""
+    for name in NOTEBOOKS:
+        nb = nbformat.read(NOTEBOOK_DIR / name, as_version=4)
+        dirty = [i for i, c in enumerate(nb.cells)
+                 if c.cell_type == "code" and (c.outputs or c.execution_count is not None)]
+        assert not dirty, (f"{name}: code cells {dirty} carry outputs; clear them before "
+                           "committing (JupyterLab: Edit > Clear Outputs of All Cells)")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_runs_top_to_bottom(name: str, tmp_path: Path, cache_dir: Path) -> None:
@@ -63,6 +73,7 @@ def test_notebook_runs_top_to_bottom(name: str, tmp_path: Path, cache_dir: Path)
         allow_errors=False,  # any cell error raises CellExecutionError naming the cell
     )
     before = _repo_state()
+    files_before = _files(work)
     client.execute(env=env)
 
     code = [c for c in nb.cells if c.cell_type == "code"]
@@ -74,3 +85,12 @@ def test_notebook_runs_top_to_bottom(name: str, tmp_path: Path, cache_dir: Path)
     # The notebook's state went to the temporary copy, never into the repository.
     assert (work / ".kernel_ext" / path.stem).is_dir()
     assert _repo_state() == before
+    # ... and left no scratch files beside the notebooks (a user runs them in notebooks/).
+    assert _files(work) == files_before, sorted(_files(work) - files_before)
+
+
+def _files(root: Path) -> set[str]:
+    """Files below ``root``, except kernel_ext's own state and JupyterLab's checkpoints."""
+    skip = (".kernel_ext", ".ipynb_checkpoints")
+    return {str(p.relative_to(root)) for p in root.rglob("*")
+            if p.is_file() and not any(part in skip for part in p.relative_to(root).parts)}
