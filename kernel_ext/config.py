@@ -43,6 +43,18 @@ class KernelExtConfig(Configurable):
         help="A load is refused (or degraded) when its estimated footprint exceeds this fraction "
         "of the target device's available memory.",
     ).tag(config=True)
+    resident_max_gb = Float(
+        0.0,
+        help="Cap in GB on the memory of resident models (weights plus runtime copies such as the "
+        "fp16 LM head). A load that would pass it first evicts the least recently used models; "
+        "an evicted model reloads on its next use (from the conversion cache), with a note. "
+        "0: no cap (the load guard still refuses what does not fit).",
+    ).tag(config=True)
+    load_timeout = Float(
+        300.0,
+        help="Seconds a `%model load` may take before it is cancelled (nothing of it stays "
+        "loaded); 0: no limit.",
+    ).tag(config=True)
     conversion_cache = Bool(
         True, help="Cache converted tokenizers/configs (and weights) keyed by the file's SHA-256."
     ).tag(config=True)
@@ -63,6 +75,18 @@ class KernelExtConfig(Configurable):
         "own forward and whole head every token, as model.generate (no extra memory). fp16: fp16 "
         "copies of the head and of every linear layer's weights (~2x faster, ~2 bytes per weight "
         "more memory); logits change slightly, so text can change: opt-in.",
+    ).tag(config=True)
+    context_overflow = Enum(
+        ("refuse", "truncate_left"), "refuse",
+        help="A prompt whose tokens plus --max-new-tokens pass the model's context window is "
+        "refused with the numbers (refuse), or its oldest tokens are dropped, with a note in the "
+        "footer (truncate_left).",
+    ).tag(config=True)
+    request_memory_gb = Float(
+        0.0,
+        help="Most memory in GB one local request may add (KV cache plus prefill activations, "
+        "estimated before any work); a request above it is refused with the numbers. 0: "
+        "memory_fraction of the memory available on the model's device.",
     ).tag(config=True)
     stream = Bool(True, help="Stream tokens into the cell output as they are generated.").tag(
         config=True
@@ -171,7 +195,8 @@ class KernelExtConfig(Configurable):
     @validate(
         "timeout", "breaker_open_seconds", "breaker_slow_call_seconds", "retry_max_seconds",
         "rate_limit_per_second", "checkpoint_interval", "task_checkpoint_seconds",
-        "dashboard_interval", "temperature", "conversion_cache_max_gb",
+        "dashboard_interval", "temperature", "conversion_cache_max_gb", "resident_max_gb",
+        "load_timeout", "request_memory_gb",
     )
     def _non_negative(self, proposal: dict) -> float:
         value = float(proposal["value"])

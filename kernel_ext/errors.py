@@ -16,6 +16,10 @@ __all__ = [
     "ModelNotFoundError",
     "MemoryBudgetError",
     "ModelLoadError",
+    "RequestBudgetError",
+    "ContextOverflowError",
+    "RequestMemoryError",
+    "LoadTimeoutError",
     "PromptError",
     "TemplateError",
     "ProviderError",
@@ -81,9 +85,33 @@ class ModelLoadError(KernelExtError, RuntimeError):
     """Loading a valid file failed in a later stage (conversion, weights); names the stage."""
 
 
+class LoadTimeoutError(ModelLoadError, TimeoutError):
+    """A load took longer than ``KernelExt.load_timeout``; nothing of it stays loaded."""
+
+
 # --- prompts -----------------------------------------------------------------------------------
 class PromptError(KernelExtError, ValueError):
     """A ``{placeholder}`` in a prompt cannot be filled."""
+
+
+class RequestBudgetError(MemoryBudgetError, PromptError):
+    """A request refused before any work: too long for the context or too big for memory.
+
+    A :class:`MemoryBudgetError` (alerts hook memory refusals) and a :class:`PromptError` (the
+    user's own request: breakers never count it). The numbers are attributes too.
+    """
+
+    def __init__(self, message: str, **numbers: int | None) -> None:
+        self.numbers = numbers
+        super().__init__(message)
+
+
+class ContextOverflowError(RequestBudgetError):
+    """Prompt tokens + ``max_new_tokens`` pass the model's context window."""
+
+
+class RequestMemoryError(RequestBudgetError):
+    """The request's KV cache and prefill would pass the memory limit."""
 
 
 class TemplateError(KernelExtError, ValueError):

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .budget import RequestGuard, RequestLimits
 from .default_model import DEFAULT_MODEL_NAME, KNOWN_PINS, default_model_path
 from .errors import KernelExtError, MemoryBudgetError, ModelLoadError, ModelNotFoundError
 from .memory import LoadPlan, choose_plan, format_bytes
@@ -211,8 +212,9 @@ class ModelRegistry:
                 "max_output_chars": cfg.template_max_output}
         entry = ModelEntry(
             name=name, path=path, sha256=digest, plan=plan,
-            provider=TransformersGGUFProvider(name, local, template_caps=caps,
-                                              decode_mode=lambda: cfg.decode_mode),
+            provider=TransformersGGUFProvider(
+                name, local, template_caps=caps, decode_mode=lambda: cfg.decode_mode,
+                guard=RequestGuard(lambda: RequestLimits.from_config(cfg))),
             summary=summary, load_s=load_s, footprint=_footprint(artifacts.model),
             timings=dict(artifacts.timings),
         )

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..budget import RequestGuard
 from ..errors import PromptError, ProviderError, ProviderOutOfMemoryError
 from ..prompt import render_chat_template
 from .base import GenerationParams, GenerationResult, Health, StopCheck, TokenCallback
@@ -40,7 +41,8 @@ class TransformersGGUFProvider:
     """A loaded model behind the :class:`~kernel_ext.providers.base.Provider` protocol."""
 
     def __init__(self, name: str, local: LocalModel, *, template_caps: dict[str, Any] | None = None,
-                 decode_mode: str | Callable[[], str] = "exact") -> None:
+                 decode_mode: str | Callable[[], str] = "exact", guard: RequestGuard | None = None,
+                 on_use: Callable[[TransformersGGUFProvider], None] | None = None) -> None:
         self.name = name
         # a mode of kernel_ext.providers.decode.DECODE_MODES, or a callable read at each call
         # (the registry passes the live `KernelExt.decode_mode` setting)
@@ -48,19 +50,32 @@ class TransformersGGUFProvider:
         self.local: LocalModel | None = local
         self.sha256 = local.sha256
         self.template_caps = template_caps or {}
+        # budgets checked before tokenizing/prefilling (kernel_ext.budget)
+        self.guard = guard or RequestGuard()
+        # called at each use: the registry's residency touches its LRU and reloads an evicted
+        # model (setting self.local and adding a note for the next result)
+        self.on_use = on_use
+        self.notes: list[str] = []
 
     def cache_identity(self) -> str:
         """The model file's content hash: answers stay valid for the same file, even unloaded."""
         return f"sha256:{self.sha256}"
 
     def load(self) -> None:
-        if self.local is None:
-            raise ProviderError(f"model {self.name!r} was unloaded; load it again with %model load")
+        self._ready()  # an evicted model is loaded again here (see on_use)
 
     def health(self) -> Health:
+        if self.local is None and self.on_use is not None:
+            return Health(True, "evicted; reloads on next use")
         return Health(self.local is not None, "loaded" if self.local is not None else "unloaded")
 
+    def take_notes(self) -> list[str]:
+        """Notes for the next result (an eviction reload), then forgotten."""
+        notes, self.notes = self.notes, []
+        return notes
+
     def close(self) -> None:
+        self.on_use = None  # unloaded for good: nothing reloads it
         if self.local is None:
             return
         device = self.local.device
@@ -95,6 +110,8 @@ class TransformersGGUFProvider:
         return rendered, True
 
     def _ready(self) -> LocalModel:
+        if self.on_use is not None:
+            self.on_use(self)
         if self.local is None:
             raise ProviderError(f"model {self.name!r} was unloaded; load it again with %model load")
         return self.local
@@ -115,9 +132,12 @@ class TransformersGGUFProvider:
         local = self._ready()
         text, used_chat = self.build_prompt(prompt, params)
         tok = local.tokenizer
-        # A chat template writes its own BOS; plain text gets the tokenizer's default.
-        enc = tok(text, return_tensors="pt", add_special_tokens=not used_chat)
-        input_ids = enc["input_ids"].to(local.device)
+        # Budgets before work (kernel_ext.budget): the context and memory checks run before the
+        # prompt is tokenized whole or prefilled. A chat template writes its own BOS.
+        request = self.guard.prepare(local.model, tok, text, max_new_tokens=params.max_new_tokens,
+                                     add_special_tokens=not used_chat, device=local.device,
+                                     name=self.name)
+        input_ids = request.input_ids.to(local.device)
         decoder = IncrementalDecoder(tok, params.stop, on_token)
         timed_out = False
 
@@ -158,7 +178,7 @@ class TransformersGGUFProvider:
             prompt_tokens=out.prompt_tokens, completion_tokens=len(out.tokens), finish_reason=reason,
             time_to_first_token_s=out.first_token_s, total_s=out.total_s,
             # numerics that differ from the model's own are said in the footer
-            notes=["fp16 weights"] if out.mode == "fp16" else [],
+            notes=[*self.take_notes(), *request.notes, *(["fp16 weights"] if out.mode == "fp16" else [])],
         )
 
 
