@@ -27,6 +27,7 @@ __all__ = [
     "guard_budget",
     "format_bytes",
     "DTYPE_BYTES",
+    "process_anonymous_bytes",
 ]
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "nf4": 0.5}
@@ -82,6 +83,19 @@ def available_bytes(device: str) -> int:
                 return gpu.free
         return 0
     return psutil.virtual_memory().available
+
+
+def process_anonymous_bytes() -> int:
+    """This process's anonymous resident memory (heap, anonymous tensors), without file
+    mappings such as memory-mapped weights; Linux ``/proc/self/smaps_rollup``, else the RSS."""
+    try:
+        with open("/proc/self/smaps_rollup", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Anonymous:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return int(psutil.Process().memory_info().rss)
 
 
 def guard_budget(available: int, fraction: float) -> int:

@@ -9,6 +9,7 @@ can fail raises a typed error; every load is written to the audit log.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import re
 import time
@@ -18,9 +19,16 @@ from typing import TYPE_CHECKING, Any
 
 from .budget import RequestGuard, RequestLimits
 from .default_model import DEFAULT_MODEL_NAME, KNOWN_PINS, default_model_path
-from .errors import KernelExtError, MemoryBudgetError, ModelLoadError, ModelNotFoundError
-from .memory import LoadPlan, choose_plan, format_bytes
+from .errors import (
+    KernelExtError,
+    LoadTimeoutError,
+    MemoryBudgetError,
+    ModelLoadError,
+    ModelNotFoundError,
+)
+from .memory import LoadPlan, choose_plan, format_bytes, process_anonymous_bytes
 from .providers.transformers_gguf import LocalModel, TransformersGGUFProvider
+from .residency import Residency, Resident, file_backed_bytes, tensor_bytes
 
 if TYPE_CHECKING:  # pragma: no cover
     from .session import Session
@@ -70,6 +78,9 @@ class ModelEntry:
     footprint: int
     loaded_at: float = field(default_factory=time.time)
     timings: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # what the load did besides loading (evictions)
+    parked: LocalModel | None = None  # while evicted: what reloading needs, without the weights
+    freed: int = 0  # set by unload: measured bytes given back
 
     def info(self) -> dict[str, Any]:
         s = self.summary
@@ -98,6 +109,7 @@ class ModelRegistry:
         self.session = session
         self._entries: dict[str, ModelEntry] = {}
         self.active: str | None = None
+        self.residency = Residency()
 
     # --- queries ---------------------------------------------------------------------------------
     def names(self) -> list[str]:
@@ -120,7 +132,21 @@ class ModelRegistry:
                                      f"load it with %model load PATH --name {name}") from None
 
     def footprints(self) -> dict[str, int]:
-        return {n: e.footprint for n, e in self._entries.items()}
+        """Measured memory per resident model (names sharing weights together, counted once)."""
+        return {", ".join(r.users): r.total() for r in self.residency.residents()}
+
+    def memory(self, name: str) -> dict[str, Any]:
+        """Measured memory of ``name``: weights, runtime copies, load overhead, total (0 while
+        evicted), and the names it shares its weights with."""
+        resident = self.residency.of(name)
+        if resident is None:
+            return {"resident": False, "weights": 0, "copies": 0, "overhead": 0, "total": 0,
+                    "shared_with": []}
+        copies = resident.copies()
+        return {"resident": True, "weights": resident.weights, "copies": copies,
+                "overhead": resident.overhead,
+                "total": resident.weights + copies + resident.overhead,
+                "shared_with": [n for n in resident.users if n != name]}
 
     # --- loading ---------------------------------------------------------------------------------
     def resolve(self, target: str | None) -> tuple[Path, str, str | None]:
@@ -173,6 +199,9 @@ class ModelRegistry:
         dt = resolve_dtype(dtype or cfg.dtype, dev)
         session.events.emit("model", action="loading", name=name, info={"path": str(path)})
         t0 = time.perf_counter()
+        deadline = _Deadline(cfg.load_timeout, name)
+        notes: list[str] = []
+        shared: Resident | None = None
         try:
             with read_gguf(path) as gf:  # validates the whole header before anything else
                 summary = gf.summary()
@@ -180,13 +209,23 @@ class ModelRegistry:
                 hidden = gf.metadata.get(f"{summary['architecture']}.embedding_length")
                 pin = sha256 or known_pin
                 digest = verify_sha256(path, pin) if pin else sha256_file(path)
-                plan = choose_plan(int(summary["n_params"]), device=dev, dtype=dt,
-                                   fraction=cfg.memory_fraction,
-                                   float32_copies=_decode_copies(cfg.decode_mode, dev, summary,
-                                                                 hidden))
-                session.audit.write("model.plan", name=name, path=path, sha256=digest,
-                                    plan=plan.describe())
-                artifacts = self._load_weights(gf, digest, plan, name, progress)
+                deadline.check("checking the file")
+                shared = self.residency.find(digest, dt, dev)
+                if shared is not None:  # the same file, dtype and device: share its weights
+                    plan = self._entries[shared.users[0]].plan
+                    artifacts = shared
+                    notes.append(f"shares the weights of {', '.join(shared.users)} (same file, "
+                                 f"dtype and device): no extra memory")
+                else:
+                    plan = choose_plan(int(summary["n_params"]), device=dev, dtype=dt,
+                                       fraction=cfg.memory_fraction,
+                                       float32_copies=_decode_copies(cfg.decode_mode, dev,
+                                                                     summary, hidden))
+                    notes += self._make_room(plan.estimate_bytes, name)
+                    session.audit.write("model.plan", name=name, path=path, sha256=digest,
+                                        plan=plan.describe())
+                    anon0 = process_anonymous_bytes()
+                    artifacts = self._load_weights(gf, digest, plan, name, progress, deadline)
         except KeyboardInterrupt:
             self._load_failed(name, path, "interrupted by the user")
             raise
@@ -214,10 +253,14 @@ class ModelRegistry:
             name=name, path=path, sha256=digest, plan=plan,
             provider=TransformersGGUFProvider(
                 name, local, template_caps=caps, decode_mode=lambda: cfg.decode_mode,
-                guard=RequestGuard(lambda: RequestLimits.from_config(cfg))),
-            summary=summary, load_s=load_s, footprint=_footprint(artifacts.model),
-            timings=dict(artifacts.timings),
+                guard=RequestGuard(lambda: RequestLimits.from_config(cfg)), on_use=self._on_use),
+            summary=summary, load_s=load_s, footprint=tensor_bytes(artifacts.model),
+            timings=dict(getattr(artifacts, "timings", {}) or {}), notes=notes,
         )
+        if shared is not None:
+            self.residency.share(name, shared)
+        else:
+            self._add_resident(name, entry, artifacts, anon0)
         self._entries[name] = entry
         self.active = name
         session.audit.write("model.load", name=name, path=path, sha256=digest, plan=plan.describe(),
@@ -226,10 +269,103 @@ class ModelRegistry:
         return entry
 
     def _load_failed(self, name: str, path: Path, error: object) -> None:
+        gc.collect()  # whatever the failed load built is garbage now: free it before reporting
         self.session.audit.write("model.load_failed", name=name, path=path, error=error)
         self.session.events.emit("model", action="failed", name=name, info={"error": str(error)})
 
-    def _load_weights(self, gf: Any, digest: str, plan: LoadPlan, name: str, progress: bool) -> Any:
+    # --- residency: sharing, the LRU cap, eviction and reloading ----------------------------------
+    def _add_resident(self, name: str, entry: ModelEntry, artifacts: Any, anon0: int) -> None:
+        """Books new weights; their memory is measured (tensors, and what the load added to the
+        anonymous memory besides anonymous tensors: tokenizer, buffers)."""
+        gc.collect()
+        model = artifacts.model
+        weights = tensor_bytes(model)
+        anonymous_weights = weights - file_backed_bytes(model)
+        overhead = max(0, process_anonymous_bytes() - anon0 - anonymous_weights)
+        key = (entry.sha256, entry.plan.dtype, entry.plan.device, entry.plan.quantization,
+               entry.plan.offload)
+        self.residency.add(name, key, model, artifacts.tokenizer, weights=weights,
+                           overhead=overhead)
+
+    def _make_room(self, need: int, name: str, protect: tuple[Any, ...] = ()) -> list[str]:
+        """Evict least recently used models until ``need`` more bytes fit under
+        ``resident_max_gb``; refuse (MemoryBudgetError) when even evicting all is not enough."""
+        cap_gb = self.session.config.resident_max_gb
+        if cap_gb <= 0:
+            return []
+        cap = int(cap_gb * 1024**3)
+        if need > cap:
+            raise MemoryBudgetError(
+                f"{name} needs about {format_bytes(need)}, more than the {format_bytes(cap)} "
+                "that resident models may take (%config KernelExt.resident_max_gb); raise the "
+                "cap or load a smaller dtype or model"
+            )
+        notes = []
+        for victim in self.residency.victims(need, cap, protect=protect):
+            freed = victim.total()
+            names = self._evict(victim)
+            notes.append(f"evicted {', '.join(names)} (least recently used; frees "
+                         f"{format_bytes(freed)} under resident_max_gb = {cap_gb:g}); "
+                         "it reloads on next use")
+        return notes
+
+    def _evict(self, resident: Resident) -> list[str]:
+        freed = resident.total()
+        names = self.residency.evict(resident)
+        for n in names:
+            entry = self._entries[n]
+            local = entry.provider.local
+            if local is not None:
+                entry.parked = dataclasses.replace(local, model=None, tokenizer=None)
+            entry.provider.local = None
+        resident.model = resident.tokenizer = None
+        gc.collect()
+        for n in names:
+            self.session.audit.write("model.evict", name=n, freed=freed, reason="resident_max_gb")
+            self.session.events.emit("model", action="evicted", name=n, info={"freed": freed})
+        return names
+
+    def _on_use(self, provider: TransformersGGUFProvider) -> None:
+        """Each use of a model: mark it recently used; reload it when it was evicted."""
+        name = provider.name
+        if self.residency.evicted(name) and provider.local is None:
+            self._reload(name)
+        self.residency.touch(name)
+
+    def _reload(self, name: str) -> None:
+        from .gguf.reader import read_gguf
+
+        entry = self._entries[name]
+        plan = entry.plan
+        key = self.residency.key_of(name)
+        t0 = time.perf_counter()
+        notes = self._make_room(plan.estimate_bytes, name, protect=(key,))
+        anon0 = process_anonymous_bytes()
+        try:
+            with read_gguf(entry.path) as gf:
+                artifacts = self._load_weights(gf, entry.sha256, plan, name, False,
+                                               _Deadline(self.session.config.load_timeout, name))
+        except Exception as e:
+            self._load_failed(name, entry.path, e)
+            raise
+        self._add_resident(name, entry, artifacts, anon0)
+        took = time.perf_counter() - t0
+        resident = self.residency.of(name)
+        for n in resident.users if resident is not None else [name]:
+            user = self._entries[n]
+            parked = user.parked or entry.parked
+            if parked is not None:
+                user.provider.local = dataclasses.replace(parked, model=artifacts.model,
+                                                          tokenizer=artifacts.tokenizer)
+                user.parked = None
+        reloaded = (f"{name} had been evicted (resident_max_gb); reloaded from the conversion "
+                    f"cache in {took:.1f} s")
+        entry.provider.notes += [*notes, reloaded]
+        self.session.audit.write("model.reload", name=name, duration_s=round(took, 3))
+        self.session.events.emit("model", action="loaded", name=name, info=entry.info())
+
+    def _load_weights(self, gf: Any, digest: str, plan: LoadPlan, name: str, progress: bool,
+                      deadline: _Deadline | None = None) -> Any:
         import torch
 
         from .gguf.loader import load_transformers
@@ -239,6 +375,8 @@ class ModelRegistry:
 
         def on_progress(done: int, total: int, stage: str) -> None:
             nonlocal bar
+            if deadline is not None:
+                deadline.check(stage)  # cancels the load between tensors
             events.emit("load_progress", name=name, done=done, total=total, stage=stage)
             if not progress:
                 return
@@ -262,14 +400,21 @@ class ModelRegistry:
 
     # --- unloading -------------------------------------------------------------------------------
     def unload(self, name: str) -> ModelEntry:
+        """Unload ``name``; ``entry.freed`` says the bytes freed (0 while other names share its
+        weights or it was evicted)."""
         entry = self.get(name)
         del self._entries[name]
+        dropped = self.residency.remove(name)
+        freed = dropped.total() if dropped is not None else 0
+        if dropped is not None:
+            dropped.model = dropped.tokenizer = None
         entry.provider.close()
         if self.active == name:
             self.active = next(reversed(self._entries), None)
         gc.collect()
-        self.session.audit.write("model.unload", name=name, freed=entry.footprint)
-        self.session.events.emit("model", action="unloaded", name=name, info={"freed": entry.footprint})
+        self.session.audit.write("model.unload", name=name, freed=freed)
+        self.session.events.emit("model", action="unloaded", name=name, info={"freed": freed})
+        entry.freed = freed
         return entry
 
     def unload_all(self) -> None:
@@ -311,14 +456,26 @@ class ModelRegistry:
             self.active = active
         return lines
 
+    def memory_text(self, name: str) -> str:
+        """One line: measured memory and what it is made of, sharing and eviction."""
+        m = self.memory(name)
+        if not m["resident"]:
+            return "evicted (resident_max_gb); reloads on next use"
+        text = (f"{format_bytes(m['total'])} measured: weights {format_bytes(m['weights'])} + "
+                f"runtime copies {format_bytes(m['copies'])} + tokenizer and buffers "
+                f"{format_bytes(m['overhead'])}")
+        if m["shared_with"]:
+            text += f"; shared with {', '.join(m['shared_with'])}"
+        return text
+
     def describe(self, entry: ModelEntry) -> str:
         i = entry.info()
         quant = ", ".join(f"{k}×{v}" for k, v in (i["quant_types"] or {}).items())
         return (
             f"{i['name']}: {i['architecture']}, {i['parameters']:,} parameters ({quant})\n"
             f"  file      {i['file']} ({format_bytes(i['file_size'] or 0)}), sha256 {i['sha256'][:16]}…\n"
-            f"  memory    estimated {format_bytes(i['estimated_memory'])}, "
-            f"actual {format_bytes(i['footprint'])}\n"
+            f"  memory    {self.memory_text(entry.name)} "
+            f"(estimated {format_bytes(i['estimated_memory'])})\n"
             f"  placement {i['plan']}\n"
             f"  loaded in {i['load_s']:.2f} s; chat template: {'yes' if i['chat_template'] else 'no'}"
         )
@@ -341,8 +498,20 @@ def _name_from_path(path: Path) -> str:
     return stem[:64]
 
 
-def _footprint(model: Any) -> int:
-    total = 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        total += t.numel() * t.element_size()
-    return total
+class _Deadline:
+    """``KernelExt.load_timeout`` for one load: checked between stages and tensors, so a load
+    that takes too long is cancelled there and leaves nothing loaded."""
+
+    def __init__(self, seconds: float, name: str, clock: Any = time.monotonic) -> None:
+        self.seconds = float(seconds)
+        self.name = name
+        self.clock = clock
+        self.at = clock() + self.seconds if self.seconds > 0 else None
+
+    def check(self, stage: str) -> None:
+        if self.at is not None and self.clock() >= self.at:
+            raise LoadTimeoutError(
+                f"loading {self.name} took longer than load_timeout = {self.seconds:g} s (while "
+                f"{stage}); it was cancelled and nothing of it stays loaded. Raise "
+                "%config KernelExt.load_timeout (0: no limit) or load a smaller model"
+            )

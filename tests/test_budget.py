@@ -41,7 +41,7 @@ def tiny(tmp_path: Path) -> Path:
 @pytest.fixture
 def loaded(ip: Any, tiny: Path) -> Any:
     ip.run_line_magic("model", f"load {tiny} --name tiny --no-progress")
-    return ip.configurables[-1].session
+    return next(c for c in ip.configurables if hasattr(c, "session")).session
 
 
 def _tokens(session: Any, text: str) -> int:

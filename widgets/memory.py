@@ -127,7 +127,8 @@ class MemoryPanel(Panel):
         )
         total = fmt_bytes(sum(footprints.values()))
         return (
-            "<div class='kernel-ext-models'><i>loaded models</i>"
+            "<div class='kernel-ext-models'><i>loaded models (measured: weights, runtime "
+            "copies, tokenizers; shared weights once)</i>"
             f"<table>{items}<tr><td style='padding:0 8px'><i>total</i></td>"
             f"<td style='padding:0 8px;text-align:right'><i>{total}</i></td></tr></table></div>"
         )

@@ -35,6 +35,8 @@ def _load(ext: Any, args: list[str]) -> None:
     print(f"loaded {entry.name}: {entry.summary.get('architecture')}, "
           f"{entry.summary.get('n_params', 0):,} parameters on {entry.plan.describe()} "
           f"in {entry.load_s:.1f} s")
+    for note in entry.notes:
+        print(f"  note: {note}")
 
 
 def _list(ext: Any, args: list[str]) -> None:
@@ -46,8 +48,14 @@ def _list(ext: Any, args: list[str]) -> None:
         return
     for e in models.entries():
         mark = "*" if e.name == models.active else " "
+        m = models.memory(e.name)
+        size = format_bytes(m["total"]) if m["resident"] else "evicted"
+        shared = f"  (shares weights with {', '.join(m['shared_with'])})" if m["shared_with"] else ""
         print(f"{mark} {e.name:<24} {e.summary.get('architecture', '?'):<10} "
-              f"{e.plan.device:<7} {e.plan.dtype:<9} {format_bytes(e.footprint):>10}  {e.path}")
+              f"{e.plan.device:<7} {e.plan.dtype:<9} {size:>10}  {e.path}{shared}")
+    cap = ext.session.config.resident_max_gb
+    print(f"  resident models: {format_bytes(models.residency.total())} measured (weights, "
+          "runtime copies, tokenizers)" + (f"; cap {cap:g} GB (resident_max_gb)" if cap else ""))
 
 
 def _info(ext: Any, args: list[str]) -> None:
@@ -61,7 +69,8 @@ def _unload(ext: Any, args: list[str]) -> None:
     if len(args) != 1:
         raise UsageError("usage: %model unload NAME  (see %model list)")
     entry = ext.session.models.unload(args[0])
-    print(f"unloaded {entry.name}; freed {format_bytes(entry.footprint)}")
+    kept = "" if entry.freed else " (its weights stay: shared with another name, or evicted)"
+    print(f"unloaded {entry.name}; freed {format_bytes(entry.freed)}{kept}")
 
 
 def _resilience(name: str) -> Any:

@@ -57,6 +57,7 @@ __all__ = [
     "SCREEN_CANDIDATES",
     "DecodeResult",
     "Sampling",
+    "copy_bytes",
     "decode",
 ]
 
@@ -424,3 +425,21 @@ def _head_for(model: Any) -> _Head | None:
     head = _Head(weight, softcap)
     _HEADS[model] = head
     return head
+
+
+def copy_bytes(model: Any) -> int:
+    """Bytes of the runtime copies this module keeps for ``model`` (the fp16 head of ``exact``
+    mode, the fp16 linears of ``fp16`` mode): memory the model costs beyond its own weights,
+    counted by the model registry (``%model list``/``info``, the dashboard, its LRU cap)."""
+    total = 0
+    head = _HEADS.get(model)
+    if head is not None and head.half is not None:
+        total += head.half.numel() * head.half.element_size()
+    for module in model.modules():
+        cached = _HALVES.get(module)
+        if cached is not None:
+            weight, bias = cached[2]
+            total += weight.numel() * weight.element_size()
+            if bias is not None:
+                total += bias.numel() * bias.element_size()
+    return total

@@ -1,0 +1,184 @@
+"""Resident models: which weights are in memory, which names share them, and which to evict.
+
+One :class:`Resident` per (file SHA-256, dtype, device, quantization, offload): a second name
+for the same file, dtype and device shares the first one's weights instead of loading them
+again. Its memory is *measured*: the model's own tensors (unique storages, so tied embeddings
+count once), the runtime copies decoding keeps (:func:`kernel_ext.providers.decode.copy_bytes`:
+the fp16 LM head of ``exact`` mode, fp16 linears of ``fp16`` mode) and what the load added to
+the process's anonymous memory besides anonymous tensors (the tokenizer, buffers), measured
+around the load.
+
+Under a cap (``KernelExt.resident_max_gb``) the least recently used residents are evicted
+first; their names stay registered and reload on next use (the model registry does that).
+This class only keeps the books; it loads and frees nothing itself.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["Residency", "Resident", "ResidentKey", "file_backed_bytes", "tensor_bytes"]
+
+ResidentKey = tuple[str, str, str, str | None, bool]
+"""(sha256, dtype, device, quantization, offload)"""
+
+
+@dataclass
+class Resident:
+    """Weights in memory and the names that use them."""
+
+    key: ResidentKey
+    model: Any
+    tokenizer: Any
+    weights: int  # bytes of the model's own tensors
+    overhead: int  # measured at load: other memory the load added (tokenizer, buffers)
+    users: list[str] = field(default_factory=list)
+    last_used: float = 0.0
+
+    def copies(self) -> int:
+        """Bytes of the runtime copies decoding keeps for this model (measured now)."""
+        from .providers.decode import copy_bytes
+
+        return copy_bytes(self.model)
+
+    def total(self) -> int:
+        return self.weights + self.copies() + self.overhead
+
+
+class Residency:
+    """The books of resident models: sharing by key, least-recently-used order, eviction."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self._residents: dict[ResidentKey, Resident] = {}
+        self._keys: dict[str, ResidentKey] = {}  # every registered name, resident or evicted
+
+    # --- queries -------------------------------------------------------------------------------
+    def find(self, sha256: str, dtype: str, device: str) -> Resident | None:
+        """The resident with this file, dtype and device (any plan), if one is in memory."""
+        for key, resident in self._residents.items():
+            if key[:3] == (sha256, dtype, device):
+                return resident
+        return None
+
+    def of(self, name: str) -> Resident | None:
+        """The resident ``name`` uses, or None when it is evicted (or unknown)."""
+        key = self._keys.get(name)
+        return self._residents.get(key) if key is not None else None
+
+    def key_of(self, name: str) -> ResidentKey | None:
+        return self._keys.get(name)
+
+    def evicted(self, name: str) -> bool:
+        return name in self._keys and self.of(name) is None
+
+    def residents(self) -> list[Resident]:
+        return list(self._residents.values())
+
+    def total(self) -> int:
+        return sum(r.total() for r in self._residents.values())
+
+    # --- changes -------------------------------------------------------------------------------
+    def add(self, name: str, key: ResidentKey, model: Any, tokenizer: Any, *, weights: int,
+            overhead: int) -> Resident:
+        """New weights in memory, used by ``name`` (and by any evicted name with that key)."""
+        resident = Resident(key, model, tokenizer, weights, overhead, last_used=self.clock())
+        resident.users = [n for n, k in self._keys.items() if k == key and n != name] + [name]
+        self._residents[key] = resident
+        self._keys[name] = key
+        return resident
+
+    def share(self, name: str, resident: Resident) -> None:
+        resident.users.append(name)
+        resident.last_used = self.clock()
+        self._keys[name] = resident.key
+
+    def touch(self, name: str) -> None:
+        resident = self.of(name)
+        if resident is not None:
+            resident.last_used = self.clock()
+
+    def remove(self, name: str) -> Resident | None:
+        """Forget ``name``; returns its resident when ``name`` was its last user (now dropped)."""
+        key = self._keys.pop(name, None)
+        resident = self._residents.get(key) if key is not None else None
+        if resident is None:
+            return None
+        resident.users = [n for n in resident.users if n != name]
+        if resident.users:
+            return None
+        del self._residents[resident.key]
+        return resident
+
+    def evict(self, resident: Resident) -> list[str]:
+        """Drop ``resident`` from memory's books; its names stay known (evicted)."""
+        self._residents.pop(resident.key, None)
+        return list(resident.users)
+
+    def victims(self, need: int, cap: int, *, protect: Iterable[ResidentKey] = ()) -> list[Resident]:
+        """Least recently used residents to evict so that ``need`` more bytes fit under ``cap``
+        (all of them, unprotected, when even that is not enough: the caller then refuses)."""
+        keep = set(protect)
+        order = sorted((r for r in self._residents.values() if r.key not in keep),
+                       key=lambda r: r.last_used)
+        used = self.total()
+        out: list[Resident] = []
+        for resident in order:
+            if used + need <= cap:
+                break
+            out.append(resident)
+            used -= resident.total()
+        return out
+
+
+def tensor_bytes(model: Any) -> int:
+    """Bytes of ``model``'s parameters and buffers, each storage once (tied weights share)."""
+    seen: set[tuple[str, int]] = set()
+    total = 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.device.type == "meta":
+            continue
+        storage = t.untyped_storage()
+        ident = (str(t.device), storage.data_ptr())
+        if ident in seen:
+            continue
+        seen.add(ident)
+        total += storage.nbytes()
+    return total
+
+
+def file_backed_bytes(model: Any) -> int:
+    """Bytes of ``model``'s CPU tensors that live in file mappings (weights memory-mapped from
+    the conversion cache): page cache, not the process's anonymous memory. Linux only (0
+    elsewhere)."""
+    try:
+        with open("/proc/self/maps", encoding="ascii", errors="replace") as fh:
+            ranges = []
+            for line in fh:
+                parts = line.split(None, 5)
+                if len(parts) == 6 and parts[5].strip().startswith("/") and parts[4] != "0":
+                    lo, hi = parts[0].split("-")
+                    ranges.append((int(lo, 16), int(hi, 16)))
+    except OSError:
+        return 0
+    ranges.sort()
+    seen: set[int] = set()
+    total = 0
+    import bisect
+
+    starts = [r[0] for r in ranges]
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.device.type != "cpu":
+            continue
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr in seen or not ptr:
+            continue
+        seen.add(ptr)
+        i = bisect.bisect_right(starts, ptr) - 1
+        if i >= 0 and ranges[i][0] <= ptr < ranges[i][1]:
+            total += storage.nbytes()
+    return total
