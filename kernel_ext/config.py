@@ -195,11 +195,18 @@ class KernelExtConfig(Configurable):
     @validate(
         "timeout", "breaker_open_seconds", "breaker_slow_call_seconds", "retry_max_seconds",
         "rate_limit_per_second", "checkpoint_interval", "task_checkpoint_seconds",
-        "dashboard_interval", "temperature", "conversion_cache_max_gb", "resident_max_gb",
-        "load_timeout", "request_memory_gb",
+        "dashboard_interval", "temperature", "conversion_cache_max_gb",
     )
     def _non_negative(self, proposal: dict) -> float:
         value = float(proposal["value"])
         if value < 0:
             raise TraitError(f"{proposal['trait'].name} must be >= 0, got {value}")
+        return value
+
+    @validate("resident_max_gb", "load_timeout", "request_memory_gb")
+    def _finite_non_negative(self, proposal: dict) -> float:
+        value = float(proposal["value"])
+        if not 0.0 <= value < float("inf"):
+            raise TraitError(f"{proposal['trait'].name} must be a finite number >= 0 "
+                             f"(0: no limit), got {value}")
         return value

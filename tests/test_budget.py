@@ -41,7 +41,7 @@ def tiny(tmp_path: Path) -> Path:
 @pytest.fixture
 def loaded(ip: Any, tiny: Path) -> Any:
     ip.run_line_magic("model", f"load {tiny} --name tiny --no-progress")
-    return next(c for c in ip.configurables if hasattr(c, "session")).session
+    return next(c for c in ip.configurables if type(c).__name__ == "KernelExt").session
 
 
 def _tokens(session: Any, text: str) -> int:
@@ -181,3 +181,19 @@ def test_guard_without_a_shell_uses_the_available_memory(tiny: Path) -> None:
     assert isinstance(ok.input_ids, torch.Tensor) and ok.input_ids.shape[0] == 1
     with pytest.raises(RequestMemoryError, match=r"50% of 195.3 KiB available on cpu"):
         guard.prepare(art.model, art.tokenizer, "hello " * 30, max_new_tokens=100)
+
+
+@pytest.mark.parametrize("setting", ["resident_max_gb", "load_timeout", "request_memory_gb"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -1.0])
+def test_limit_settings_refuse_nan_inf_and_negatives(setting: str, value: float) -> None:
+    from traitlets import TraitError
+
+    from kernel_ext.config import KernelExtConfig
+
+    cfg = KernelExtConfig()
+    with pytest.raises(TraitError, match=f"{setting} must be a finite number >= 0"):
+        setattr(cfg, setting, value)
+    setattr(cfg, setting, 2.5)
+    assert getattr(cfg, setting) == 2.5
+    with pytest.raises(TraitError):
+        cfg.context_overflow = "truncate_right"
