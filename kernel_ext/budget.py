@@ -308,7 +308,9 @@ class RequestGuard:
                                              else getattr(model, "dtype", None))
         context = layout.context
         room = self.room(layout, max_new_tokens, name)
-        piece = max_piece_chars(tokenizer)
+        # A text no longer than the room cannot pass it by its characters (a token covers at
+        # least one): the vocabulary is only read for long texts.
+        piece = max_piece_chars(tokenizer) if room is not None and len(text) > room else 0
         notes: list[str] = []
         truncate = limits.overflow == "truncate_left"
         if truncate and room is not None and piece > 0 and len(text) > (room + 8) * piece:

@@ -42,7 +42,8 @@ class Resident:
         """Bytes of the runtime copies decoding keeps for this model (measured now)."""
         from .providers.decode import copy_bytes
 
-        return copy_bytes(self.model)
+        model = self.model  # read once: the dashboard's thread may ask while it is evicted
+        return copy_bytes(model) if model is not None else 0
 
     def total(self) -> int:
         return self.weights + self.copies() + self.overhead
