@@ -178,7 +178,8 @@ class TransformersGGUFProvider:
             prompt_tokens=out.prompt_tokens, completion_tokens=len(out.tokens), finish_reason=reason,
             time_to_first_token_s=out.first_token_s, total_s=out.total_s,
             # numerics that differ from the model's own are said in the footer
-            notes=[*self.take_notes(), *request.notes, *(["fp16 weights"] if out.mode == "fp16" else [])],
+            notes=[*self.take_notes(), *request.notes,
+                   *(["fp16 weights"] if out.mode == "fp16" else [])],
         )
 
 
