@@ -6,10 +6,16 @@ shell; the magics class :class:`kernel_ext.magics.KernelExt` inherits them.
 
 from __future__ import annotations
 
+import math
 import re
+import sys
+from typing import Any
 
 from traitlets import Bool, Enum, Float, Int, TraitError, Unicode, validate
-from traitlets.config import Configurable
+from traitlets.config import Config, Configurable
+
+from .errors import OptionError
+from .providers.base import check_param
 
 __all__ = ["KernelExtConfig", "DEVICE_RE", "DTYPES"]
 
@@ -130,6 +136,11 @@ class KernelExtConfig(Configurable):
     offline_cache = Bool(
         True, help="Keep answers on disk and serve them, marked, when every provider fails."
     ).tag(config=True)
+    offline_cache_max_mb = Float(
+        100.0,
+        help="Size cap of the offline answer cache in MB (10^6 bytes); the least recently used "
+        "answers are evicted first. `%model answers list|clear` shows or empties it.",
+    ).tag(config=True)
 
     # --- checkpoints --------------------------------------------------------------------------
     state_dir = Unicode(
@@ -182,8 +193,18 @@ class KernelExtConfig(Configurable):
             raise TraitError(f"dtype must be one of {', '.join(DTYPES)}, got {value!r}")
         return value
 
+    @validate("max_new_tokens", "temperature", "timeout")
+    def _generation_default(self, proposal: dict) -> Any:
+        # the same table as %%infer's options (kernel_ext.providers.base.PARAM_RANGES)
+        name = proposal["trait"].name
+        try:
+            check_param(name, proposal["value"])
+        except OptionError as e:
+            raise TraitError(f"{name} {e.requirement}") from e
+        return proposal["value"]
+
     @validate(
-        "max_new_tokens", "breaker_window", "breaker_min_calls", "breaker_half_open_calls",
+        "breaker_window", "breaker_min_calls", "breaker_half_open_calls",
         "retry_attempts", "checkpoint_keep", "rate_limit_burst",
     )
     def _positive_int(self, proposal: dict) -> int:
@@ -193,14 +214,14 @@ class KernelExtConfig(Configurable):
         return value
 
     @validate(
-        "timeout", "breaker_open_seconds", "breaker_slow_call_seconds", "retry_max_seconds",
+        "breaker_open_seconds", "breaker_slow_call_seconds", "retry_max_seconds",
         "rate_limit_per_second", "checkpoint_interval", "task_checkpoint_seconds",
-        "dashboard_interval", "temperature", "conversion_cache_max_gb",
+        "dashboard_interval", "conversion_cache_max_gb",
     )
     def _non_negative(self, proposal: dict) -> float:
         value = float(proposal["value"])
-        if value < 0:
-            raise TraitError(f"{proposal['trait'].name} must be >= 0, got {value}")
+        if not (math.isfinite(value) and value >= 0):
+            raise TraitError(f"{proposal['trait'].name} must be a finite number >= 0, got {value}")
         return value
 
     @validate("resident_max_gb", "load_timeout", "request_memory_gb")
@@ -210,3 +231,29 @@ class KernelExtConfig(Configurable):
             raise TraitError(f"{proposal['trait'].name} must be a finite number >= 0 "
                              f"(0: no limit), got {value}")
         return value
+
+    @validate("offline_cache_max_mb")
+    def _positive(self, proposal: dict) -> float:
+        value = float(proposal["value"])
+        if not (math.isfinite(value) and value > 0):
+            raise TraitError(f"{proposal['trait'].name} must be a finite number > 0, got {value}")
+        return value
+
+    def update_config(self, config: Config) -> None:
+        """``%config KernelExt.x = bad`` is refused with one line on stderr, the value kept.
+
+        IPython's ``%config`` reports an exception from here through ``logging.error``
+        ("ERROR:root:..."), so a refusal is said here, in the user's words, instead.
+        """
+        try:
+            super().update_config(config)
+        except TraitError as e:
+            mine = config.get(type(self).__name__) or config.get("KernelExtConfig") or {}
+            kept = ", ".join(f"{k} = {getattr(self, k)!r}" for k in mine if self.has_trait(k))
+            print(f"%config refused: {_one_line(e)}" + (f" (kept {kept})" if kept else ""),
+                  file=sys.stderr)
+
+
+def _one_line(error: Exception) -> str:
+    text = " ".join(str(error).split())
+    return re.sub(r"^The '(\w+)' trait of an? \w+ instance ", r"\1 ", text)

@@ -20,12 +20,12 @@ __all__ = [
     "ContextOverflowError",
     "RequestMemoryError",
     "LoadTimeoutError",
+    "OptionError",
     "PromptError",
     "TemplateError",
     "ProviderError",
     "TransientProviderError",
     "ProviderOutOfMemoryError",
-    "InferenceTimeoutError",
     "BreakerOpenError",
     "RateLimitedError",
     "AllProvidersFailedError",
@@ -89,6 +89,21 @@ class LoadTimeoutError(ModelLoadError, TimeoutError):
     """A load took longer than ``KernelExt.load_timeout``; nothing of it stays loaded."""
 
 
+# --- requests ----------------------------------------------------------------------------------
+class OptionError(KernelExtError, ValueError):
+    """A generation option is out of range or of the wrong type (the user's mistake: refused
+    before any provider is called, never counted by a breaker).
+
+    ``option`` names the option (``temperature``, ``timeout``...); ``requirement`` says what it
+    accepts and what it got, so each front end can name the option its own way.
+    """
+
+    def __init__(self, option: str, requirement: str) -> None:
+        self.option = option
+        self.requirement = requirement
+        super().__init__(f"{option} {requirement}")
+
+
 # --- prompts -----------------------------------------------------------------------------------
 class PromptError(KernelExtError, ValueError):
     """A ``{placeholder}`` in a prompt cannot be filled."""
@@ -129,10 +144,6 @@ class TransientProviderError(ProviderError):
 
 class ProviderOutOfMemoryError(ProviderError, MemoryError):
     """The provider ran out of (GPU) memory; retried only in a degraded form."""
-
-
-class InferenceTimeoutError(ProviderError, TimeoutError):
-    """A call took longer than its timeout and produced nothing usable."""
 
 
 class BreakerOpenError(KernelExtError, RuntimeError):

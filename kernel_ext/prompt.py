@@ -2,6 +2,9 @@
 
 Interpolation (decided and documented in the README):
 - ``{name}`` is replaced by ``str(value)`` of a notebook variable; ``{{`` and ``}}`` are literal braces.
+- Format specs are bounded: a width or precision (any number in the spec) above
+  :data:`MAX_FORMAT_NUMBER` is refused, so ``{x:99999999999}`` is a clear error, not a
+  ``MemoryError``.
 - A safe subset of expressions is allowed: attribute access (``{doc.title}``, no names starting
   with ``_``), indexing with literal keys (``{rows[0]}``, ``{cfg['lang']}``) and slicing with
   literal integers (``{doc[:200]}``), plus ``!r``/``!s`` conversions and format specs
@@ -16,6 +19,7 @@ output size.
 from __future__ import annotations
 
 import ast
+import re
 import string
 import time
 from collections.abc import Mapping
@@ -26,7 +30,14 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
 from .errors import PromptError, TemplateError
 
-__all__ = ["interpolate", "render_chat_template", "ALLOWED_EXPRESSIONS"]
+__all__ = ["interpolate", "render_chat_template", "ALLOWED_EXPRESSIONS", "MAX_FORMAT_NUMBER"]
+
+MAX_FORMAT_NUMBER = 10_000
+"""The largest width or precision a ``{name:spec}`` format spec may ask for."""
+# [[fill]align][sign][z][#][0][width][grouping][.precision][type]: the standard mini-language
+_STANDARD_SPEC = re.compile(
+    r"^(?:.?[<>=^])?[-+ ]?z?#?0?(?P<width>\d*)[,_]?(?:\.(?P<precision>\d+))?[a-zA-Z%]?$", re.S
+)
 
 ALLOWED_EXPRESSIONS = (
     "{name}, {name.attr}, {name[0]}, {name['key']}, {name[:200]}, {name!r}, {name:.2f}; "
@@ -79,6 +90,23 @@ def _evaluate(node: ast.AST, ns: Mapping[str, Any], field: str) -> Any:
     raise PromptError(f"{{{field}}}: expressions are not evaluated; allowed: {ALLOWED_EXPRESSIONS}")
 
 
+def _check_spec(field: str, spec: str) -> None:
+    """Refuse a width or precision above :data:`MAX_FORMAT_NUMBER` before formatting."""
+    m = _STANDARD_SPEC.match(spec)
+    if m is not None:
+        parts = [("width", m.group("width")), ("precision", m.group("precision"))]
+    else:  # a type's own spec (dates: {when:%Y-%m-%d}): bound every number in it
+        parts = [("number", n) for n in re.findall(r"\d+", spec)]
+    for what, digits in parts:
+        if digits and (len(digits) > 6 or int(digits) > MAX_FORMAT_NUMBER):
+            hint = "" if what == "width" else (
+                f"; to cut text short use a slice such as {{{field}[:200]}}")
+            raise PromptError(
+                f"{{{field}:{spec}}}: a format {what} of {digits} is too large (at most "
+                f"{MAX_FORMAT_NUMBER}){hint}"
+            )
+
+
 def interpolate(template: str, namespace: Mapping[str, Any]) -> str:
     """Fill ``{...}`` fields of ``template`` from ``namespace`` (see the module docstring)."""
     try:
@@ -103,10 +131,12 @@ def interpolate(template: str, namespace: Mapping[str, Any]) -> str:
             value = ascii(value)
         if spec and ("{" in spec or "}" in spec):
             raise PromptError(f"{{{field}:{spec}}}: nested fields in a format spec are not allowed")
+        if spec:
+            _check_spec(field, spec)
         try:
             out.append(format(value, spec or "") if spec else str(value))
-        except (ValueError, TypeError) as e:
-            raise PromptError(f"{{{field}:{spec}}}: {e}") from e
+        except (ValueError, TypeError, OverflowError, MemoryError) as e:
+            raise PromptError(f"{{{field}:{spec}}}: {type(e).__name__}: {e}") from e
     return "".join(out)
 
 

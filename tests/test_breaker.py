@@ -279,15 +279,39 @@ def test_slow_calls_are_successes_when_disabled() -> None:
     assert b.state is State.CLOSED
 
 
-def test_timeouts_are_slow_calls_counted_as_failures() -> None:
-    b, _, events = make(consecutive_failures=2)
+def test_timeouts_the_user_asked_for_are_not_counted_while_slow_calls_are_off() -> None:
+    b, _, events = make(consecutive_failures=1, half_open_calls=1)
+    for _ in range(3):
+        b.acquire()
+        b.record_timeout(5.0)
+        assert events[-1].outcome == "ignored" and "timed out" in (events[-1].error or "")
+    assert b.state is State.CLOSED and b.snapshot().total_calls == 0
+
+
+def test_timeouts_count_as_slow_calls_when_slow_counting_is_on() -> None:
+    b, _, events = make(consecutive_failures=2, slow_call_seconds=4.0)
     b.acquire()
-    b.record_timeout(5.0)
-    assert events[-1].outcome == "slow"
-    b.acquire()
-    b.record_timeout(5.0)
+    b.record_timeout(1.0)  # cut by a 1 s timeout: not known to be slower than 4 s
+    assert events[-1].outcome == "ignored"
+    for _ in range(2):
+        b.acquire()
+        b.record_timeout(5.0)
+        assert [e.outcome for e in events if e.kind == "call"][-1] == "slow"
     assert b.state is State.OPEN
     assert "timed out" in (b.snapshot().last_error or "")
+
+
+def test_an_interrupted_result_records_nothing_and_frees_the_trial() -> None:
+    b, clock, events = make(consecutive_failures=1, half_open_calls=1)
+    fail(b)
+    clock.advance(30)
+    assert b.state is State.HALF_OPEN
+    seen = len(events)
+    assert b.guard(lambda: "partial", interrupted=lambda r: r == "partial") == "partial"
+    assert len(events) == seen and b.state is State.HALF_OPEN
+    assert b.snapshot().half_open_permits_left == 1  # the trial can still be made
+    succeed(b)
+    assert b.state is State.CLOSED
 
 
 def test_listener_sees_outcomes_and_transitions_in_order() -> None:
@@ -456,7 +480,7 @@ def test_plain_value_errors_are_excluded_but_our_value_errors_count() -> None:
 
 
 def test_guard_records_a_result_its_check_calls_timed_out_as_a_timeout() -> None:
-    b, clock, events = make(consecutive_failures=2)
+    b, clock, events = make(consecutive_failures=2, slow_call_seconds=1.0)
 
     def partial() -> str:
         clock.advance(2.0)
@@ -468,6 +492,6 @@ def test_guard_records_a_result_its_check_calls_timed_out_as_a_timeout() -> None
     assert b.guard(ok, timed_out=cut_off) == "ok"
     assert events[-1].outcome == "success"
     assert b.guard(partial, timed_out=cut_off) == "partial"  # the result still comes back
-    assert events[-1].outcome == "slow" and events[-1].error == "partial after 2.0 s"
+    assert events[-1].outcome == "slow" and events[-1].error.startswith("partial after 2.0 s")
     b.guard(partial, timed_out=cut_off)
     assert b.state is State.OPEN

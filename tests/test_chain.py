@@ -391,21 +391,29 @@ def test_oom_degrades_max_new_tokens_then_falls_back(session: Session, hub: Resi
     assert r.provider == "b" and any("falling back" in n for n in r.notes)
 
 
-def test_timeout_returns_partial_text_counted_as_slow(
+def test_timeout_returns_partial_text_not_counted_unless_slow_calls_count(
     session: Session, hub: Resilience, clock: Clock
 ) -> None:
     a = ScriptedProvider("a", answer="one two three four five six", clock=clock)
-    a.fail_with(("slow", 1.0))
     add(hub, a)
-    r = session.infer("Q", GenerationParams(max_new_tokens=6, timeout=2.5), model="a")
-    assert r.timed_out and r.text == "one two three" and "TIMED OUT" in r.footer()
+    timed = GenerationParams(max_new_tokens=6, timeout=2.5)
+    for _ in range(3):  # three timeouts the user asked for: the breaker stays closed
+        a.fail_with(("slow", 1.0))
+        r = session.infer("Q", timed, model="a")
+        assert r.timed_out and r.text == "one two three" and "TIMED OUT" in r.footer()
+    snap = hub.breakers["a"].snapshot()
+    assert snap.state == "closed" and snap.failures_in_window == 0 and snap.total_calls == 0
+    assert infer_lines(session)[-1]["outcome"] == "timeout"
+    # with slow-call counting on, a call cut after at least that long counts as slow
+    session.config.breaker_slow_call_seconds = 2.0
+    a.fail_with(("slow", 1.0))
+    session.infer("Q", timed, model="a")
     snap = hub.breakers["a"].snapshot()
     assert snap.failures_in_window == 1 and "timed out" in (snap.last_error or "")
-    assert infer_lines(session)[-1]["outcome"] == "timeout"
     # a partial answer is never kept for the offline cache
     a.fail_with(ProviderError("down"))
     with pytest.raises(AllProvidersFailedError):
-        session.infer("Q", GenerationParams(max_new_tokens=6, timeout=2.5), model="a")
+        session.infer("Q", timed, model="a")
 
 
 @pytest.mark.parametrize(
@@ -424,18 +432,45 @@ def test_user_mistakes_are_raised_not_fallen_back(
     assert infer_lines(session)[-1]["outcome"] == "failed"
 
 
-def test_rate_limited_provider_is_skipped(session: Session, hub: Resilience, clock: Clock) -> None:
-    session.config.rate_limit_per_second = 1.0
+def test_a_rate_limit_waits_within_the_timeout_and_says_so(
+    session: Session, hub: Resilience, clock: Clock
+) -> None:
+    session.config.rate_limit_per_second = 0.5
+    session.config.rate_limit_burst = 1
+    a = ScriptedProvider("a")
+    b = ScriptedProvider("b")
+    add(hub, a, b)
+    hub.fallbacks = ["b"]
+    assert session.infer("Q", P.replace(timeout=5.0), model="a").provider == "a"
+    r = session.infer("Q", P.replace(timeout=5.0), model="a")  # waits 2 s: inside 5 s
+    assert r.provider == "a" and clock.sleeps == [pytest.approx(2.0)]
+    assert any("waited 2.00 s for a's rate limit (0.5 calls/s, burst 1)" in n for n in r.notes)
+    assert "waited 2.00 s" in r.footer()
+    assert [x["outcome"] for x in r.attempts] == ["rate_limit_wait", "ok"]
+    assert r.attempts[0]["wait_s"] == pytest.approx(2.0)
+    assert infer_lines(session)[-1]["providers_tried"] == ["a"]
+    # no timeout at all: it waits as long as the limit says
+    r = session.infer("Q", P, model="a")
+    assert r.provider == "a" and clock.sleeps[-1] == pytest.approx(2.0)
+    assert hub.breakers["a"].snapshot().total_calls == 3  # waits are not calls
+
+
+def test_a_rate_limit_wait_past_the_timeout_falls_back_at_once(
+    session: Session, hub: Resilience, clock: Clock
+) -> None:
+    session.config.rate_limit_per_second = 0.1
     session.config.rate_limit_burst = 1
     a = ScriptedProvider("a")
     b = ScriptedProvider("b")
     add(hub, a, b)
     hub.fallbacks = ["b"]
     assert session.infer("Q", P, model="a").provider == "a"
-    r = session.infer("Q", P, model="a")
+    r = session.infer("Q", P.replace(timeout=3.0), model="a")  # would wait 10 s > 3 s
     assert r.provider == "b" and r.attempts[0]["outcome"] == "rate_limited"
-    clock.t += 1.0
-    assert session.infer("Q", P, model="a").provider == "a"
+    assert "after this call's 3.00 s budget" in r.attempts[0]["error"]
+    assert clock.sleeps == [] and hub.breakers["a"].snapshot().total_calls == 1
+    clock.t += 10.0
+    assert session.infer("Q", P.replace(timeout=3.0), model="a").provider == "a"
 
 
 def test_remote_fallback_over_real_http(session: Session, hub: Resilience) -> None:
@@ -581,7 +616,7 @@ def test_demo_model_answers_when_the_primary_file_is_corrupt(
     s.close()
 
 
-def test_an_interrupted_call_frees_the_half_open_permit(
+def test_an_interrupt_escaping_a_provider_frees_the_half_open_permit(
     session: Session, hub: Resilience, clock: Clock
 ) -> None:
     a = ScriptedProvider("a").fail_with(ProviderError("x"), ProviderError("x"), KeyboardInterrupt())
@@ -590,11 +625,89 @@ def test_an_interrupted_call_frees_the_half_open_permit(
         with pytest.raises(AllProvidersFailedError):
             session.infer("fresh", P, model="a")
     clock.t += 10
-    with pytest.raises(KeyboardInterrupt):
-        session.infer("fresh", P, model="a")
+    r = session.infer("fresh", P, model="a")
+    assert r.interrupted and r.text == ""
     assert hub.breakers["a"].state.value == "half_open"
     assert session.infer("fresh", P, model="a").provider == "a"  # the trial is admitted
     assert hub.breakers["a"].state.value == "closed"
+
+
+class InterruptingProvider(ScriptedProvider):
+    """Streams ``stream_before`` pieces, then behaves like a provider whose user pressed the
+    stop button: ``mode="returns"`` gives back the partial result (what local providers do),
+    ``mode="raises"`` lets the KeyboardInterrupt escape (a provider that does not catch it)."""
+
+    def __init__(self, name: str, mode: str, stream_before: int = 2) -> None:
+        super().__init__(name, answer="alpha beta gamma delta")
+        self.mode = mode
+        self.stream_before = stream_before
+
+    def generate(self, prompt: str, params: GenerationParams, *, on_token: Any = None,
+                 should_stop: Any = None) -> GenerationResult:
+        self.calls.append(params)
+        pieces = ["alpha", " beta", " gamma"][: self.stream_before]
+        for piece in pieces:
+            if on_token is not None:
+                on_token(piece)
+        if self.mode == "raises":
+            raise KeyboardInterrupt
+        return GenerationResult(text="".join(pieces), prompt=prompt, model=self.name,
+                                provider=self.name, prompt_tokens=3,
+                                completion_tokens=len(pieces), finish_reason="interrupted")
+
+
+@pytest.mark.parametrize("mode", ["returns", "raises"])
+def test_an_interrupted_answer_is_kept_audited_and_never_retried_or_fallen_back(
+    session: Session, hub: Resilience, mode: str
+) -> None:
+    session.config.retry_attempts = 3
+    a = InterruptingProvider("a", mode)
+    b = ScriptedProvider("b")
+    add(hub, a, b)
+    hub.fallbacks = ["b"]
+    before = hub.breaker("a").snapshot()
+    shown: list[str] = []
+    r = session.infer("Q", P, model="a", on_token=shown.append)
+    assert r.interrupted and r.finish_reason == "interrupted" and r.partial
+    assert r.text == "alpha beta" == "".join(shown) and r.provider == "a"
+    assert "INTERRUPTED (partial)" in r.footer()
+    assert len(a.calls) == 1 and b.calls == []  # no retry, no fallback
+    assert [x["outcome"] for x in r.attempts] == ["interrupted"]
+    after = hub.breakers["a"].snapshot()
+    assert after.total_calls == before.total_calls == 0 and after.state == "closed"
+    (line,) = infer_lines(session)
+    assert line["outcome"] == "interrupted" and line["finish_reason"] == "interrupted"
+    assert line["correlation_id"] == r.correlation_id and line["providers_tried"] == ["a"]
+    # a partial answer is never served later as if it were whole
+    assert hub.offline_cache.get([hub.identity("a", a)], "Q", P) is None  # type: ignore[arg-type]
+
+
+def test_an_interrupt_during_a_rate_limit_wait_is_an_interrupted_result(
+    session: Session, hub: Resilience, clock: Clock
+) -> None:
+    session.config.rate_limit_per_second = 1.0
+    session.config.rate_limit_burst = 1
+    a = ScriptedProvider("a")
+    add(hub, a)
+    session.infer("Q", P, model="a")
+
+    def stop_button(seconds: float) -> None:
+        raise KeyboardInterrupt
+
+    hub.sleep = stop_button
+    r = session.infer("Q", P, model="a")
+    assert r.interrupted and r.text == "" and len(a.calls) == 1
+    assert infer_lines(session)[-1]["outcome"] == "interrupted"
+
+
+def test_an_invalid_request_cannot_be_built() -> None:
+    from kernel_ext.errors import OptionError
+
+    for bad in ({"temperature": float("nan")}, {"timeout": float("inf")},
+                {"top_p": 0.0}, {"max_new_tokens": 0}, {"seed": -1}, {"top_k": True},
+                {"stop": ("x",) * 17}):
+        with pytest.raises(OptionError):
+            GenerationParams(**bad)  # type: ignore[arg-type]
 
 
 def test_retries_do_not_outlive_the_timeout(

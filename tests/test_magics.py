@@ -60,24 +60,65 @@ def test_model_mistakes_are_usage_errors(ip: Any, magic: str, text: str, fragmen
     [
         ("", "   \n", "the cell is empty"),
         ("", "Hello", "no model to run"),
-        ("--max-new-tokens 0", "x", "--max-new-tokens must be between 1"),
-        ("--temperature -1", "x", "--temperature must be >= 0"),
-        ("--top-p 0", "x", "--top-p must be in (0, 1]"),
-        ("--timeout -2", "x", "--timeout must be >= 0"),
-        ("--bogus", "x", "unrecognized arguments: --bogus"),
+        ("--max-new-tokens 0", "x", "--max-new-tokens must be a whole number from 1 to 32768"),
+        ("-n 40000", "x", "--max-new-tokens must be a whole number from 1 to 32768, got 40000"),
+        ("--temperature -1", "x", "--temperature must be a finite number from 0 to 100"),
+        ("-t nan", "x", "--temperature must be a finite number from 0 to 100 (0 is greedy), got nan"),
+        ("-t inf", "x", "--temperature must be a finite number from 0 to 100 (0 is greedy), got inf"),
+        ("-t 1e999", "x", "got inf"),
+        ("-t abc", "x", "%%infer: argument -t/--temperature: invalid float value: 'abc'"),
+        ("--top-p 0", "x", "--top-p must be a finite number in (0, 1]"),
+        ("--top-p nan", "x", "--top-p must be a finite number in (0, 1], got nan"),
+        ("--top-k -1", "x", "--top-k must be a whole number from 0 to 1000000"),
+        ("--top-k 1.5", "x", "invalid int value"),
+        ("--seed -3", "x", "--seed must be a whole number from 0 to"),
+        ("--seed 99999999999999999999", "x", "--seed must be a whole number from 0 to"),
+        ("--timeout -2", "x", "--timeout must be a finite number from 0 to 86400"),
+        ("--timeout nan", "x", "--timeout must be a finite number from 0 to 86400 (seconds; 0: no "
+                               "timeout), got nan"),
+        ("--timeout inf", "x", "--timeout must be a finite number from 0 to 86400"),
+        ("--timeout 1e9", "x", "--timeout must be a finite number from 0 to 86400"),
+        (" ".join(["--stop x"] * 17), "x", "--stop takes at most 16 stop strings, got 17"),
+        ("--stop " + "y" * 300, "x", "--stop strings are at most 256 characters"),
+        ("--bogus", "x", "unrecognized arguments: --bogus (see %%infer --help)"),
         ("--quiet", "x", "give -o VAR"),
         ("-o 1abc", "x", "needs a Python variable name"),
+        ("-o for", "x", "-o/--out needs a Python variable name, got 'for'"),
+        ("-o print", "x", "-o/--out print would replace Python's builtin 'print'"),
+        ("-o len", "x", "would replace Python's builtin 'len'"),
+        ("-o get_ipython", "x", "-o/--out get_ipython would replace IPython's own 'get_ipython'"),
+        ("-o In", "x", "would replace IPython's own 'In'"),
+        ("-o Out", "x", "would replace IPython's own 'Out'"),
+        ("-o exit", "x", "would replace"),
+        ("-o quit", "x", "would replace"),
+        ("-o _", "x", "would replace IPython's own '_'"),
+        ("-o __", "x", "would replace IPython's own '__'"),
+        ("-o _i", "x", "would replace IPython's own '_i'"),
+        ("-o _i3", "x", "would replace IPython's own '_i3'"),
+        ("-o _7", "x", "would replace IPython's own '_7'"),
+        ("-o _oh", "x", "would replace IPython's own '_oh'"),
+        ("-o display", "x", "would replace IPython's own 'display'"),
+        ("-o open", "x", "would replace Python's builtin 'open'"),
+        ("-o __name__", "x", "would replace IPython's own '__name__'"),
+        ("--over words --into print", "{item}", "--into print would replace Python's builtin"),
         ("--chat --no-chat", "x", "not allowed with argument"),
         ("--over items", "{item}", "go together"),
         ("", "Hi {nobody}", "no variable 'nobody'"),
         ("", "Hi {name.upper()}", "not evaluated"),
+        ("", "Hi {name:99999999999}", "a format width of 99999999999 is too large (at most 10000)"),
+        ("", "Hi {name:.99999999999}", "a format precision of 99999999999 is too large"),
+        ("--model nosuch", "x", "%%infer --model: no model or provider called 'nosuch'"),
     ],
 )
 def test_infer_mistakes_are_usage_errors(ip: Any, args: str, body: str, fragment: str) -> None:
     ip.user_ns["name"] = "Ada"
+    ip.user_ns["words"] = ["a"]
     with pytest.raises(UsageError) as info:
         cell(ip, args, body)
     assert fragment in str(info.value)
+    assert "\n" not in str(info.value)  # one line
+    session = ip.configurables[-1].session
+    assert session.breakers == {}  # refused before any provider: no breaker was even made
 
 
 def test_a_magic_error_in_a_cell_shows_one_line_not_a_traceback(ip: Any, capsys: Any) -> None:
@@ -93,6 +134,33 @@ def test_config_traits_validate(ip: Any) -> None:
     assert ext.max_new_tokens == 7 and ext.session.config.max_new_tokens == 7
     line(ip, "config", "KernelExt.memory_fraction = 1.5")  # refused, value kept
     assert ext.memory_fraction == 0.8
+
+
+@pytest.mark.parametrize(
+    "assignment, fragment",
+    [
+        ("memory_fraction = 1.5", "memory_fraction must be in (0, 1], got 1.5"),
+        ("timeout = float('nan')", "timeout must be a finite number from 0 to 86400"),
+        ("timeout = -1.0", "timeout must be a finite number from 0 to 86400"),
+        ("temperature = float('inf')", "temperature must be a finite number from 0 to 100"),
+        ("max_new_tokens = 40000", "max_new_tokens must be a whole number from 1 to 32768"),
+        ("breaker_open_seconds = float('nan')", "breaker_open_seconds must be a finite number"),
+        ("offline_cache_max_mb = 0.0", "offline_cache_max_mb must be a finite number > 0"),
+        ("timeout = 'soon'", "timeout expected a float, not the str 'soon'"),
+    ],
+)
+def test_config_refusals_are_one_clean_line(ip: Any, capsys: Any, assignment: str,
+                                            fragment: str) -> None:
+    ext = ip.configurables[-1]
+    name = assignment.split(" = ")[0]
+    before = getattr(ext, name)
+    ip.run_cell(f"%config KernelExt.{assignment}")
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert err.startswith("%config refused: ") and fragment in err, err
+    assert "\n" not in err and "ERROR:root" not in err + captured.out
+    assert f"(kept {name} = {before!r})" in err
+    assert getattr(ext, name) == before  # kept
 
 
 # --- tiny real models ------------------------------------------------------------------------------
@@ -139,7 +207,8 @@ def test_infer_streams_stores_and_is_deterministic(ip: Any, tiny: Path, capsys: 
     cell(ip, "-n 8 -o r2 --quiet", "Tell me about {topic}")
     assert capsys.readouterr().out == ""
     assert ip.user_ns["r2"].text == r1.text  # greedy: same answer twice
-    assert "InferenceResult(" in repr(r1) and str(r1) == r1.text
+    assert repr(r1).startswith("GenerationResult(") and str(r1) == r1.text
+    assert type(r1).__name__ == "GenerationResult"
 
 
 def test_seeded_sampling_is_reproducible(ip: Any, tiny: Path) -> None:
@@ -260,10 +329,11 @@ def test_model_cache_list_and_clear(ip: Any, tiny: Path, capsys: Any) -> None:
 
 
 def test_stop_strings_understand_escapes() -> None:
-    from kernel_ext.cmd.infer import _params, parser
+    from kernel_ext.cmd._args import parse
+    from kernel_ext.cmd.infer import _params, usage
     from kernel_ext.config import KernelExtConfig
 
-    ns = parser().parse(r"""--stop "\n" --stop "\n\nQ:" --stop 'a\\nb' --stop "." """)
+    ns = parse(usage, r"""--stop "\n" --stop "\n\nQ:" --stop 'a\\nb' --stop "." """)
     assert _params(ns, KernelExtConfig()).stop == ("\n", "\n\nQ:", "a\\nb", ".")
 
 

@@ -6,7 +6,7 @@ import pytest
 
 from kernel_ext.errors import (
     BreakerOpenError,
-    InferenceTimeoutError,
+    OptionError,
     PromptError,
     ProviderError,
     ProviderOutOfMemoryError,
@@ -93,7 +93,7 @@ def test_waits_are_capped_and_jittered() -> None:
         PromptError("missing {x}"),
         ValueError("bad option"),
         ProviderOutOfMemoryError("CUDA OOM"),
-        InferenceTimeoutError("too slow"),
+        OptionError("temperature", "must be a finite number, got nan"),
         BreakerOpenError("open", name="p"),
         RateLimitedError("slow down"),
     ],

@@ -7,30 +7,29 @@ package is imported here, lazily, never by kernel_ext at module level.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from IPython.core.error import UsageError
+from IPython.core.magic_arguments import argument, magic_arguments
 
-from ._args import MagicParser
+from ._args import parse
 
-__all__ = ["run"]
+__all__ = ["run", "usage"]
 
 
-def _parser() -> MagicParser:
-    p = MagicParser(
-        "%dashboard",
-        description="Live circuit breakers, memory and checkpoints for this kernel.",
-    )
-    p.add_argument("action", nargs="?", choices=["show", "close"], default="show",
-                   help="show (default) a new dashboard, or close the live ones")
-    p.add_argument("--interval", type=float, default=None,
-                   help="seconds between memory samples (default: KernelExt.dashboard_interval; "
-                   "0: update on events only)")
-    return p
+@magic_arguments("dashboard")
+@argument("action", nargs="?", choices=["show", "close"], default="show",
+          help="show (default) a new dashboard, or close the live ones")
+@argument("--interval", type=float, default=None, metavar="S",
+          help="seconds between memory samples (default: KernelExt.dashboard_interval; "
+          "0: update on events only)")
+def usage() -> None:
+    """Live circuit breakers, memory and checkpoints for this kernel."""
 
 
 def run(ext: Any, magic: str, line: str, cell: str | None = None) -> None:
-    args = _parser().parse(line)
+    args = parse(usage, line)
     try:
         from widgets.dashboard import Dashboard, close_dashboards
     except ImportError as e:
@@ -42,8 +41,9 @@ def run(ext: Any, magic: str, line: str, cell: str | None = None) -> None:
         n = close_dashboards(session)
         print(f"closed {n} dashboard{'s' if n != 1 else ''}")
         return None
-    if args.interval is not None and args.interval < 0:
-        raise UsageError(f"%dashboard: --interval must be >= 0 seconds, got {args.interval:g}")
+    if args.interval is not None and not (math.isfinite(args.interval) and args.interval >= 0):
+        raise UsageError(f"%dashboard: --interval must be a finite number >= 0 seconds, got "
+                         f"{args.interval:g}")
     interval = args.interval if args.interval is not None else session.config.dashboard_interval
     if 0 < interval < 0.1:
         raise UsageError(

@@ -1,74 +1,107 @@
 """``%%infer``: the cell body is the prompt.
 
-    %%infer [--model M] [--max-new-tokens N] [--temperature T] [--top-p P] [--top-k K] [--seed S]
-            [--stop STR]... [--system TEXT] [--chat | --no-chat] [--timeout S]
-            [-o VAR] [--no-stream] [--quiet] [--over LIST --into VAR]
+Every option is checked here, before any provider is called (``GenerationParams`` refuses what
+:data:`~kernel_ext.providers.base.PARAM_RANGES` does not allow; the model must be known; output
+names must not hide Python's or IPython's own names), so a breaker only ever counts provider
+faults. The options are IPython ``magic_arguments`` on :func:`usage`, whose help ``%%infer?``
+and ``%%infer --help`` print.
 """
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import html
 import json
+import keyword
 import re
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 from IPython.core.error import UsageError
+from IPython.core.magic_arguments import argument, argument_group, magic_arguments
 
+from ..errors import OptionError
 from ..prompt import interpolate
-from ..providers.base import GenerationParams, GenerationResult
-from ._args import MagicParser
+from ..providers.base import (
+    MAX_STOP_CHARS,
+    MAX_STOPS,
+    PARAM_RANGES,
+    GenerationParams,
+    GenerationResult,
+)
+from ._args import exclusive_group, parse
 
-__all__ = ["run", "parser"]
-
-MAX_NEW_TOKENS_CAP = 32768
+__all__ = ["run", "usage"]
 
 
-def parser() -> MagicParser:
-    p = MagicParser("%%infer", description="Run the cell as a prompt; {var} interpolates variables.")
-    p.add_argument("--model", "-m", help="model name (default: the last loaded; see %%model list)")
-    p.add_argument("--max-new-tokens", "-n", type=int, help="tokens to generate at most")
-    p.add_argument("--temperature", "-t", type=float, help="0 = greedy and deterministic")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1]")
-    p.add_argument("--top-k", type=int, default=0, help="sample from the K most likely (0: off)")
-    p.add_argument("--seed", type=int, help="makes sampling reproducible")
-    p.add_argument("--stop", action="append", default=[],
-                   help=r"stop string (repeatable); \n, \t, \r and \\ are escapes")
-    p.add_argument("--system", help="system prompt")
-    chat = p.add_mutually_exclusive_group()
-    chat.add_argument("--chat", dest="chat", action="store_true", default=None,
-                      help="use the model's chat template (error if it has none)")
-    chat.add_argument("--no-chat", dest="chat", action="store_false", help="plain completion")
-    p.add_argument("--timeout", type=float, help="seconds; partial text is returned, marked")
-    p.add_argument("-o", "--out", help="store the result object in this variable")
-    p.add_argument("--no-stream", action="store_true", help="print the answer at the end")
-    p.add_argument("--quiet", "-q", action="store_true", help="print nothing (use with -o)")
-    p.add_argument("--over", help="run the prompt once per element of this list ({item})")
-    p.add_argument("--into", help="with --over: the variable that receives the list of answers")
-    return p
+def _range(name: str) -> str:
+    return PARAM_RANGES[name].describe().replace("%", "%%")
+
+
+@magic_arguments("%infer")
+@argument("-m", "--model", metavar="NAME",
+          help="a loaded model or registered server (default: the last loaded; see %%model list)")
+@argument("-n", "--max-new-tokens", type=int, metavar="N",
+          help=f"tokens to generate at most: {_range('max_new_tokens')} "
+               "(default: %%config KernelExt.max_new_tokens)")
+@argument("-t", "--temperature", type=float, metavar="T",
+          help=f"sampling temperature: {_range('temperature')} "
+               "(default: %%config KernelExt.temperature)")
+@argument("--top-p", type=float, default=1.0, metavar="P",
+          help=f"nucleus sampling mass: {_range('top_p')} (default 1)")
+@argument("--top-k", type=int, default=0, metavar="K",
+          help=f"sample from the K most likely tokens: {_range('top_k')}")
+@argument("--seed", type=int, metavar="S",
+          help=f"makes sampling reproducible: {_range('seed')}")
+@argument("--stop", action="append", default=[], metavar="STR",
+          help=f"stop string, repeatable (at most {MAX_STOPS}, {MAX_STOP_CHARS} characters "
+               r"each); \n, \t, \r and \\ are escapes")
+@argument("--system", metavar="TEXT", help="system prompt")
+@argument("--timeout", type=float, metavar="S",
+          help=f"{_range('timeout')}; the partial text comes back marked "
+               "(default: %%config KernelExt.timeout)")
+@argument_group("output")
+@argument("-o", "--out", metavar="VAR", help="store the result (a GenerationResult) in VAR")
+@argument("--no-stream", action="store_true", help="print the answer at the end")
+@argument("-q", "--quiet", action="store_true", help="print nothing (use with -o)")
+@argument("--over", metavar="LIST",
+          help="run the prompt once per element of the list LIST ({item}, {index})")
+@argument("--into", metavar="VAR", help="with --over: the variable that receives the answers")
+@exclusive_group("chat template")
+@argument("--chat", dest="chat", action="store_true", default=None,
+          help="use the model's chat template (an error if it has none)")
+@argument("--no-chat", dest="chat", action="store_false",
+          help="send plain text (default: the template when the model has one)")
+def usage(line: str, cell: str) -> None:
+    """Run the cell as a prompt; {name} inserts a notebook variable ({{ and }} are braces).
+
+    Tokens stream as they come, then a footer line (model, tokens, tok/s, provider, and
+    whether the answer is cached, timed out or interrupted). The stop button keeps the
+    partial answer: in -o VAR too, marked finish_reason='interrupted'. Options out of range,
+    an unknown --model and output names that would hide Python's or IPython's own names are
+    refused before any model is called.
+    """
 
 
 def _params(ns: Any, config: Any) -> GenerationParams:
-    max_new = ns.max_new_tokens if ns.max_new_tokens is not None else config.max_new_tokens
-    temperature = ns.temperature if ns.temperature is not None else config.temperature
-    timeout = ns.timeout if ns.timeout is not None else config.timeout
-    if not 1 <= max_new <= MAX_NEW_TOKENS_CAP:
-        raise UsageError(f"%%infer: --max-new-tokens must be between 1 and {MAX_NEW_TOKENS_CAP}, got {max_new}")
-    if temperature < 0:
-        raise UsageError(f"%%infer: --temperature must be >= 0 (0 is greedy), got {temperature}")
-    if not 0 < ns.top_p <= 1:
-        raise UsageError(f"%%infer: --top-p must be in (0, 1], got {ns.top_p}")
-    if ns.top_k < 0:
-        raise UsageError(f"%%infer: --top-k must be >= 0, got {ns.top_k}")
-    if timeout < 0:
-        raise UsageError(f"%%infer: --timeout must be >= 0 seconds, got {timeout}")
-    return GenerationParams(
-        max_new_tokens=max_new, temperature=temperature, top_p=ns.top_p, top_k=ns.top_k,
-        seed=ns.seed, stop=tuple(_unescape(s) for s in ns.stop if s), system=ns.system, chat=ns.chat,
-        timeout=timeout or None,
-    )
+    """The request, every field checked (config supplies what the line left out)."""
+    chosen = {
+        "max_new_tokens": ns.max_new_tokens if ns.max_new_tokens is not None
+        else config.max_new_tokens,
+        "temperature": ns.temperature if ns.temperature is not None else config.temperature,
+        "timeout": ns.timeout if ns.timeout is not None else config.timeout,
+    }
+    try:
+        params = GenerationParams(
+            top_p=ns.top_p, top_k=ns.top_k, seed=ns.seed,
+            stop=tuple(_unescape(s) for s in ns.stop if s), system=ns.system, chat=ns.chat,
+            **chosen,
+        )
+    except OptionError as e:
+        raise UsageError(f"%%infer: --{e.option.replace('_', '-')} {e.requirement}") from None
+    return params.replace(timeout=params.timeout or None)
 
 
 _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
@@ -79,16 +112,53 @@ def _unescape(text: str) -> str:
     return re.sub(r"\\([ntr\\])", lambda m: _ESCAPES[m.group(1)], text)
 
 
+# IPython's own names in the namespace: _, __, ___ (outputs), _i, _ii, _iii, _iN, _N (history),
+# and the dunders of the module namespace (__name__, __builtins__, ...)
+_IPYTHON_NAME = re.compile(r"_+|_i+|_i?\d+|__\w*__")
+_IPYTHON_NAMES = frozenset(("get_ipython", "In", "Out", "exit", "quit", "display", "__IPYTHON__"))
+
+
 def _check_name(flag: str, name: str | None) -> None:
-    if name is not None and not name.isidentifier():
+    if name is not None and (not name.isidentifier() or keyword.iskeyword(name)):
         raise UsageError(f"%%infer: {flag} needs a Python variable name, got {name!r}")
+
+
+def _check_target(flag: str, name: str | None, shell: Any) -> None:
+    """``-o``/``--into``: a variable name that hides nothing Python or IPython needs."""
+    _check_name(flag, name)
+    if name is None:
+        return
+    hidden = getattr(shell, "user_ns_hidden", {}) if shell is not None else {}
+    if name in _IPYTHON_NAMES or _IPYTHON_NAME.fullmatch(name) or \
+            (name in hidden and not hasattr(builtins, name)):
+        what = f"IPython's own {name!r}"
+    elif hasattr(builtins, name):
+        what = f"Python's builtin {name!r}"
+    else:
+        return
+    raise UsageError(f"%%infer: {flag} {name} would replace {what}; choose another name")
+
+
+def _check_model(ext: Any, name: str | None) -> None:
+    """An unknown ``--model`` is refused here: no breaker is created, no failure counted."""
+    if name is None:
+        return
+    hub = ext.session.resilience
+    if hub is None:
+        if name not in ext.session.models.names():
+            raise UsageError(f"%%infer: no model called {name!r}; see %model list")
+        return
+    # A name answered for before (now unloaded) may still be answered by the offline cache.
+    if name in hub.known_names() or name in hub.identities:
+        return
+    raise UsageError(f"%%infer --model: {hub.describe_unknown(name)}")
 
 
 def _footer(result: GenerationResult) -> None:
     from IPython.display import display
 
     text = result.footer()
-    colour = "#b45309" if (result.cached or result.timed_out) else "#6b7280"
+    colour = "#b45309" if (result.cached or result.partial) else "#6b7280"
     display({
         "text/plain": f"── {text}",
         "text/html": f'<div class="kernel-ext-footer" style="color:{colour};font-size:0.85em;'
@@ -102,29 +172,35 @@ def _stream_to_stdout(piece: str) -> None:
 
 
 def run(ext: Any, magic: str, line: str, cell: str | None = None) -> Any:
-    ns = parser().parse(line)
-    for flag, value in (("-o/--out", ns.out), ("--over", ns.over), ("--into", ns.into)):
-        _check_name(flag, value)
+    ns = parse(usage, line)
+    shell = ext.shell
+    _check_target("-o/--out", ns.out, shell)
+    _check_target("--into", ns.into, shell)
+    _check_name("--over", ns.over)
     if ns.quiet and ns.out is None and ns.into is None:
         raise UsageError("%%infer: --quiet prints nothing, so give -o VAR (or --into VAR) to keep the result")
     template = (cell or "").rstrip()
     if not template.strip():
         raise UsageError("%%infer: the cell is empty; write the prompt in the cell body")
     params = _params(ns, ext.session.config)
-    user_ns = ext.shell.user_ns
+    _check_model(ext, ns.model)
+    user_ns = shell.user_ns
     if ns.over is not None or ns.into is not None:
         return _run_over(ext, ns, template, params, user_ns)
     prompt = interpolate(template, user_ns)
     stream = ext.session.config.stream and not ns.no_stream and not ns.quiet
     result = ext.session.infer(prompt, params, model=ns.model,
                                on_token=_stream_to_stdout if stream else None)
+    if ns.out:
+        user_ns[ns.out] = result
     if not ns.quiet:
         if not stream:
             print(result.text, end="")
         print()
         _footer(result)
-    if ns.out:
-        user_ns[ns.out] = result
+    elif result.interrupted:
+        print(f"%%infer interrupted: the partial answer ({len(result.text)} characters) is in "
+              f"{ns.out}")
     return None
 
 
@@ -147,10 +223,17 @@ def _run_over(ext: Any, ns: Any, template: str, params: GenerationParams, user_n
     name = f"infer:{ns.into}:{hashlib.sha256(recipe.encode()).hexdigest()[:12]}"
     t = task(name, [[i, item] for i, item in enumerate(items)], key=lambda pair: pair[0],
              session=ext.session, progress=not ns.quiet)
+    interrupted_at = None
     for index, item in t:
         prompt = interpolate(template, {**user_ns, "item": item, "index": index})
         result = ext.session.infer(prompt, params, model=ns.model)
+        if result.interrupted:  # the stop button: this item's partial answer is not kept
+            interrupted_at = index
+            break
         t.record(result.text)
     user_ns[ns.into] = list(t.results)
-    if not ns.quiet:
+    if interrupted_at is not None:
+        print(f"%%infer --over interrupted at item {interrupted_at}: {t.done} of {t.total} "
+              f"answers in {ns.into}; run the cell again to answer the rest")
+    elif not ns.quiet:
         print(f"{len(t.results)} answers in {ns.into}")

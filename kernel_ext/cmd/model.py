@@ -1,4 +1,4 @@
-"""``%model load|list|info|unload|fallback|remote|cache``."""
+"""``%model load|list|info|unload|fallback|remote|cache|answers``."""
 
 from __future__ import annotations
 
@@ -7,27 +7,47 @@ import time
 from typing import Any
 
 from IPython.core.error import UsageError
+from IPython.core.magic_arguments import argument, magic_arguments
 
 from ..config import DEVICE_RE, DTYPES
 from ..memory import format_bytes
-from ._args import MagicParser, dispatch
+from ._args import dispatch, parse
 
-__all__ = ["run"]
+__all__ = ["run", "usage"]
 
 
-def _load_parser() -> MagicParser:
-    p = MagicParser("%model load", description="Load a GGUF model (no argument: the default model).")
-    p.add_argument("target", nargs="?", default=None, help="path of a .gguf file or a known model name")
-    p.add_argument("--name", help="name to register it under (default: from the file name)")
-    p.add_argument("--dtype", choices=DTYPES, help="weights dtype (default: %%config KernelExt.dtype)")
-    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: %%config KernelExt.device)")
-    p.add_argument("--sha256", help="expected SHA-256 of the file; a mismatch refuses the load")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p
+def usage() -> None:
+    """Load and manage models and the providers %%infer uses.
+
+    ::
+
+      %model load [PATH|NAME] [--name N] [--dtype D] [--device D] [--sha256 H] [--no-progress]
+      %model list                        loaded models (* marks the default for %%infer)
+      %model info [NAME]                 parameters, quant types, SHA-256, memory, plan
+      %model unload NAME                 free the model's memory
+      %model fallback [NAME ...|--clear] the providers tried after the primary
+      %model remote NAME --url URL ...   an OpenAI-compatible server as a provider
+      %model cache [list|clear [SHA256]] the conversion cache (converted GGUF files)
+      %model answers [list|clear [NAME]] the offline answer cache (answers kept on disk)
+
+    %model SUBCOMMAND --help shows a subcommand's options.
+    """
+
+
+@magic_arguments("model load")
+@argument("target", nargs="?", default=None, metavar="PATH|NAME",
+          help="path of a .gguf file or a known model name (default: the default model)")
+@argument("--name", help="name to register it under (default: from the file name)")
+@argument("--dtype", choices=DTYPES, help="weights dtype (default: %%config KernelExt.dtype)")
+@argument("--device", help="auto, cpu, cuda or cuda:N (default: %%config KernelExt.device)")
+@argument("--sha256", help="expected SHA-256 of the file; a mismatch refuses the load")
+@argument("--no-progress", action="store_true", help="no progress bar")
+def _load_usage() -> None:
+    """Validate, hash-check, size and load a GGUF model (no argument: the default model)."""
 
 
 def _load(ext: Any, args: list[str]) -> None:
-    ns = _load_parser().parse(args)
+    ns = parse(_load_usage, args)
     if ns.device is not None and not DEVICE_RE.match(ns.device):
         raise UsageError(f"%model load: --device must be auto, cpu, cuda or cuda:N, not {ns.device!r}")
     entry = ext.session.models.load(ns.target, name=ns.name, dtype=ns.dtype, device=ns.device,
@@ -97,7 +117,47 @@ def _cache(ext: Any, args: list[str]) -> None:
         cache.clear(root, *(args[1:2]))
         print(f"cleared the conversion cache {root}" + (f" for {args[1]}" if len(args) == 2 else ""))
     else:
-        raise UsageError("usage: %model cache list | %model cache clear [SHA256]")
+        raise UsageError("usage: %model cache list | %model cache clear [SHA256]  (the "
+                         "conversion cache; the offline answer cache is %model answers)")
+
+
+def _answers(ext: Any, args: list[str]) -> None:
+    """``%model answers [list] | clear [NAME]``: the offline answer cache."""
+    hub = ext.session.resilience
+    cache = hub.offline_cache
+    cap = format_bytes(cache.max_bytes) if cache.max_bytes else "no cap"
+    names = {ident: name for name, ident in hub.identities.items()}
+    if args in ([], ["list"]):
+        entries = cache.entries()
+        if not entries:
+            print(f"the offline answer cache {cache.root} is empty (cap {cap})")
+            return
+        total = sum(e.size_bytes for e in entries)
+        print(f"{len(entries)} answer(s), {format_bytes(total)} of {cap} in {cache.root} "
+              "(most recently used first):")
+        for e in entries:
+            who = names.get(e.identity) or e.model or e.identity
+            used = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.last_used))
+            prompt = " ".join(e.prompt.split())
+            prompt = prompt if len(prompt) <= 48 else prompt[:47] + "…"
+            print(f"  {e.key[:12]}  {who:<16} {format_bytes(e.size_bytes):>9}  used {used}  "
+                  f"{prompt!r} -> {len(e.text)} chars")
+        return
+    if args and args[0] == "clear" and len(args) <= 2:
+        if len(args) == 1:
+            n = cache.clear()
+            print(f"cleared the offline answer cache: {n} answer(s) removed")
+            return
+        name = args[1]
+        identity = hub.identities.get(name)
+        if identity is None:
+            known = ", ".join(sorted(hub.identities)) or "none"
+            raise UsageError(f"%model answers clear: no answers were kept for {name!r} "
+                             f"(names with answers: {known})")
+        n = cache.clear(identity)
+        print(f"removed {n} answer(s) of {name} from the offline answer cache")
+        return
+    raise UsageError("usage: %model answers [list] | %model answers clear [NAME]")
 
 
 _TABLE = {
@@ -108,9 +168,10 @@ _TABLE = {
     "fallback": _resilience("fallback"),
     "remote": _resilience("remote"),
     "cache": _cache,
+    "answers": _answers,
 }
 
 
 def run(ext: Any, magic: str, line: str, cell: str | None = None) -> Any:
     table = {k: (lambda args, f=f: f(ext, args)) for k, f in _TABLE.items()}
-    return dispatch("%model", line, table, default="list")
+    return dispatch("%model", line, table, default="list", usage=usage.__doc__)

@@ -4,16 +4,30 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import os
 from typing import Any
 
 from IPython.core.error import UsageError
+from IPython.core.magic_arguments import argument, magic_arguments
 
 from ..audit import metrics
 from ..errors import ModelNotFoundError
-from ._args import MagicParser, dispatch
+from ._args import dispatch, parse
 
-__all__ = ["fallback", "remote", "run"]
+__all__ = ["audit_usage", "breaker_usage", "fallback", "remote", "run"]
+
+
+def breaker_usage() -> None:
+    """The circuit breakers of the providers (loaded models, remote servers).
+
+    ::
+
+      %breaker [list]              state, calls and failures in the window, failure rate,
+                                   time to the next trial, trips, rejected calls, last error
+      %breaker reset NAME|all      close a breaker (its window emptied)
+      %breaker open NAME|all       force a breaker open: calls go to the fallbacks
+    """
 
 
 def _hub(ext: Any) -> Any:
@@ -85,28 +99,22 @@ def _breaker(ext: Any, line: str) -> None:
             )
 
     dispatch(
-        "%breaker", line, {"list": listing, "reset": reset, "open": force_open}, default="list"
+        "%breaker", line, {"list": listing, "reset": reset, "open": force_open}, default="list",
+        usage=breaker_usage.__doc__,
     )
 
 
 # --- %audit ------------------------------------------------------------------------------------
-def _audit_parser() -> MagicParser:
-    p = MagicParser(
-        "%audit", description="Show the audit log (JSON lines in <state_dir>/audit.jsonl)."
-    )
-    p.add_argument(
-        "--tail", type=int, default=20, help="show the last N records (default 20; 0: all)"
-    )
-    p.add_argument(
-        "--kind",
-        default=None,
-        help="only records whose kind starts with K (infer, breaker, model, checkpoint)",
-    )
-    p.add_argument(
-        "--metrics", action="store_true", help="load time, latency percentiles, breaker trip rate"
-    )
-    p.add_argument("--json", action="store_true", help="print the raw JSON lines")
-    return p
+@magic_arguments("audit")
+@argument("--tail", type=int, default=20, metavar="N",
+          help="show the last N records (default 20; 0: all)")
+@argument("--kind", default=None, metavar="K",
+          help="only records whose kind starts with K (infer, breaker, model, checkpoint)")
+@argument("--metrics", action="store_true",
+          help="load time, latency percentiles, breaker trip rate")
+@argument("--json", action="store_true", help="print the raw JSON lines")
+def audit_usage() -> None:
+    """Show the audit log (JSON lines in <state_dir>/audit.jsonl)."""
 
 
 def _summary(rec: dict[str, Any]) -> str:
@@ -136,7 +144,7 @@ def _summary(rec: dict[str, Any]) -> str:
 
 
 def _audit(ext: Any, line: str) -> None:
-    ns = _audit_parser().parse(line)
+    ns = parse(audit_usage, line)
     if ns.tail < 0:
         raise UsageError("%audit --tail must be >= 0")
     log = ext.session.audit
@@ -185,18 +193,18 @@ def fallback(ext: Any, args: list[str]) -> None:
     print(f"fallbacks: {' -> '.join(hub.fallbacks)} -> offline cache")
 
 
-def _remote_parser() -> MagicParser:
-    p = MagicParser(
-        "%model remote", description="Register an OpenAI-compatible server as a provider."
-    )
-    p.add_argument("name", help="provider name (use it with %%infer --model and %model fallback)")
-    p.add_argument("--url", help="base URL ending in /v1, e.g. http://127.0.0.1:8080/v1")
-    p.add_argument("--model", default=None, help="model name the server expects (optional)")
-    p.add_argument("--chat", action="store_true", help="use /v1/chat/completions")
-    p.add_argument("--api-key-env", default=None, help="environment variable holding an API key")
-    p.add_argument("--timeout", type=float, default=120.0, help="read timeout in seconds")
-    p.add_argument("--remove", action="store_true", help="unregister NAME")
-    return p
+@magic_arguments("model remote")
+@argument("name", help="provider name (use it with %%%%infer --model and %%model fallback)")
+@argument("--url", help="base URL ending in /v1, e.g. http://127.0.0.1:8080/v1")
+@argument("--model", default=None, help="model name the server expects (optional)")
+@argument("--chat", action="store_true", help="use /v1/chat/completions")
+@argument("--api-key-env", default=None, metavar="VAR",
+          help="environment variable holding an API key")
+@argument("--timeout", type=float, default=120.0, metavar="S",
+          help="read timeout in seconds (default 120)")
+@argument("--remove", action="store_true", help="unregister NAME")
+def _remote_usage() -> None:
+    """Register an OpenAI-compatible server as a provider."""
 
 
 def remote(ext: Any, args: list[str]) -> None:
@@ -204,7 +212,7 @@ def remote(ext: Any, args: list[str]) -> None:
     from ..providers.remote import RemoteProvider
 
     hub = _hub(ext)
-    ns = _remote_parser().parse(args)
+    ns = parse(_remote_usage, args)
     if ns.remove:
         if ns.name not in hub.extra_providers:
             raise UsageError(f"%model remote: no remote provider {ns.name!r}")
@@ -224,8 +232,9 @@ def remote(ext: Any, args: list[str]) -> None:
         api_key = os.environ.get(ns.api_key_env)
         if not api_key:
             raise UsageError(f"%model remote: environment variable {ns.api_key_env} is not set")
-    if ns.timeout <= 0:
-        raise UsageError("%model remote: --timeout must be > 0")
+    if not (math.isfinite(ns.timeout) and 0 < ns.timeout <= 86400):
+        raise UsageError(f"%model remote: --timeout must be a finite number of seconds in "
+                         f"(0, 86400], got {ns.timeout}")
     try:
         provider = RemoteProvider(
             ns.name,

@@ -7,17 +7,27 @@ those wrap it (``kernel_ext.resilience``). Every provider passes ``tests/provide
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from ..errors import OptionError
+
 __all__ = [
+    "FINISH_REASONS",
     "GenerationParams",
     "GenerationResult",
     "Health",
+    "MAX_STOP_CHARS",
+    "MAX_STOPS",
+    "PARAM_RANGES",
+    "ParamRange",
     "Provider",
     "TokenCallback",
     "StopCheck",
+    "check_param",
 ]
 
 TokenCallback = Callable[[str], None]
@@ -28,8 +38,78 @@ StopCheck = Callable[[], bool]
 
 
 @dataclass(frozen=True)
+class ParamRange:
+    """The values a numeric generation option accepts: finite, within ``[lo, hi]`` (``lo``
+    excluded when ``lo_open``), whole numbers when ``integer``."""
+
+    lo: float
+    hi: float
+    integer: bool = False
+    lo_open: bool = False
+    hint: str = ""
+
+    def describe(self) -> str:
+        kind = "a whole number" if self.integer else "a finite number"
+        lo, hi = (f"{int(v)}" if self.integer else f"{v:g}" for v in (self.lo, self.hi))
+        if self.lo_open:
+            text = f"{kind} in ({lo}, {hi}]"
+        else:
+            text = f"{kind} from {lo} to {hi}"
+        return f"{text} ({self.hint})" if self.hint else text
+
+    def accepts(self, value: Any) -> bool:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            return False
+        if self.integer and not isinstance(value, numbers.Integral):
+            return False
+        if not math.isfinite(float(value)):
+            return False
+        above_lo = value > self.lo if self.lo_open else value >= self.lo
+        return bool(above_lo and value <= self.hi)
+
+
+MAX_NEW_TOKENS = 32768
+MAX_STOPS = 16
+MAX_STOP_CHARS = 256
+
+PARAM_RANGES: dict[str, ParamRange] = {
+    "max_new_tokens": ParamRange(1, MAX_NEW_TOKENS, integer=True),
+    "temperature": ParamRange(0.0, 100.0, hint="0 is greedy"),
+    "top_p": ParamRange(0.0, 1.0, lo_open=True),
+    "top_k": ParamRange(0, 1_000_000, integer=True, hint="0: off"),
+    "seed": ParamRange(0, 2**63 - 1, integer=True),
+    "timeout": ParamRange(0.0, 86400.0, hint="seconds; 0: no timeout"),
+}
+"""The one table of what each numeric option accepts: ``%%infer`` and ``%config`` refuse
+anything else, and a :class:`GenerationParams` outside it cannot be built, so a provider never
+sees an invalid request (and a breaker never counts one)."""
+
+
+def check_param(name: str, value: Any) -> None:
+    """Raise :class:`OptionError` unless ``value`` is acceptable for option ``name``."""
+    allowed = PARAM_RANGES[name]
+    if not allowed.accepts(value):
+        raise OptionError(name, f"must be {allowed.describe()}, got {value!r}")
+
+
+def _check_stops(stop: Any) -> None:
+    if not isinstance(stop, tuple) or not all(isinstance(s, str) for s in stop):
+        raise OptionError("stop", f"must be a tuple of strings, got {stop!r}")
+    if len(stop) > MAX_STOPS:
+        raise OptionError("stop", f"takes at most {MAX_STOPS} stop strings, got {len(stop)}")
+    long = [s for s in stop if len(s) > MAX_STOP_CHARS]
+    if long:
+        raise OptionError(
+            "stop", f"strings are at most {MAX_STOP_CHARS} characters, got one of {len(long[0])}"
+        )
+
+
+@dataclass(frozen=True)
 class GenerationParams:
-    """How to generate. Frozen and hashable: part of the offline-cache key."""
+    """How to generate. Frozen and hashable: part of the offline-cache key.
+
+    Validated on construction against :data:`PARAM_RANGES` (:class:`OptionError` otherwise).
+    """
 
     max_new_tokens: int = 64
     temperature: float = 0.0
@@ -40,6 +120,18 @@ class GenerationParams:
     system: str | None = None
     chat: bool | None = None  # None: use the chat template when the model has one
     timeout: float | None = None  # seconds; None or 0: no timeout
+
+    def __post_init__(self) -> None:
+        for name in PARAM_RANGES:
+            value = getattr(self, name)
+            if value is None and name in ("seed", "timeout"):
+                continue
+            check_param(name, value)
+        _check_stops(self.stop)
+        if self.system is not None and not isinstance(self.system, str):
+            raise OptionError("system", f"must be text, got {type(self.system).__name__}")
+        if self.chat not in (None, True, False):
+            raise OptionError("chat", f"must be True, False or None, got {self.chat!r}")
 
     @property
     def greedy(self) -> bool:
@@ -56,9 +148,16 @@ class GenerationParams:
         return dataclasses.replace(self, **changes)
 
 
+FINISH_REASONS = ("stop", "length", "timeout", "interrupted", "cached")
+"""Why an answer ended: a stop string or end of text; ``max_new_tokens``; the call's timeout
+(partial text); the user's interrupt, the stop button (partial text); served from the offline
+cache."""
+
+
 @dataclass
 class GenerationResult:
-    """The outcome of one inference. ``str(result)`` is the generated text."""
+    """The outcome of one inference (what ``%%infer -o VAR`` stores). ``str(result)`` is the
+    generated text; ``finish_reason`` is one of :data:`FINISH_REASONS`."""
 
     text: str
     prompt: str = ""
@@ -66,7 +165,7 @@ class GenerationResult:
     provider: str = ""
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    finish_reason: str = "stop"  # stop | length | timeout | cached
+    finish_reason: str = "stop"  # one of FINISH_REASONS
     time_to_first_token_s: float | None = None
     total_s: float = 0.0
     cached: bool = False
@@ -90,6 +189,16 @@ class GenerationResult:
     def timed_out(self) -> bool:
         return self.finish_reason == "timeout"
 
+    @property
+    def interrupted(self) -> bool:
+        """Stopped by the user (the stop button): ``text`` is what came before."""
+        return self.finish_reason == "interrupted"
+
+    @property
+    def partial(self) -> bool:
+        """Cut short (timeout or interrupt): never kept in the offline cache."""
+        return self.timed_out or self.interrupted
+
     def __str__(self) -> str:
         return self.text
 
@@ -100,7 +209,7 @@ class GenerationResult:
             age = f", age {self.cache_age_s:.0f}s" if self.cache_age_s is not None else ""
             extra = f", cached{age}"
         return (
-            f"InferenceResult(model={self.model!r}, provider={self.provider!r}, "
+            f"GenerationResult(model={self.model!r}, provider={self.provider!r}, "
             f"tokens={self.prompt_tokens}+{self.completion_tokens}, "
             f"{self.tokens_per_s:.1f} tok/s, finish={self.finish_reason!r}{extra}, "
             f"text={preview!r})"
@@ -120,6 +229,8 @@ class GenerationResult:
             parts.append(f"cached{age}")
         if self.timed_out:
             parts.append("TIMED OUT (partial)")
+        elif self.interrupted:
+            parts.append("INTERRUPTED (partial)")
         elif self.finish_reason == "length":
             parts.append("hit max-new-tokens")
         parts.extend(self.notes)

@@ -4,6 +4,11 @@
 events. Errors map onto the hierarchy: connection refused/reset, timeouts, 5xx, 429 and a
 stream cut short are :class:`TransientProviderError` (retried, counted by the breaker); other
 4xx answers are :class:`ProviderError` (the request is wrong: not retried).
+
+Two ways a call ends early are not errors: the call's own timeout (``params.timeout``, also the
+read timeout of the request) returns the text so far marked ``finish_reason="timeout"``, and the
+stop button (``KeyboardInterrupt`` while the answer streams) returns it marked
+``"interrupted"``; the interrupted connection is dropped, not reused.
 """
 
 from __future__ import annotations
@@ -169,6 +174,12 @@ class RemoteProvider:
         finish = "stop"
         usage: dict[str, Any] = {}
         chunks = 0
+
+        def users_timeout_passed() -> bool:
+            if should_stop is not None and should_stop():
+                return True
+            return bool(params.timeout) and self._clock() - start >= (params.timeout or 0.0)
+
         try:
             with self._http().stream("POST", path, json=body, timeout=timeout) as r:
                 if r.status_code >= 400:
@@ -202,6 +213,15 @@ class RemoteProvider:
                         f"{self.name}: the stream from {self.base_url}{path} ended without "
                         "[DONE] (server dropped the connection?)"
                     )
+        except KeyboardInterrupt:
+            finish = "interrupted"  # the stop button: keep what came, drop the connection
+            self.close()
+        except httpx.ReadTimeout as e:
+            if not users_timeout_passed():
+                raise TransientProviderError(
+                    f"{self.name}: {self.base_url}{path} timed out ({type(e).__name__})"
+                ) from e
+            finish = "timeout"  # the call's own --timeout: not the server's fault
         except httpx.TimeoutException as e:
             raise TransientProviderError(
                 f"{self.name}: {self.base_url}{path} timed out ({type(e).__name__})"
@@ -215,7 +235,7 @@ class RemoteProvider:
                 f"{self.name}: malformed event from {self.base_url}{path}: {e}"
             ) from e
         text = "".join(pieces)
-        if finish not in ("stop", "length", "timeout"):
+        if finish not in ("stop", "length", "timeout", "interrupted"):
             finish = "stop"
         return GenerationResult(
             text=text,

@@ -9,8 +9,11 @@ once all trials have reported, their failure rate closes or re-opens it (with on
 failure re-opens). ``forced_open`` (``force_open()``) rejects until ``reset()``.
 
 Outcomes: ``success``; ``failure``; ``slow`` (a call slower than ``slow_call_seconds`` when that
-is set, or one that hit its timeout: counted as a failure); ``ignored`` (an excluded error, the
-user's own mistake: not counted, and a half-open permit is given back); ``rejected``.
+is set, including one cut by its timeout after at least that long: counted as a failure);
+``ignored`` (an excluded error, the user's own mistake, or a call cut by the timeout the user
+asked for while slow-call counting is off: not counted, and a half-open permit is given back);
+``rejected``. A call the user interrupted (an exception that is not an ``Exception``, or a
+result the caller reports as interrupted) records nothing and gives its permit back.
 
 Time comes from an injectable ``clock`` (monotonic seconds), so tests never sleep. Listeners
 receive every outcome and transition, in order: they run under the breaker's lock.
@@ -28,7 +31,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, TypeVar
 
-from ..errors import BreakerOpenError, KernelExtError, PromptError, TemplateError
+from ..errors import BreakerOpenError, KernelExtError, OptionError, PromptError, TemplateError
 
 __all__ = [
     "DEFAULT_EXCLUDED",
@@ -44,7 +47,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-DEFAULT_EXCLUDED: tuple[type[BaseException], ...] = (PromptError, TemplateError)
+DEFAULT_EXCLUDED: tuple[type[BaseException], ...] = (PromptError, TemplateError, OptionError)
 """The user's own mistakes: they say nothing about the provider's health."""
 
 
@@ -227,10 +230,15 @@ class CircuitBreaker:
         return self.guard(lambda: fn(*args, **kwargs))
 
     def guard(
-        self, fn: Callable[[], T], *, timed_out: Callable[[T, float], str | None] | None = None
+        self,
+        fn: Callable[[], T],
+        *,
+        timed_out: Callable[[T, float], str | None] | None = None,
+        interrupted: Callable[[T], bool] | None = None,
     ) -> T:
         """:meth:`call` for ``fn()``; a result for which ``timed_out(result, seconds)`` gives a
-        message (a partial answer cut off by its timeout) is recorded as a timeout."""
+        message (a partial answer cut off by its timeout) is recorded by :meth:`record_timeout`;
+        one for which ``interrupted(result)`` is true (the user stopped it) records nothing."""
         self.acquire()
         start = self._clock()
         finished = False
@@ -246,6 +254,9 @@ class CircuitBreaker:
                 # interrupted (KeyboardInterrupt, SystemExit): no outcome, give the permit back
                 self.release()
         took = self._clock() - start
+        if interrupted is not None and interrupted(result):
+            self.release()  # the user stopped it: says nothing about the provider's health
+            return result
         detail = timed_out(result, took) if timed_out is not None else None
         if detail is not None:
             self.record_timeout(took, detail)
@@ -299,8 +310,14 @@ class CircuitBreaker:
         return self._record(Outcome.SUCCESS, None, duration)
 
     def record_timeout(self, duration: float = 0.0, detail: str = "") -> Outcome:
-        """A call that ran into its timeout: a slow call, counted as a failure."""
-        return self._record(Outcome.SLOW, detail or f"timed out after {duration:.2f} s", duration)
+        """A call cut off by the timeout the caller asked for. It is a slow call (a failure)
+        when slow-call counting is on and it ran at least ``slow_call_seconds``; otherwise it
+        says nothing about the provider's health and is not counted."""
+        detail = detail or f"timed out after {duration:.2f} s"
+        slow_limit = self._settings.slow_call_seconds
+        if slow_limit > 0 and duration >= slow_limit:
+            return self._record(Outcome.SLOW, f"{detail} (slow: >= {slow_limit:g} s)", duration)
+        return self._record(Outcome.IGNORED, detail, duration)
 
     def record_error(self, error: BaseException, duration: float = 0.0) -> Outcome:
         if self._settings.is_excluded(error):

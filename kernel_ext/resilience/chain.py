@@ -1,11 +1,21 @@
 """The fallback chain: primary -> configured fallbacks in order -> offline response cache.
 
 Each provider is called through its rate limiter, its circuit breaker and the retry policy
-(transient errors only). Out of memory is retried once with half the ``max_new_tokens``, then
-the chain moves on. A timeout (``params.timeout``) stops generation cooperatively through
-``should_stop`` and returns the partial text marked ``finish_reason="timeout"``; the breaker
-counts it as a slow call. The result records every attempt (``result.attempts``) and every
-degradation (``result.notes``); each run writes one ``infer`` line to the audit log.
+(transient errors only). The rate limiter waits for its next token as long as the call's
+timeout allows (and the answer says it waited); past that the provider is skipped. Out of
+memory is retried once with half the ``max_new_tokens``, then the chain moves on. A timeout
+(``params.timeout``) stops generation cooperatively through ``should_stop`` and returns the
+partial text marked ``finish_reason="timeout"``; the breaker counts it as a slow call only when
+slow-call counting is on (``breaker_slow_call_seconds``).
+
+The stop button (``KeyboardInterrupt``) ends the run at once with the partial text marked
+``finish_reason="interrupted"``: whether the provider returned such a result itself or the
+interrupt escaped it, there is no retry and no fallback, the breaker records nothing, and the
+run is audited like any other.
+
+The result records every attempt (``result.attempts``) and every degradation
+(``result.notes``); each run writes one ``infer`` line to the audit log (:meth:`_audit`, the
+only writer).
 """
 
 from __future__ import annotations
@@ -30,6 +40,9 @@ __all__ = ["FallbackChain"]
 log = logging.getLogger(__name__)
 
 
+_NOT_A_TRY = ("retry", "rate_limit_wait")  # attempt records that are part of another try
+
+
 def _err(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
@@ -48,6 +61,7 @@ class _Run:
         self.notes: list[str] = []
         self.causes: dict[str, BaseException] = {}
         self.streamed = 0  # characters the current provider has streamed so far
+        self.pieces: list[str] = []  # what the current provider has streamed (for an interrupt)
         self.current = ""  # the provider (or "the offline cache") being tried
         self.abandoned: str | None = None  # why streamed text was left behind, until set apart
         clock = hub.clock
@@ -58,12 +72,14 @@ class _Run:
     def on_token(self, piece: str) -> None:
         self.set_apart()
         self.streamed += len(piece)
+        self.pieces.append(piece)
         if self.user_on_token is not None:
             self.user_on_token(piece)
 
     def abandon(self, name: str, error: BaseException) -> bool:
         """``name`` failed after streaming some text, which stays in the cell: the next answer
         is set apart from it by a separator line. Returns whether any text was streamed."""
+        self.pieces = []
         if not self.streamed:
             return False
         self.streamed = 0
@@ -82,6 +98,28 @@ class _Run:
 
     def should_stop(self) -> bool:
         return self.deadline is not None and self.hub.clock() >= self.deadline
+
+    def time_left(self) -> float | None:
+        """Seconds until the deadline (never negative); ``None`` without a timeout."""
+        if self.deadline is None:
+            return None
+        return max(0.0, self.deadline - self.hub.clock())
+
+    def interrupted(self) -> GenerationResult:
+        """The result of a run the user interrupted where no provider could return one: the
+        text the current provider had streamed, marked ``interrupted``."""
+        name = self.current or ""
+        self.attempt(name or "-", "interrupted", None, None)
+        return GenerationResult(
+            text="".join(self.pieces),
+            prompt=self.prompt,
+            model=name,
+            provider=name,
+            completion_tokens=len(self.pieces),
+            finish_reason="interrupted",
+            total_s=self.hub.clock() - self.start,
+            notes=["interrupted by the user"],
+        )
 
     def attempt(
         self,
@@ -143,6 +181,10 @@ class FallbackChain:
                     break
             if result is None:
                 result = self._from_cache(run, identities)
+        except KeyboardInterrupt:
+            # The stop button, escaping a provider (or arriving between providers, during a
+            # retry or rate-limit wait): keep what was streamed; no retry, no fallback.
+            result = run.interrupted()
         except Exception as e:  # an unexpected bug: audit it, then let it surface
             self._audit(run, cid, model, names, None, e)
             raise
@@ -217,18 +259,21 @@ class FallbackChain:
             except RateLimitedError as e:
                 run.causes[name] = e
                 run.attempt(name, "rate_limited", e, breaker.state.value)
-                run.notes.append(f"skipped {name}: rate limited")
+                run.notes.append(
+                    f"skipped {name}: its rate limit allows the next call only after this "
+                    "call's timeout"
+                )
                 return None
             except Exception as e:  # provider failures, and a provider's own bugs: next one
                 if breaker.settings.is_excluded(e):
                     raise  # the user's own mistake (a bad option): no fallback can fix it
                 self._failed(run, name, breaker.state.value, e)
                 return None
-            outcome = "timeout" if result.timed_out else "ok"
+            outcome = result.finish_reason if result.partial else "ok"
             run.attempt(name, outcome, None, breaker.state.value)
             if not result.provider:
                 result.provider = name
-            if not result.timed_out and self.session.config.offline_cache:
+            if not result.partial and self.session.config.offline_cache:
                 try:
                     hub.offline_cache.put(identities[-1], run.prompt, params, result)
                 except OSError as e:
@@ -263,9 +308,19 @@ class FallbackChain:
                 return None
             return f"timed out after {took:.2f} s (timeout {params.timeout:g} s)"
 
+        def interrupted(result: GenerationResult) -> bool:
+            return result.interrupted
+
         def once() -> GenerationResult:
-            limiter.acquire()
-            return breaker.guard(generate, timed_out=timed_out)
+            waited = limiter.acquire(max_wait=run.time_left(), sleep=hub.sleep)
+            if waited > 0:
+                run.attempt(name, "rate_limit_wait", None, breaker.state.value,
+                            wait_s=round(waited, 3))
+                run.notes.append(
+                    f"waited {waited:.2f} s for {name}'s rate limit "
+                    f"({limiter.rate:g} calls/s, burst {limiter.burst})"
+                )
+            return breaker.guard(generate, timed_out=timed_out, interrupted=interrupted)
 
         def on_retry(attempt: int, error: BaseException, wait: float) -> None:
             run.attempt(
@@ -336,14 +391,16 @@ class FallbackChain:
         fields: dict[str, Any] = {
             "correlation_id": cid,
             "model": model or (names[0] if names else None),
-            "providers_tried": [a["provider"] for a in run.attempts if a["outcome"] != "retry"],
+            "providers_tried": list(dict.fromkeys(
+                a["provider"] for a in run.attempts if a["outcome"] not in _NOT_A_TRY)),
             "attempts": run.attempts,
             "breakers": breakers,
             "latency_s": round(latency, 6),
         }
         if result is not None:
             fields.update(
-                outcome="cached" if result.cached else ("timeout" if result.timed_out else "ok"),
+                outcome="cached" if result.cached else (
+                    result.finish_reason if result.partial else "ok"),
                 provider=result.provider,
                 prompt_tokens=result.prompt_tokens,
                 completion_tokens=result.completion_tokens,

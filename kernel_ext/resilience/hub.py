@@ -62,6 +62,7 @@ class Resilience:
         root = Path(self.session.state_dir) / "offline_cache"
         if self._cache is None or self._cache.root != root:
             self._cache = OfflineCache(root, clock=self.wall_clock)
+        self._cache.max_bytes = int(float(self.config.offline_cache_max_mb) * 1e6)
         return self._cache
 
     def retry_policy(self) -> RetryPolicy:
@@ -137,10 +138,11 @@ class Resilience:
         if provider is not None:
             return provider
         if name not in self.session.models.names():
-            raise ModelNotFoundError(self._unknown(name))
+            raise ModelNotFoundError(self.describe_unknown(name))
         return self.session.models.get(name).provider
 
-    def _unknown(self, name: str) -> str:
+    def describe_unknown(self, name: str) -> str:
+        """Why ``name`` names no provider, with the known ones and how to add it."""
         known = ", ".join(self.known_names()) or "none yet"
         return (
             f"no model or provider called {name!r} (known: {known}); load it with "

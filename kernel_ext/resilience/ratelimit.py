@@ -86,12 +86,32 @@ class TokenBucket:
             self._refill()
             return max(0.0, (n - self._tokens) / self.rate)
 
-    def acquire(self, n: float = 1.0) -> None:
-        """Take ``n`` tokens or raise :class:`RateLimitedError` saying when to try again."""
-        if not self.try_acquire(n):
+    def acquire(
+        self,
+        n: float = 1.0,
+        *,
+        max_wait: float | None = 0.0,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> float:
+        """Take ``n`` tokens, waiting for them up to ``max_wait`` seconds (``None``: as long as
+        it takes); returns the seconds waited. Raises :class:`RateLimitedError`, saying when the
+        next call is allowed, when the wait would be longer than ``max_wait``.
+
+        ``sleep`` is injectable (with a fake clock, tests never wait).
+        """
+        if self.try_acquire(n):
+            return 0.0
+        start = self._clock()
+        while not self.try_acquire(n):
             wait = self.retry_after(n)
-            raise RateLimitedError(
-                f"rate limit of {self.rate:g} calls/s (burst {self.burst}) reached for "
-                f"{self.name or 'this provider'}; next call allowed in {wait:.2f} s "
-                "(raise `%config KernelExt.rate_limit_per_second` to allow more)"
-            )
+            waited = self._clock() - start
+            if max_wait is not None and waited + wait > max_wait:
+                bound = "" if max_wait <= 0 else f", after this call's {max_wait:.2f} s budget"
+                raise RateLimitedError(
+                    f"rate limit of {self.rate:g} calls/s (burst {self.burst}) reached for "
+                    f"{self.name or 'this provider'}; next call allowed in {wait:.2f} s{bound} "
+                    "(raise `%config KernelExt.rate_limit_per_second` to allow more, or give "
+                    "the call a longer --timeout)"
+                )
+            sleep(max(wait, 1e-3))
+        return self._clock() - start
