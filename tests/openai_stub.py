@@ -9,9 +9,12 @@ every request is answered normally. Behaviours:
 - ``"drop"``: two events, then the connection is closed without ``[DONE]``;
 - ``"hang"``: nothing is sent until :meth:`OpenAIStub.close` (for read timeouts);
 - ``"bad_json"``: an event whose data is not JSON;
-- ``"error_event"``: a stream carrying ``{"error": ...}``.
+- ``"error_event"``: a stream carrying ``{"error": ...}``;
+- ``"trickle"``: a slow stream, one word every ``trickle_s`` seconds, up to ``max_tokens``
+  words (the answer repeats), until the client goes away or :meth:`OpenAIStub.close`.
 
-No sleeps: a hanging request blocks on an ``Event``.
+No sleeps in the tests: a hanging request blocks on an ``Event``; a trickle is the server
+being slow (it waits on the same ``Event``).
 """
 
 from __future__ import annotations
@@ -27,10 +30,12 @@ __all__ = ["OpenAIStub"]
 
 class OpenAIStub:
     def __init__(
-        self, answer: str = "Paris is the capital of France.", model: str = "stub-model"
+        self, answer: str = "Paris is the capital of France.", model: str = "stub-model",
+        trickle_s: float = 0.05,
     ) -> None:
         self.answer = answer
         self.model = model
+        self.trickle_s = trickle_s
         self.requests: list[dict[str, Any]] = []
         self._script: deque[Any] = deque()
         self._lock = threading.Lock()
@@ -69,6 +74,9 @@ class OpenAIStub:
                 if behaviour == "hang":
                     stub._release.wait()
                     self.close_connection = True
+                    return
+                if behaviour == "trickle":
+                    self._trickle(chat, int(body.get("max_tokens") or 16))
                     return
                 self.send_response(200)
                 self.send_header("Content-Type", "text/event-stream")
@@ -116,6 +124,26 @@ class OpenAIStub:
                 )
                 self.wfile.write(b"data: [DONE]\n\n")
                 self.wfile.flush()
+
+            def _trickle(self, chat: bool, limit: int) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Connection", "close")
+                self.end_headers()
+                self.close_connection = True
+                words = stub.answer.split(" ")
+                try:
+                    for i in range(limit):
+                        piece = words[i % len(words)] if i == 0 else " " + words[i % len(words)]
+                        key = {"delta": {"content": piece}} if chat else {"text": piece}
+                        self._event({"id": "cmpl-1", "choices": [
+                            {"index": 0, **key, "finish_reason": None}]})
+                        if stub._release.wait(stub.trickle_s):
+                            return
+                    self.wfile.write(b"data: [DONE]\n\n")
+                    self.wfile.flush()
+                except (BrokenPipeError, ConnectionResetError):
+                    return  # the client went away (an interrupted call)
 
             def _event(self, payload: dict[str, Any]) -> None:
                 self.wfile.write(b"data: " + json.dumps(payload).encode() + b"\n\n")

@@ -141,6 +141,34 @@ def test_read_timeout_is_transient(stub: OpenAIStub) -> None:
     p.close()
 
 
+def test_the_calls_own_timeout_is_a_partial_answer_not_an_error(stub: OpenAIStub) -> None:
+    stub.script("hang")
+    p = RemoteProvider("slow", stub.url, read_timeout=30.0)
+    r = p.generate("x", GenerationParams(timeout=0.2))  # the user's --timeout 0.2
+    assert r.timed_out and r.text == "" and r.total_s >= 0.2
+    stub.script("trickle")
+    r = p.generate("x", GenerationParams(max_new_tokens=1000, timeout=0.3))
+    assert r.timed_out and r.text.startswith("Paris is") and r.completion_tokens < 1000
+    p.close()
+
+
+def test_an_interrupted_stream_drops_its_connection_and_the_next_call_works(
+    stub: OpenAIStub, remote: RemoteProvider
+) -> None:
+    stub.script("trickle")
+    seen: list[str] = []
+
+    def stop_after_two(piece: str) -> None:
+        seen.append(piece)
+        if len(seen) == 2:
+            raise KeyboardInterrupt  # what SIGINT raises mid-stream
+
+    r = remote.generate("x", GenerationParams(max_new_tokens=1000), on_token=stop_after_two)
+    assert r.interrupted and r.text == "Paris is" == "".join(seen)
+    assert remote._client is None  # the cut connection is not reused
+    assert remote.generate("x", GenerationParams()).text == stub.answer
+
+
 def test_recovers_after_faults(stub: OpenAIStub, remote: RemoteProvider) -> None:
     stub.script(500, "drop")
     for _ in range(2):

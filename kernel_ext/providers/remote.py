@@ -205,7 +205,7 @@ class RemoteProvider:
                                 on_token(piece)
                         if choice.get("finish_reason"):
                             finish = str(choice["finish_reason"])
-                    if should_stop is not None and should_stop():
+                    if users_timeout_passed():
                         finish = "timeout"
                         break
                 else:
