@@ -69,9 +69,11 @@ class KernelExtConfig(Configurable):
     ).tag(config=True)
 
     # --- inference ----------------------------------------------------------------------------
-    max_new_tokens = Int(64, help="Default `%%infer --max-new-tokens`.").tag(config=True)
+    max_new_tokens = Int(
+        64, help="Default `%%infer --max-new-tokens` (1 to 32768)."
+    ).tag(config=True)
     temperature = Float(
-        0.0, help="Default `%%infer --temperature`; 0 is greedy and deterministic."
+        0.0, help="Default `%%infer --temperature` (0 to 100); 0 is greedy and deterministic."
     ).tag(config=True)
     decode_mode = Enum(
         ("exact", "full", "fp16"), "exact",
@@ -98,7 +100,7 @@ class KernelExtConfig(Configurable):
         config=True
     )
     timeout = Float(
-        300.0, help="Default `%%infer --timeout` in seconds (0: no timeout)."
+        300.0, help="Default `%%infer --timeout` in seconds (0 to 86400; 0: no timeout)."
     ).tag(config=True)
     template_max_chars = Int(
         65536, help="Largest chat template (characters) that will be rendered."
@@ -123,7 +125,9 @@ class KernelExtConfig(Configurable):
     ).tag(config=True)
     breaker_half_open_calls = Int(1, help="Trial calls admitted while half-open.").tag(config=True)
     breaker_slow_call_seconds = Float(
-        0.0, help="Calls slower than this count as failures (0: disabled)."
+        0.0,
+        help="Calls slower than this count as failures, including calls cut by their timeout "
+        "after at least this long (0: disabled; then a timeout is never a failure).",
     ).tag(config=True)
     retry_attempts = Int(3, help="Attempts per provider for transient errors.").tag(config=True)
     retry_max_seconds = Float(
