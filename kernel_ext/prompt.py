@@ -30,13 +30,13 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
 from .errors import PromptError, TemplateError
 
-__all__ = ["interpolate", "render_chat_template", "ALLOWED_EXPRESSIONS", "MAX_FORMAT_NUMBER"]
+__all__ = ["ALLOWED_EXPRESSIONS", "MAX_FORMAT_NUMBER", "interpolate", "render_chat_template"]
 
 MAX_FORMAT_NUMBER = 10_000
 """The largest width or precision a ``{name:spec}`` format spec may ask for."""
 # [[fill]align][sign][z][#][0][width][grouping][.precision][type]: the standard mini-language
 _STANDARD_SPEC = re.compile(
-    r"^(?:.?[<>=^])?[-+ ]?z?#?0?(?P<width>\d*)[,_]?(?:\.(?P<precision>\d+))?[a-zA-Z%]?$", re.S
+    r"^(?:.?[<>=^])?[-+ ]?z?#?0?(?P<width>\d*)[,_]?(?:\.(?P<precision>\d+))?[a-zA-Z%]?$", re.DOTALL
 )
 
 ALLOWED_EXPRESSIONS = (

@@ -178,8 +178,8 @@ class Kernel:
             self.km.shutdown_kernel(now=True)
         self._watchdog.join(timeout=5)
 
-    def __enter__(self) -> Kernel:
+    def __enter__(self) -> Kernel:  # noqa: PYI034 - a plain class, never subclassed
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()

@@ -5,10 +5,10 @@ from __future__ import annotations
 import threading
 
 import pytest
+from fakes import FakeClock
 
 from kernel_ext.errors import BreakerOpenError, PromptError, TemplateError, TransientProviderError
 from kernel_ext.resilience.breaker import BreakerEvent, BreakerSettings, CircuitBreaker, State
-from fakes import FakeClock
 
 
 def make(**kw: object) -> tuple[CircuitBreaker, FakeClock, list[BreakerEvent]]:

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fakes import FakeClock as Clock
+from fakes import InterruptingProvider
 from openai_stub import OpenAIStub
 from provider_contract import ProviderTests
 
@@ -30,8 +32,6 @@ from kernel_ext.providers.base import GenerationParams, GenerationResult, Health
 from kernel_ext.providers.remote import RemoteProvider
 from kernel_ext.resilience import Resilience, attach
 from kernel_ext.session import Session
-from fakes import FakeClock as Clock
-from fakes import InterruptingProvider
 
 
 class Wall:

@@ -9,10 +9,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from fakes import InterruptingProvider
 from IPython.core.error import UsageError
 from openai_stub import OpenAIStub
-
-from fakes import InterruptingProvider
 
 
 @pytest.fixture

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-from openai_stub import OpenAIStub
-
 from kernel_harness import Kernel, Output
+from openai_stub import OpenAIStub
 from tinymodels import write_tiny_llama
 
 pytestmark = pytest.mark.slow

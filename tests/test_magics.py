@@ -8,7 +8,6 @@ from typing import Any
 
 import pytest
 from IPython.core.error import UsageError
-
 from tinymodels import write_tiny_gemma3, write_tiny_llama
 
 CHAT = (
@@ -74,8 +73,8 @@ def test_model_mistakes_are_usage_errors(ip: Any, magic: str, text: str, fragmen
         ("--seed -3", "x", "--seed must be a whole number from 0 to"),
         ("--seed 99999999999999999999", "x", "--seed must be a whole number from 0 to"),
         ("--timeout -2", "x", "--timeout must be a finite number from 0 to 86400"),
-        ("--timeout nan", "x", "--timeout must be a finite number from 0 to 86400 (seconds; 0: no "
-                               "timeout), got nan"),
+        ("--timeout nan", "x",
+         "--timeout must be a finite number from 0 to 86400 (seconds; 0: no timeout), got nan"),
         ("--timeout inf", "x", "--timeout must be a finite number from 0 to 86400"),
         ("--timeout 1e9", "x", "--timeout must be a finite number from 0 to 86400"),
         (" ".join(["--stop x"] * 17), "x", "--stop takes at most 16 stop strings, got 17"),

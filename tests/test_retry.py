@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from fakes import FakeClock as Clock
 
 from kernel_ext.errors import (
     BreakerOpenError,
@@ -14,7 +15,6 @@ from kernel_ext.errors import (
     TransientProviderError,
 )
 from kernel_ext.resilience.retry import RetryPolicy, is_transient
-from fakes import FakeClock as Clock
 
 
 def policy(clock: Clock, **kw: object) -> RetryPolicy:

@@ -41,7 +41,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 _HELP = ("-h", "--help")
 
 
-class HelpRequested(Exception):  # noqa: N818 - control flow, never shown as an error
+class HelpRequested(Exception):
     """``--help`` was asked for: the magics print ``text`` and return."""
 
     def __init__(self, text: str) -> None:
@@ -49,7 +49,7 @@ class HelpRequested(Exception):  # noqa: N818 - control flow, never shown as an 
         super().__init__(text)
 
 
-class exclusive_group(ArgMethodWrapper):  # noqa: N801 - named like IPython's argument_group
+class exclusive_group(ArgMethodWrapper):
     """``magic_arguments`` decorator: the ``@argument`` options after it (in source order) exclude
     each other. Put it last: like ``argument_group``, it holds every argument that follows."""
 
@@ -61,7 +61,7 @@ class exclusive_group(ArgMethodWrapper):  # noqa: N801 - named like IPython's ar
 def help_text(parser: argparse.ArgumentParser) -> str:
     """The parser's help without IPython's reST literal-block prefix (``::``)."""
     text = parser.format_help()
-    return text[len("::\n\n"):] if text.startswith("::\n\n") else text
+    return text.removeprefix("::\n\n")
 
 
 def documented(command: Callable[..., Any]) -> Callable[[F], F]:

@@ -17,16 +17,16 @@ from ..errors import OptionError
 
 __all__ = [
     "FINISH_REASONS",
+    "MAX_STOPS",
+    "MAX_STOP_CHARS",
+    "PARAM_RANGES",
     "GenerationParams",
     "GenerationResult",
     "Health",
-    "MAX_STOP_CHARS",
-    "MAX_STOPS",
-    "PARAM_RANGES",
     "ParamRange",
     "Provider",
-    "TokenCallback",
     "StopCheck",
+    "TokenCallback",
     "check_param",
 ]
 

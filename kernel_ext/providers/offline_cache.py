@@ -91,9 +91,9 @@ class OfflineCache:
     def _read_entry(self, path: Path) -> dict[str, Any]:
         """The entry at ``path``; ``FileNotFoundError``, or ``ValueError`` for a bad one."""
         entry = json.loads(path.read_bytes().decode("utf-8"))
-        if not isinstance(entry, dict):
-            raise ValueError("not a JSON object")
-        return entry
+        if isinstance(entry, dict):
+            return entry
+        raise ValueError(f"not a JSON object but a {type(entry).__name__}")
 
     # --- paths ----------------------------------------------------------------------------------
     def _path(self, key: str) -> Path:
@@ -247,8 +247,10 @@ class OfflineCache:
             evicted += 1
             if p == keep:
                 log.warning(
-                    "kernel_ext: an answer of %d bytes is larger than the offline cache's cap "
-                    "(%d bytes, KernelExt.offline_cache_max_mb); not kept",
+                    (
+                        "kernel_ext: an answer of %d bytes is larger than the offline cache's "
+                        "cap (%d bytes, KernelExt.offline_cache_max_mb); not kept"
+                    ),
                     size,
                     self.max_bytes,
                 )
