@@ -228,6 +228,19 @@ class OfflineCache:
     def _enforce_cap(self, keep: Path) -> None:
         if self.max_bytes is None or self._count() <= self.max_bytes:
             return
+        new_size = _size_of(keep)
+        if new_size > self.max_bytes:  # the new answer alone is over the cap: only it goes
+            keep.unlink(missing_ok=True)
+            self._size = None
+            log.warning(
+                (
+                    "kernel_ext: an answer of %d bytes is larger than the offline cache's "
+                    "cap (%d bytes, KernelExt.offline_cache_max_mb); not kept"
+                ),
+                new_size,
+                self.max_bytes,
+            )
+            return
         # Another kernel may share the directory: count afresh before deleting anything.
         files = []
         for p in self._files():
@@ -235,28 +248,16 @@ class OfflineCache:
                 st = p.stat()
             except OSError:
                 continue
-            files.append((st.st_mtime, st.st_size, p))
-        files.sort(key=lambda f: (f[2] == keep, f[0]))  # oldest first, the new entry last
-        total = sum(size for _, size, _ in files)
-        evicted = 0
+            if p != keep:
+                files.append((st.st_mtime, st.st_size, p))
+        files.sort(key=lambda f: f[0])  # least recently used first
+        total = new_size + sum(size for _, size, _ in files)
         for _, size, p in files:
             if total <= self.max_bytes:
                 break
             p.unlink(missing_ok=True)
             total -= size
-            evicted += 1
-            if p == keep:
-                log.warning(
-                    (
-                        "kernel_ext: an answer of %d bytes is larger than the offline cache's "
-                        "cap (%d bytes, KernelExt.offline_cache_max_mb); not kept"
-                    ),
-                    size,
-                    self.max_bytes,
-                )
         self._size = total
-        if evicted:
-            log.debug("kernel_ext: evicted %d offline-cache entries", evicted)
 
 
 def _size_of(path: Path) -> int:
