@@ -78,11 +78,7 @@ class OpenAIStub:
                 if behaviour == "trickle":
                     self._trickle(chat, int(body.get("max_tokens") or 16))
                     return
-                self.send_response(200)
-                self.send_header("Content-Type", "text/event-stream")
-                self.send_header("Connection", "close")
-                self.end_headers()
-                self.close_connection = True
+                self._start_stream()
                 words = stub.answer.split(" ")
                 pieces = [w if i == 0 else " " + w for i, w in enumerate(words)]
                 limit = int(body.get("max_tokens") or 16)
@@ -125,12 +121,15 @@ class OpenAIStub:
                 self.wfile.write(b"data: [DONE]\n\n")
                 self.wfile.flush()
 
-            def _trickle(self, chat: bool, limit: int) -> None:
+            def _start_stream(self) -> None:
                 self.send_response(200)
                 self.send_header("Content-Type", "text/event-stream")
                 self.send_header("Connection", "close")
                 self.end_headers()
                 self.close_connection = True
+
+            def _trickle(self, chat: bool, limit: int) -> None:
+                self._start_stream()
                 words = stub.answer.split(" ")
                 try:
                     for i in range(limit):

@@ -437,15 +437,22 @@ def test_user_mistakes_are_raised_not_fallen_back(
     assert infer_lines(session)[-1]["outcome"] == "failed"
 
 
+def limited_with_fallback(
+    session: Session, hub: Resilience, rate: float
+) -> tuple[ScriptedProvider, ScriptedProvider]:
+    """Providers a (limited to ``rate`` calls/s, burst 1) and its fallback b."""
+    session.config.rate_limit_per_second = rate
+    session.config.rate_limit_burst = 1
+    a, b = ScriptedProvider("a"), ScriptedProvider("b")
+    add(hub, a, b)
+    hub.fallbacks = ["b"]
+    return a, b
+
+
 def test_a_rate_limit_waits_within_the_timeout_and_says_so(
     session: Session, hub: Resilience, clock: Clock
 ) -> None:
-    session.config.rate_limit_per_second = 0.5
-    session.config.rate_limit_burst = 1
-    a = ScriptedProvider("a")
-    b = ScriptedProvider("b")
-    add(hub, a, b)
-    hub.fallbacks = ["b"]
+    limited_with_fallback(session, hub, 0.5)
     assert session.infer("Q", P.replace(timeout=5.0), model="a").provider == "a"
     r = session.infer("Q", P.replace(timeout=5.0), model="a")  # waits 2 s: inside 5 s
     assert r.provider == "a" and clock.sleeps == [pytest.approx(2.0)]
@@ -463,12 +470,7 @@ def test_a_rate_limit_waits_within_the_timeout_and_says_so(
 def test_a_rate_limit_wait_past_the_timeout_falls_back_at_once(
     session: Session, hub: Resilience, clock: Clock
 ) -> None:
-    session.config.rate_limit_per_second = 0.1
-    session.config.rate_limit_burst = 1
-    a = ScriptedProvider("a")
-    b = ScriptedProvider("b")
-    add(hub, a, b)
-    hub.fallbacks = ["b"]
+    limited_with_fallback(session, hub, 0.1)
     assert session.infer("Q", P, model="a").provider == "a"
     r = session.infer("Q", P.replace(timeout=3.0), model="a")  # would wait 10 s > 3 s
     assert r.provider == "b" and r.attempts[0]["outcome"] == "rate_limited"
