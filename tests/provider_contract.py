@@ -108,7 +108,11 @@ class ProviderTests:
             if len(seen) == 2:
                 raise KeyboardInterrupt  # what SIGINT raises in the kernel mid-stream
 
-        r = provider.generate(self.prompt, self.params(max_new_tokens=8), on_token=on_token)
+        try:
+            r = provider.generate(self.prompt, self.params(max_new_tokens=8), on_token=on_token)
+        except KeyboardInterrupt:  # would end the whole test run, not just this test
+            pytest.fail("the KeyboardInterrupt escaped the provider: it must return the partial "
+                        "answer marked finish_reason='interrupted'")
         assert isinstance(r, GenerationResult) and r.provider == provider.name
         assert r.finish_reason == "interrupted" and r.interrupted and r.partial
         shown = "".join(seen)

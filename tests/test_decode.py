@@ -379,6 +379,10 @@ def test_provider_seeded_sampling_is_reproducible(provider: TransformersGGUFProv
 class TestLocalProviderContract(ProviderTests):
     """The local provider, decoding with this loop, passes the contract every provider passes."""
 
+    # LEAD: delete once wt-15-decode (the local provider returns the partial answer on
+    # KeyboardInterrupt) is merged.
+    interrupt_pending = "the local provider catches KeyboardInterrupt in wt-15-decode's branch"
+
     @pytest.fixture
     def provider(self, tiny: tuple[Any, Any], tmp_path: Path) -> TransformersGGUFProvider:
         model, tok = tiny
