@@ -42,7 +42,7 @@ def run(ext: Any, magic: str, line: str, cell: str | None = None) -> None:
         print(f"closed {n} dashboard{'s' if n != 1 else ''}")
         return None
     if args.interval is not None and not (math.isfinite(args.interval) and args.interval >= 0):
-        raise UsageError(f"%dashboard: --interval must be a finite number >= 0 seconds, got "
+        raise UsageError(f"%dashboard: --interval must be >= 0 seconds (a finite number), got "
                          f"{args.interval:g}")
     interval = args.interval if args.interval is not None else session.config.dashboard_interval
     if 0 < interval < 0.1:
