@@ -116,6 +116,24 @@ def test_a_known_name_whose_model_is_gone_is_answered_from_the_offline_cache(
     assert ip.user_ns["again"].cached and ip.user_ns["again"].text == ip.user_ns["first"].text
 
 
+def test_a_model_whose_load_failed_is_a_provider_fault_not_a_typo(
+    ip: Any, stub: OpenAIStub, tmp_path: Any
+) -> None:
+    corrupt = tmp_path / "corrupt.gguf"
+    corrupt.write_bytes(b"GGUF" + (3).to_bytes(4, "little") + b"\xff" * 24)
+    with pytest.raises(UsageError, match="GGUFFormatError"):
+        ip.run_line_magic("model", f"load {corrupt} --name primary")
+    remote(ip, stub)
+    ip.run_line_magic("model", "fallback srv")
+    infer(ip, "--model primary -o r -q")  # accepted: the chain counts primary's failure
+    r = ip.user_ns["r"]
+    assert r.provider == "srv" and r.attempts[0]["outcome"] == "unavailable"
+    assert session(ip).breakers["primary"].snapshot().failures_in_window == 1
+    with pytest.raises(UsageError, match="no model or provider called 'primari'"):
+        infer(ip, "--model primari -o r -q")  # a typo is refused, nothing counted
+    assert "primari" not in session(ip).breakers
+
+
 # --- the stop button ---------------------------------------------------------------------------
 @pytest.mark.parametrize("mode", ["returns", "raises"])
 def test_an_interrupted_infer_keeps_the_partial_answer(ip: Any, capsys: Any, mode: str) -> None:

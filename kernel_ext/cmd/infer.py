@@ -148,8 +148,7 @@ def _check_model(ext: Any, name: str | None) -> None:
         if name not in ext.session.models.names():
             raise UsageError(f"%%infer: no model called {name!r}; see %model list")
         return
-    # A name answered for before (now unloaded) may still be answered by the offline cache.
-    if name in hub.known_names() or name in hub.identities:
+    if hub.is_known(name):
         return
     raise UsageError(f"%%infer --model: {hub.describe_unknown(name)}")
 

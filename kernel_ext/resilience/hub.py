@@ -49,8 +49,10 @@ class Resilience:
         self.extra_providers: dict[str, Provider] = {}
         self.fallbacks: list[str] = []
         self.identities: dict[str, str] = {}  # name -> last known cache identity
+        self.failed_loads: dict[str, str] = {}  # name -> why its last load failed
         self._lock = threading.RLock()
         self._cache: OfflineCache | None = None
+        self._unsubscribe = session.events.subscribe("model", self._on_model_event)
 
     @property
     def config(self) -> Any:
@@ -91,6 +93,20 @@ class Resilience:
             elif (lim.rate, lim.burst) != (wanted.rate, wanted.burst):
                 lim.configure(wanted.rate, wanted.burst)
             return lim
+
+    def _on_model_event(self, event: Any) -> None:
+        """Remember names whose load failed: calls to them are that provider's failures (a
+        corrupt or missing file), not a user's typo."""
+        name = str(event.get("name") or "")
+        if event.get("action") == "failed" and name:
+            self.failed_loads[name] = str((event.get("info") or {}).get("error", ""))
+        elif event.get("action") == "loaded":
+            self.failed_loads.pop(name, None)
+
+    def is_known(self, name: str) -> bool:
+        """A name ``%%infer --model`` accepts: a provider now, a model whose load failed (its
+        breaker counts that), or one answered for before (the offline cache may answer)."""
+        return name in self.known_names() or name in self.failed_loads or name in self.identities
 
     def _on_breaker_event(self, event: BreakerEvent) -> None:
         snap = event.snapshot.to_dict()
@@ -207,6 +223,7 @@ class Resilience:
         return lines
 
     def close(self) -> None:
+        self._unsubscribe()
         with self._lock:
             providers = list(self.extra_providers.values())
             self.extra_providers.clear()
