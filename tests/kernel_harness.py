@@ -1,11 +1,10 @@
-"""A real Jupyter kernel (jupyter_client) for tests, under an RSS watchdog.
-
-The machine is shared: a regression that makes the kernel allocate without bound must not take
-it down, so a thread samples the kernel's resident memory (with its children, psutil) and
-SIGKILLs it above ``rss_limit`` bytes; the test then fails saying so.
+"""A real kernel under the RSS watchdog (:class:`kernel_watchdog.WatchedKernel`), driven the
+way a front end drives it: a cell's output split into stdout, stderr, displays, the error and
+a pager payload (``%%infer?``), cells that run while the test waits for their first words, and
+the stop button.
 
     with Kernel(tmp_path) as k:
-        out = k.run("%load_ext kernel_ext")        # Output: stdout, stderr, error, displays
+        out = k.cell_ok("%load_ext kernel_ext")     # Output: stdout, stderr, error, displays
         msg_id = k.submit(long_cell)                # run without waiting
         k.wait_for_stdout(msg_id, "first words")
         k.interrupt()                               # the stop button
@@ -14,21 +13,15 @@ SIGKILLs it above ``rss_limit`` bytes; the test then fails saying so.
 
 from __future__ import annotations
 
-import os
-import signal
-import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from queue import Empty
 from typing import Any
 
-import psutil
+from kernel_watchdog import GiB, WatchedKernel
 
 __all__ = ["Kernel", "Output"]
-
-GIB = 1024**3
 
 
 @dataclass
@@ -47,57 +40,19 @@ class Output:
         return "\n".join([self.stdout, self.stderr, *self.displays, *self.error])
 
 
-class Kernel:
-    """One ipykernel process in ``cwd`` with this interpreter's environment."""
+class Kernel(WatchedKernel):
+    """One ipykernel process in ``cwd`` under the watchdog (limit 3 GiB by default)."""
 
-    def __init__(self, cwd: Path, *, rss_limit: int = 3 * GIB, env: dict[str, str] | None = None,
-                 ready_timeout: float = 120) -> None:
-        import jupyter_client
-
-        full_env = dict(os.environ)
-        full_env["JPY_SESSION_NAME"] = str(cwd / "notebook.ipynb")
-        full_env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{full_env.get('PATH', '')}"
-        full_env.pop("KERNEL_EXT_CHECKPOINT_KEY", None)
-        full_env.update(env or {})
-        self.rss_limit = rss_limit
-        self.peak_rss = 0
-        self.killed_for_memory: int | None = None
-        self.km = jupyter_client.KernelManager(kernel_name="python3")
-        self.km.start_kernel(cwd=str(cwd), env=full_env)
-        self.pid = int(self.km.provisioner.pid)  # type: ignore[union-attr]
-        self._stop = threading.Event()
-        self._watchdog = threading.Thread(target=self._watch, daemon=True)
-        self._watchdog.start()
+    def __init__(self, cwd: Path, *, limit_bytes: int = 3 * GiB,
+                 env: dict[str, str] | None = None) -> None:
+        super().__init__(cwd, limit_bytes=limit_bytes, env=env)
         self._outputs: dict[str, Output] = {}
-        self.kc = self.km.client()
-        self.kc.start_channels()
-        self.kc.wait_for_ready(timeout=ready_timeout)
-
-    # --- the watchdog -------------------------------------------------------------------------
-    def _watch(self) -> None:
-        try:
-            proc = psutil.Process(self.pid)
-        except psutil.Error:
-            return
-        while not self._stop.wait(0.1):
-            try:
-                rss = proc.memory_info().rss + sum(
-                    c.memory_info().rss for c in proc.children(recursive=True))
-            except psutil.Error:
-                return
-            self.peak_rss = max(self.peak_rss, rss)
-            if rss > self.rss_limit:
-                self.killed_for_memory = rss
-                os.kill(self.pid, signal.SIGKILL)
-                return
 
     def check_memory(self) -> None:
-        assert self.killed_for_memory is None, (
-            f"the kernel was SIGKILLed by the test's watchdog at {self.killed_for_memory / GIB:.2f}"
-            f" GiB resident (limit {self.rss_limit / GIB:.2f} GiB)"
+        assert not self.killed, (
+            f"the kernel passed {self.limit / GiB:.1f} GiB of RSS and the watchdog killed it"
         )
 
-    # --- running cells --------------------------------------------------------------------------
     def submit(self, code: str) -> str:
         return str(self.kc.execute(code, stop_on_error=False))
 
@@ -144,12 +99,12 @@ class Kernel:
                 out.payload_text += p["data"].get("text/plain", "")
         return out
 
-    def run(self, code: str, timeout: float = 120) -> Output:
+    def cell(self, code: str, timeout: float = 120) -> Output:
         return self.collect(self.submit(code), timeout=timeout)
 
-    def ok(self, code: str, timeout: float = 120) -> Output:
-        """``run``, asserting that the cell succeeded."""
-        out = self.run(code, timeout=timeout)
+    def cell_ok(self, code: str, timeout: float = 120) -> Output:
+        """``cell``, asserting that the cell succeeded."""
+        out = self.cell(code, timeout=timeout)
         assert out.status == "ok" and not out.error, out.everything
         return out
 
@@ -165,21 +120,7 @@ class Kernel:
                 raise AssertionError("\n".join(out.error))
             self._next(msg_id, deadline)
 
+
     def interrupt(self) -> None:
         """The ■ button: an interrupt request (SIGINT for ipykernel)."""
         self.km.interrupt_kernel()
-
-    # --- lifecycle ------------------------------------------------------------------------------
-    def close(self) -> None:
-        self._stop.set()
-        try:
-            self.kc.stop_channels()
-        finally:
-            self.km.shutdown_kernel(now=True)
-        self._watchdog.join(timeout=5)
-
-    def __enter__(self) -> Kernel:  # noqa: PYI034 - a plain class, never subclassed
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
