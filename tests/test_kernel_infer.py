@@ -124,12 +124,12 @@ def test_the_result_is_a_generation_result(kernel: Kernel) -> None:
 
 
 def test_a_rate_limit_waits_and_says_so(kernel: Kernel) -> None:
-    kernel.cell_ok("%config KernelExt.rate_limit_per_second = 4.0\n"
+    kernel.cell_ok("%config KernelExt.rate_limit_per_second = 1.0\n"
               "%config KernelExt.rate_limit_burst = 1")
     try:
         kernel.cell_ok("%%infer --model srv -o a -q\nQ1")
         out = kernel.cell_ok("%%infer --model srv -o b\nQ2")
-        assert "for srv's rate limit (4 calls/s, burst 1)" in out.displays[-1]
+        assert "for srv's rate limit (1 calls/s, burst 1)" in out.displays[-1]
         assert kernel.cell_ok("print(b.provider)").stdout == "srv\n"
     finally:
         kernel.cell_ok("%config KernelExt.rate_limit_per_second = 0.0")
