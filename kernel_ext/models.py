@@ -183,7 +183,8 @@ class ModelRegistry:
         progress: bool = True,
     ) -> ModelEntry:
         """Load a GGUF model (see the module docstring); returns its registry entry."""
-        from .gguf.integrity import sha256_file, verify_sha256
+        from .gguf import cache as conversion_cache
+        from .gguf.integrity import check_pin
         from .gguf.reader import read_gguf
 
         session = self.session
@@ -202,13 +203,16 @@ class ModelRegistry:
         deadline = _Deadline(cfg.load_timeout, name)
         notes: list[str] = []
         shared: Resident | None = None
+        discards: list[dict[str, Any]] = []
         try:
-            with read_gguf(path) as gf:  # validates the whole header before anything else
+            with read_gguf(path) as gf, conversion_cache.collect_discards() as discards:
                 summary = gf.summary()
                 chat_template = gf.metadata.get("tokenizer.chat_template")
                 hidden = gf.metadata.get(f"{summary['architecture']}.embedding_length")
-                pin = sha256 or known_pin
-                digest = verify_sha256(path, pin) if pin else sha256_file(path)
+                # the bytes parsed, through the same open file: a swapped path cannot pass
+                digest = gf.sha256(progress=lambda done, total: session.events.emit(
+                    "load_progress", name=name, done=done, total=total, stage="sha256"))
+                check_pin(path, digest, sha256 or known_pin)
                 deadline.check("checking the file")
                 shared = self.residency.find(digest, dt, dev)
                 if shared is not None:  # the same file, dtype and device: share its weights
@@ -240,6 +244,8 @@ class ModelRegistry:
                     "another --device, or %model unload another model first"
                 ) from e
             raise ModelLoadError(f"loading {path.name} failed: {type(e).__name__}: {e}") from e
+        finally:
+            self._audit_discards(name, path, discards)
         load_s = time.perf_counter() - t0
         local = LocalModel(
             model=artifacts.model, tokenizer=artifacts.tokenizer, path=path, sha256=digest,
@@ -267,6 +273,15 @@ class ModelRegistry:
                             duration_s=round(load_s, 3), footprint=entry.footprint)
         session.events.emit("model", action="loaded", name=name, info=entry.info())
         return entry
+
+    def _audit_discards(self, name: str, path: Path, discards: list[dict[str, Any]]) -> None:
+        """Cache pieces that failed verification (rebuilt from the GGUF, never served)."""
+        for note in discards:
+            self.session.audit.write("cache.rebuilt", name=name, path=path, piece=note["path"],
+                                     reason=note["why"], tampered=note["tampered"])
+            if note["tampered"]:
+                print(f"kernel_ext: the conversion cache's {Path(note['path']).name} for {name} "
+                      "did not match its recorded digest; rebuilt it from the GGUF file")
 
     def _load_failed(self, name: str, path: Path, error: object) -> None:
         gc.collect()  # whatever the failed load built is garbage now: free it before reporting
@@ -333,6 +348,7 @@ class ModelRegistry:
         self.residency.touch(name)
 
     def _reload(self, name: str) -> None:
+        from .gguf.integrity import check_pin
         from .gguf.reader import read_gguf
 
         entry = self._entries[name]
@@ -343,6 +359,8 @@ class ModelRegistry:
         anon0 = process_anonymous_bytes()
         try:
             with read_gguf(entry.path) as gf:
+                # the file may have changed since it was first loaded: the same bytes or nothing
+                check_pin(entry.path, gf.sha256(), entry.sha256)
                 artifacts = self._load_weights(gf, entry.sha256, plan, name, False,
                                                _Deadline(self.session.config.load_timeout, name))
         except Exception as e:

@@ -7,11 +7,23 @@ Layout (one directory per file content, so a changed file can never hit a stale 
         config.json                    the Transformers config (always)
         tokenizer/                     tokenizer.json, tokenizer_config.json, ... (always)
         weights-<dtype>.safetensors    dequantised weights (optional, under the size cap)
+        digests.json                   xxh3-128 of every file above, bound to <sha256>
 
 Writes are atomic (a temporary file or directory, then ``os.replace``). A piece that cannot be
 read back (truncated, not JSON, a safetensors header that does not match the file) is reported
 with a log warning, deleted and rebuilt by the caller. Weight files are read memory-mapped
 (copy-on-write): loading them costs page faults, not copies.
+
+Integrity: every file written into an entry (by :func:`write_json`, :func:`write_tree`,
+:class:`WeightsWriter`, :func:`save_weights`, or any later artifact through :func:`seal`) gets
+its digest recorded in ``digests.json``: xxh3-128 seeded from the entry's source SHA-256, so
+a digest (and a file) copied into another entry does not verify there. :func:`read_json`,
+:func:`load_weights` and :func:`verify_tree` check the bytes they hand out against it (xxh3
+runs at ~16 GB/s here); a mismatch or a missing digest is a :class:`TamperedEntryError`,
+which callers treat like any corrupt piece: :func:`discard` it and rebuild from the GGUF.
+Every discard is reported to the :func:`collect_discards` collector active in the caller, so
+the model registry can audit it. This catches corruption and edits of the cached files; a
+writer who can also rewrite ``digests.json`` is outside what an unkeyed digest can detect.
 
 The weights are plain safetensors files (``safetensors.safe_open`` reads them); they are
 written tensor by tensor from the live model, so writing needs no second copy in memory.
@@ -19,6 +31,9 @@ written tensor by tensor from the live model, so writing needs no second copy in
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import fcntl
 import json
 import logging
 import os
@@ -27,39 +42,48 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import xxhash
 
 from ..errors import KernelExtError
 
 __all__ = [
+    "DIGESTS",
+    "FORMAT_VERSION",
     "CacheEntryInfo",
+    "CacheError",
+    "CorruptEntryError",
+    "TamperedEntryError",
+    "WeightsWriter",
+    "clear",
+    "collect_discards",
+    "discard",
+    "enforce_cap",
     "entry_dir",
     "list_entries",
-    "clear",
+    "load_weights",
     "read_json",
+    "save_weights",
+    "seal",
+    "touch",
+    "verify",
+    "verify_tree",
+    "weights_path",
     "write_json",
     "write_tree",
-    "weights_path",
-    "save_weights",
-    "WeightsWriter",
-    "load_weights",
-    "touch",
-    "enforce_cap",
-    "discard",
-    "CorruptEntryError",
-    "CacheError",
-    "FORMAT_VERSION",
 ]
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: digests.json (entries of version 1 have none and are rebuilt)
+DIGESTS = "digests.json"
+_UNSEALED = frozenset({"meta.json", DIGESTS, ".lock"})
 _HEX = frozenset("0123456789abcdef")
 _ST_DTYPES: dict[torch.dtype, str] = {
     torch.float32: "F32",
@@ -73,6 +97,11 @@ _NP_VIEW = {"F32": np.float32, "F16": np.float16, "BF16": np.int16}
 
 class CorruptEntryError(ValueError):
     """A cache piece that cannot be used; callers log it, discard it and rebuild."""
+
+
+class TamperedEntryError(CorruptEntryError):
+    """A cached file whose bytes differ from the digest recorded when it was written (or
+    that has no recorded digest): it is never used, only rebuilt."""
 
 
 class CacheError(KernelExtError, ValueError):
@@ -121,12 +150,12 @@ def _tmp_near(target: Path, suffix: str = "") -> Path:
     return Path(name)
 
 
-def write_json(path: Path, value: Any) -> None:
+def _write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_near(path)
     done = False
     try:
-        tmp.write_text(json.dumps(value, indent=1, sort_keys=True), encoding="utf-8")
+        tmp.write_bytes(data)
         os.replace(tmp, path)
         done = True
     finally:
@@ -134,28 +163,213 @@ def write_json(path: Path, value: Any) -> None:
             tmp.unlink(missing_ok=True)
 
 
+def write_json(path: Path, value: Any) -> None:
+    """Write ``value`` as JSON atomically; inside an entry its digest is recorded too."""
+    data = json.dumps(value, indent=1, sort_keys=True).encode("utf-8")
+    _write_bytes(path, data)
+    if _sealable(path):
+        seal(path, data=data)
+
+
 def read_json(path: Path) -> Any:
-    """Parsed JSON, or :class:`CorruptEntryError` if the file is unreadable or not JSON.
-    ``FileNotFoundError`` passes through (a miss, not a corruption)."""
+    """Parsed JSON, or :class:`CorruptEntryError` if the file is unreadable, not JSON or (inside
+    an entry) not the bytes that were written. ``FileNotFoundError`` passes through (a miss)."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = path.read_bytes()
+        if _sealable(path):
+            verify(path, data=data)
+        return json.loads(data.decode("utf-8"))
     except FileNotFoundError:
         raise
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CorruptEntryError(f"{path}: {e}") from e
 
 
+# --- digests -------------------------------------------------------------------------------------
+def _locate(path: Path) -> tuple[Path, str] | None:
+    """(entry directory, path inside it) when ``path`` lies in a cache entry, else None."""
+    path = Path(path)
+    for parent in path.parents:
+        if len(parent.name) == 64 and set(parent.name) <= _HEX:
+            return parent, path.relative_to(parent).as_posix()
+    return None
+
+
+def _sealable(path: Path) -> bool:
+    where = _locate(path)
+    return where is not None and where[1] not in _UNSEALED
+
+
+def _hasher(entry: Path) -> Any:
+    """xxh3-128 seeded from the entry's source SHA-256 (its directory name)."""
+    return xxhash.xxh3_128(seed=int(entry.name[:16], 16))
+
+
+class _Chunks:
+    """An open file's bytes from the start, read in chunks (for :func:`verify`'s ``data``)."""
+
+    def __init__(self, fh: Any) -> None:
+        self.fh = fh
+
+
+def _digest_of(entry: Path, path: Path, data: Any = None) -> str:
+    h = _hasher(entry)
+    if data is not None and not isinstance(data, _Chunks):
+        h.update(data)
+        return h.hexdigest()
+    fh = data.fh if isinstance(data, _Chunks) else open(path, "rb", buffering=0)  # noqa: SIM115
+    try:
+        buf = bytearray(8 << 20)
+        view = memoryview(buf)
+        offset = 0
+        while n := os.preadv(fh.fileno(), [buf], offset):
+            h.update(view[:n])
+            offset += n
+    finally:
+        if not isinstance(data, _Chunks):
+            fh.close()
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def _locked(entry: Path) -> Iterator[None]:
+    """Serialise read-modify-write of ``digests.json`` (two kernels may fill one entry)."""
+    entry.mkdir(parents=True, exist_ok=True)
+    with open(entry / ".lock", "a+b") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def _read_digests(entry: Path) -> dict[str, Any]:
+    try:
+        doc = json.loads((entry / DIGESTS).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    if not isinstance(doc, dict) or doc.get("source_sha256") != entry.name:
+        return {}
+    files = doc.get("files")
+    return files if isinstance(files, dict) else {}
+
+
+def _update_digests(entry: Path, changes: Mapping[str, dict[str, Any] | None]) -> None:
+    with _locked(entry):
+        files = _read_digests(entry)
+        for rel, rec in changes.items():
+            if rec is None:
+                files.pop(rel, None)
+            else:
+                files[rel] = rec
+        doc = {"source_sha256": entry.name, "algorithm": "xxh3-128, seed = first 64 bits of "
+               "source_sha256", "files": files}
+        _write_bytes(entry / DIGESTS, json.dumps(doc, indent=1, sort_keys=True).encode())
+
+
+def seal(path: Path, *, data: Any = None, digest: str | None = None) -> None:
+    """Record the digest of ``path`` (a file inside a cache entry) in the entry's digests.
+
+    Any artifact a loader adds to an entry is sealed this way after it is written (atomically);
+    ``data`` (the bytes just written) or ``digest`` (from :func:`hasher_for`) spare a re-read."""
+    where = _locate(path)
+    if where is None:
+        raise CacheError(f"{path} is not inside a conversion cache entry")
+    entry, rel = where
+    if digest is None:
+        digest = _digest_of(entry, path, data)
+    _update_digests(entry, {rel: {"xxh3_128": digest, "size": Path(path).stat().st_size}})
+
+
+def hasher_for(path: Path) -> Any:
+    """A fresh hasher whose ``hexdigest()`` :func:`seal` accepts for ``path`` (to hash while
+    writing instead of reading the file again)."""
+    where = _locate(path)
+    if where is None:
+        raise CacheError(f"{path} is not inside a conversion cache entry")
+    return _hasher(where[0])
+
+
+def verify(path: Path, *, data: Any = None) -> None:
+    """Check ``path`` (or ``data``, its bytes as the caller holds them: read or mapped) against
+    the digest recorded for it; :class:`TamperedEntryError` if it differs or none is recorded."""
+    where = _locate(path)
+    if where is None:
+        raise CacheError(f"{path} is not inside a conversion cache entry")
+    entry, rel = where
+    rec = _read_digests(entry).get(rel)
+    if not isinstance(rec, dict) or not isinstance(rec.get("xxh3_128"), str):
+        raise TamperedEntryError(
+            f"{path}: no digest recorded for it (written by an older version, or not by "
+            "kernel_ext); it is not trusted")
+    actual = _digest_of(entry, path, data)
+    if actual != rec["xxh3_128"]:
+        raise TamperedEntryError(
+            f"{path}: its content changed after it was cached (xxh3-128 {actual}, recorded "
+            f"{rec['xxh3_128']}); it was modified or corrupted on disk")
+
+
+def verify_tree(directory: Path) -> None:
+    """:func:`verify` every file under ``directory`` (e.g. a cached tokenizer), and check that
+    no recorded file is missing."""
+    where = _locate(directory / "x")
+    if where is None:
+        raise CacheError(f"{directory} is not inside a conversion cache entry")
+    entry = where[0]
+    prefix = Path(directory).relative_to(entry).as_posix() + "/"
+    files = sorted(p for p in Path(directory).rglob("*") if p.is_file())
+    recorded = {rel for rel in _read_digests(entry) if rel.startswith(prefix)}
+    present = {p.relative_to(entry).as_posix() for p in files}
+    if recorded - present:
+        raise TamperedEntryError(
+            f"{directory}: {min(recorded - present)} was removed after it was cached")
+    for p in files:
+        verify(p)
+
+
+# --- discards, reported to the caller ------------------------------------------------------------
+_discards: contextvars.ContextVar[list[dict[str, str]] | None] = contextvars.ContextVar(
+    "kernel_ext_cache_discards", default=None)
+
+
+@contextlib.contextmanager
+def collect_discards() -> Iterator[list[dict[str, str]]]:
+    """Collect what :func:`discard` throws away in this context (``{"path", "why",
+    "tampered"}`` each), so the caller can audit it."""
+    notes: list[dict[str, str]] = []
+    token = _discards.set(notes)
+    try:
+        yield notes
+    finally:
+        _discards.reset(token)
+
+
 def write_tree(target: Path, fill: Callable[[Path], None]) -> None:
-    """Create directory ``target`` atomically: ``fill(tmpdir)`` writes it, then a rename."""
+    """Create directory ``target`` atomically: ``fill(tmpdir)`` writes it, then a rename.
+    Inside an entry, the digest of every file in it is recorded."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     done = False
     try:
         fill(tmp)
+        where = _locate(target / "x")
+        changes: dict[str, dict[str, Any] | None] = {}
+        if where is not None:
+            entry = where[0]
+            base = target.relative_to(entry).as_posix()
+            for rel in _read_digests(entry):
+                if rel.startswith(base + "/"):
+                    changes[rel] = None  # files of the old tree
+            for p in sorted(tmp.rglob("*")):
+                if p.is_file():
+                    rel = f"{base}/{p.relative_to(tmp).as_posix()}"
+                    changes[rel] = {"xxh3_128": _digest_of(entry, p), "size": p.stat().st_size}
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
         done = True
+        if where is not None:
+            _update_digests(where[0], changes)
     finally:
         if not done:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -177,9 +391,15 @@ def touch(entry: Path, *, source: str | None = None) -> None:
     write_json(meta_path, meta)
 
 
-def discard(path: Path, why: str) -> None:
-    """Delete a corrupt cache piece, with a warning that says so."""
-    log.warning("kernel_ext conversion cache: ignoring and rebuilding %s (%s)", path, why)
+def discard(path: Path, why: str | BaseException) -> None:
+    """Delete a corrupt cache piece, with a warning that says so (and a note to the active
+    :func:`collect_discards`)."""
+    tampered = isinstance(why, TamperedEntryError)
+    log.warning("kernel_ext conversion cache: %s %s (%s); rebuilding it from the GGUF file",
+                "not using tampered" if tampered else "ignoring and rebuilding", path, why)
+    notes = _discards.get()
+    if notes is not None:
+        notes.append({"path": str(path), "why": str(why), "tampered": tampered})
     if path.is_dir():
         shutil.rmtree(path, ignore_errors=True)
     else:
@@ -202,13 +422,17 @@ def _header(specs: Iterable[tuple[str, tuple[int, ...], torch.dtype]]) -> bytes:
     return len(raw).to_bytes(8, "little") + raw
 
 
-def _write_tensor(fh: Any, t: torch.Tensor) -> None:
+def _write_tensor(fh: Any, t: torch.Tensor) -> memoryview | None:
+    """Write ``t``'s bytes; returns them (a view), for hashing."""
     t = t.detach()
     if t.device.type != "cpu":
         t = t.cpu()
     t = t.contiguous()
-    if t.numel():
-        fh.write(t.view(torch.uint8).reshape(-1).numpy().data)
+    if not t.numel():
+        return None
+    data = t.view(torch.uint8).reshape(-1).numpy().data
+    fh.write(data)
+    return data
 
 
 class WeightsWriter:
@@ -239,6 +463,10 @@ class WeightsWriter:
         header = _header(specs)
         self._expected_size = len(header) + sum(n for n, _ in self._sizes)
         self._tmp = _tmp_near(path)
+        # hashed while written (xxh3 is ~16 GB/s, the disk far slower): sealed on commit
+        self._hasher = hasher_for(path) if _sealable(path) else None
+        if self._hasher is not None:
+            self._hasher.update(header)
         try:
             self._fh = open(self._tmp, "wb")  # noqa: SIM115 - closed by commit/abort
             try:
@@ -267,7 +495,9 @@ class WeightsWriter:
             if self._error is not None:
                 continue
             try:
-                _write_tensor(self._fh, t)
+                data = _write_tensor(self._fh, t)
+                if self._hasher is not None and data is not None:
+                    self._hasher.update(data)
             except Exception as e:  # noqa: BLE001 - handed to the loader by error/commit()
                 self._error = e
 
@@ -324,6 +554,8 @@ class WeightsWriter:
                     raise OSError(f"wrote {size} bytes, expected {self._expected_size}")
                 os.replace(self._tmp, self.path)
                 done = True
+                if self._hasher is not None:
+                    seal(self.path, digest=self._hasher.hexdigest())
                 return size
         except OSError as e:
             self._error = e
@@ -353,15 +585,22 @@ def save_weights(path: Path, tensors: Mapping[str, torch.Tensor]) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     header = _header((name, tuple(t.shape), t.dtype) for name, t in tensors.items())
     tmp = _tmp_near(path)
+    hasher = hasher_for(path) if _sealable(path) else None
+    if hasher is not None:
+        hasher.update(header)
     done = False
     try:
         with open(tmp, "wb") as fh:
             fh.write(header)
             for t in tensors.values():
-                _write_tensor(fh, t)
+                data = _write_tensor(fh, t)
+                if hasher is not None and data is not None:
+                    hasher.update(data)
         size = tmp.stat().st_size
         os.replace(tmp, path)
         done = True
+        if hasher is not None:
+            seal(path, digest=hasher.hexdigest())
         return size
     finally:
         if not done:
@@ -373,27 +612,39 @@ def load_weights(
 ) -> dict[str, torch.Tensor]:
     """Memory-map a safetensors file (copy-on-write) and return its tensors, zero-copy.
 
+    Inside a cache entry the mapped bytes (header and data) are first checked against the
+    file's recorded digest (:func:`verify`): what is returned is what was written.
     ``expected`` maps names to ``(shape, dtype)``; any difference is a :class:`CorruptEntryError`,
     as is a header that does not fit the file. ``FileNotFoundError`` passes through."""
-    size = path.stat().st_size
+    # One open file: hashed by reading it (cheaper than faulting the whole mapping in now:
+    # the pages are mapped lazily, by the first forward pass), then mapped (copy-on-write).
     try:
-        with open(path, "rb") as fh:
-            head = fh.read(8)
-            if len(head) != 8:
-                raise CorruptEntryError(f"{path}: shorter than a safetensors header")
-            n = int.from_bytes(head, "little")
-            if n <= 0 or 8 + n > size or n > 100 << 20:
-                raise CorruptEntryError(
-                    f"{path}: header length {n} does not fit the file ({size} bytes)"
-                )
-            header = json.loads(fh.read(n))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        fh = open(path, "rb", buffering=0)  # noqa: SIM115 - closed below
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise CorruptEntryError(f"{path}: cannot open it: {e}") from e
+    with fh:
+        size = os.fstat(fh.fileno()).st_size
+        if _sealable(path):
+            verify(path, data=_Chunks(fh))
+        if size < 8:
+            raise CorruptEntryError(f"{path}: shorter than a safetensors header")
+        try:
+            mm = np.memmap(fh, dtype=np.uint8, mode="c")
+        except (OSError, ValueError) as e:
+            raise CorruptEntryError(f"{path}: cannot map it: {e}") from e
+    n = int.from_bytes(mm[:8].tobytes(), "little")
+    if n <= 0 or 8 + n > size or n > 100 << 20:
+        raise CorruptEntryError(f"{path}: header length {n} does not fit the file ({size} bytes)")
+    try:
+        header = json.loads(mm[8 : 8 + n].tobytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CorruptEntryError(f"{path}: unreadable header: {e}") from e
     if not isinstance(header, dict):
         raise CorruptEntryError(f"{path}: header is not an object")
     header.pop("__metadata__", None)
     base = 8 + n
-    mm = np.memmap(path, dtype=np.uint8, mode="c")
     out: dict[str, torch.Tensor] = {}
     for name, spec in header.items():
         try:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..errors import IntegrityError
 
-__all__ = ["normalize_sha256", "sha256_file", "verify_sha256"]
+__all__ = ["check_pin", "normalize_sha256", "sha256_file", "verify_sha256"]
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
@@ -67,9 +67,18 @@ def verify_sha256(path: str | os.PathLike[str], expected: str | None) -> str:
     """
     pin = normalize_sha256(expected) if expected is not None else None
     actual = sha256_file(path)
-    if pin is not None and actual != pin:
+    check_pin(path, actual, pin)
+    return actual
+
+
+def check_pin(path: str | os.PathLike[str], actual: str, expected: str | None) -> None:
+    """Compare a digest already computed (e.g. :meth:`GGUFFile.sha256`, over the bytes that
+    were parsed) with the pin ``expected`` (any form :func:`normalize_sha256` accepts)."""
+    if expected is None:
+        return
+    pin = normalize_sha256(expected)
+    if actual != pin:
         raise IntegrityError(
             f"{os.fspath(path)} has SHA-256 {actual}, but the pin expects {pin}: the file is "
             "corrupt, incomplete or a different version. Download it again, or update the pin "
             "if you changed the file on purpose.")
-    return actual

@@ -361,10 +361,8 @@ def _load(
         entry: Path | None = None
         if cache_dir is not None:
             if sha256 is None:
-                from .integrity import sha256_file
-
                 stage[0] = "hashing the file"
-                sha256 = sha256_file(path)
+                sha256 = gf.sha256()
                 t = mark("hash", t)
             entry = _cache.entry_dir(cache_dir, sha256)
 
@@ -526,7 +524,7 @@ def _fill_from_gguf(
     expected = _expected(model, list(plan.gguf_to_hf.values()))
     names = list(plan.gguf_to_hf)
     total = len(names)
-    with open(gf.path, "rb", buffering=0) as fh:
+    with gf.open_data() as fh:
         for done, name in enumerate(names, 1):
             hf_name = plan.gguf_to_hf[name]
             shape, _ = expected[hf_name]
@@ -587,7 +585,7 @@ def _fill_from_cache(
     except FileNotFoundError:
         return False
     except _cache.CorruptEntryError as e:
-        _cache.discard(wpath, str(e))
+        _cache.discard(wpath, e)
         return False
     total = len(hf_names)
     for done, name in enumerate(hf_names, 1):
@@ -611,7 +609,7 @@ def _cached_config_ok(entry: Path, model_type: str) -> bool:
     except FileNotFoundError:
         return False
     except _cache.CorruptEntryError as e:
-        _cache.discard(path, str(e))
+        _cache.discard(path, e)
         return False
     if not isinstance(cached, dict) or cached.get("model_type") != model_type:
         _cache.discard(path, f"not a {model_type} config")
@@ -624,6 +622,7 @@ def _cached_tokenizer(entry: Path, model_type: str) -> Any:
     if not (tdir / "tokenizer.json").is_file():
         return None
     try:
+        _cache.verify_tree(tdir)
         config = _cache.read_json(tdir / "tokenizer_config.json")
         if not isinstance(config, dict):
             raise _cache.CorruptEntryError("tokenizer_config.json is not an object")
@@ -648,7 +647,8 @@ def _cached_tokenizer(entry: Path, model_type: str) -> Any:
     except FileNotFoundError:
         return None
     except Exception as e:  # noqa: BLE001 - tokenizers reports bad JSON as a bare Exception
-        _cache.discard(tdir, f"unreadable tokenizer: {e}")
+        _cache.discard(tdir, e if isinstance(e, _cache.TamperedEntryError)
+                       else f"unreadable tokenizer: {e}")
         return None
 
 
@@ -705,7 +705,7 @@ def _load_via_transformers(
     del model
     state: dict[str, torch.Tensor] = {}
     names = list(plan.gguf_to_hf)
-    with _intra_op_threads(decode_threads), open(gf.path, "rb", buffering=0) as fh:
+    with _intra_op_threads(decode_threads), gf.open_data() as fh:
         for done, name in enumerate(names, 1):
             hf_name = plan.gguf_to_hf[name]
             state[hf_name] = _decode(

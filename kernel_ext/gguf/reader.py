@@ -17,16 +17,18 @@ byte length and UTF-8 bytes; an array is u32 item type, u64 count, items.
 from __future__ import annotations
 
 import errno
+import hashlib
 import mmap
 import os
 import stat
 import struct
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, BinaryIO, Self
 
 import numpy as np
 
@@ -130,7 +132,8 @@ class GGUFFile:
     def __init__(self, *, path: Path, version: int, file_size: int, alignment: int,
                  data_offset: int, metadata: dict[str, Any],
                  value_types: _ValueTypes,
-                 tensors: dict[str, TensorInfo], mm: mmap.mmap | None) -> None:
+                 tensors: dict[str, TensorInfo], mm: mmap.mmap | None,
+                 fd: int | None = None) -> None:
         self.path = path
         self.version = version
         self.file_size = file_size
@@ -141,6 +144,9 @@ class GGUFFile:
         self.value_types = value_types
         self.tensors = tensors
         self._mm = mm
+        # The descriptor the map was made from: hashing and tensor reads go through it, so
+        # they see the very file that was parsed even if the path is replaced meanwhile.
+        self._fd = fd
 
     # --- lifetime ------------------------------------------------------------------------------
     @property
@@ -148,7 +154,10 @@ class GGUFFile:
         return self._mm is None
 
     def close(self) -> None:
-        """Release the memory map (idempotent)."""
+        """Release the memory map and the file (idempotent)."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
         mm, self._mm = self._mm, None
         if mm is None:
             return
@@ -197,6 +206,45 @@ class GGUFFile:
             raise GGUFClosedError(f"{self.path} was closed; open it again with read_gguf()")
         return np.frombuffer(self._mm, dtype=np.uint8, count=info.nbytes, offset=info.offset)
 
+    def open_data(self) -> BinaryIO:
+        """A new unbuffered binary file object on the file that was parsed (not the path).
+
+        Replacing or deleting the path after :func:`read_gguf` does not change what it reads.
+        It has its own file position; the caller closes it."""
+        if self._fd is None:
+            raise GGUFClosedError(f"{self.path} was closed; open it again with read_gguf()")
+        proc = Path(f"/proc/self/fd/{self._fd}")
+        if proc.exists():  # Linux: a new open file description of the same inode
+            return open(proc, "rb", buffering=0)
+        return os.fdopen(os.dup(self._fd), "rb", buffering=0)  # shares the position: one reader
+
+    def sha256(self, progress: Callable[[int, int], object] | None = None,
+               chunk: int = 8 << 20) -> str:
+        """The SHA-256 of the parsed file's bytes, read through the same open file.
+
+        Unlike hashing the path again, a file swapped in after :func:`read_gguf` cannot pass
+        for the one that was parsed. ``progress(done, total)`` follows every chunk."""
+        if self._fd is None:
+            raise GGUFClosedError(f"{self.path} was closed; open it again with read_gguf()")
+        h = hashlib.sha256()
+        buf = bytearray(chunk)
+        view = memoryview(buf)
+        done = 0
+        if progress is not None:
+            progress(0, self.file_size)
+        while done < self.file_size:
+            n = os.preadv(self._fd, [view[:min(chunk, self.file_size - done)]], done)
+            if not n:
+                raise GGUFFormatError(
+                    f"{self.path} ended at byte {done} while it was hashed: it was truncated "
+                    f"after it was opened; {_REDO}", field="file", offset=done,
+                    path=str(self.path))
+            h.update(view[:n])
+            done += n
+            if progress is not None:
+                progress(done, self.file_size)
+        return h.hexdigest()
+
     def summary(self) -> dict[str, Any]:
         """Architecture, name, parameter count, tensor type counts and sizes at a glance."""
         arch = self.metadata.get("general.architecture")
@@ -238,6 +286,7 @@ def read_gguf(path: str | os.PathLike[str], *, max_string_bytes: int = 1 << 20,
     if max_string_bytes < 1:
         raise ValueError(f"max_string_bytes must be positive, got {max_string_bytes}")
     fd = _open(p)
+    keep = False
     try:
         st = os.fstat(fd)
         if stat.S_ISDIR(st.st_mode):
@@ -257,13 +306,16 @@ def read_gguf(path: str | os.PathLike[str], *, max_string_bytes: int = 1 << 20,
         except OSError as e:
             raise GGUFOpenError(e.errno, f"cannot memory-map {p}: {e.strerror}; copy it to a "
                                 "local disk", str(p)) from e
+        try:
+            gf = _Parser(mm, size, p, max_string_bytes, strict).parse(fd)
+        except Exception:
+            mm.close()  # nothing else references the map yet; the error goes on unchanged
+            raise
+        keep = True
+        return gf
     finally:
-        os.close(fd)  # the map keeps its own reference to the file
-    try:
-        return _Parser(mm, size, p, max_string_bytes, strict).parse()
-    except Exception:
-        mm.close()  # nothing else references the map yet; the error goes on unchanged
-        raise
+        if not keep:
+            os.close(fd)
 
 
 # --- opening -----------------------------------------------------------------------------------
@@ -401,7 +453,7 @@ class _Parser:
                 f"are left in the file; it is truncated or corrupt: {_REDO}", field, at)
 
     # -- sections ------------------------------------------------------------------------------
-    def parse(self) -> GGUFFile:
+    def parse(self, fd: int | None = None) -> GGUFFile:
         version, n_tensors, n_kv = self.header()
         metadata, value_types, kv_at = self.metadata(n_kv)
         alignment = self.alignment(metadata, value_types, kv_at)
@@ -410,7 +462,7 @@ class _Parser:
         tensors = self.tensors(raw, data_offset, alignment)
         return GGUFFile(path=self.path, version=version, file_size=self.size,
                         alignment=alignment, data_offset=data_offset, metadata=metadata,
-                        value_types=value_types, tensors=tensors, mm=self.buf)
+                        value_types=value_types, tensors=tensors, mm=self.buf, fd=fd)
 
     def header(self) -> tuple[int, int, int]:
         head = self.buf[:_HEADER.size]
