@@ -17,7 +17,7 @@ from traitlets.config import Config, Configurable
 from .errors import OptionError
 from .providers.base import check_param
 
-__all__ = ["KernelExtConfig", "DEVICE_RE", "DTYPES"]
+__all__ = ["DEVICE_RE", "DTYPES", "KernelExtConfig"]
 
 DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -173,10 +173,32 @@ class KernelExtConfig(Configurable):
         0, help="Resumable tasks also checkpoint every N items (0: time-based only)."
     ).tag(config=True)
 
+    # --- trust, alerts, audit -----------------------------------------------------------------
+    alert_trip_rate = Float(
+        0.05, help="Alert when a provider's breaker trips on more than this fraction of its "
+        "calls within alert_window_seconds."
+    ).tag(config=True)
+    alert_window_seconds = Float(
+        600.0, help="The window (seconds) over which the breaker trip rate is computed for alerts."
+    ).tag(config=True)
+    audit_max_mb = Float(
+        20.0, help="Rotate audit.jsonl when it would grow past this size in MB (0: never)."
+    ).tag(config=True)
+    audit_backups = Int(
+        3, help="Rotated audit files to keep (audit.jsonl.1 ... .N); older ones are deleted."
+    ).tag(config=True)
+
     # --- widgets ------------------------------------------------------------------------------
     dashboard_interval = Float(1.0, help="Seconds between live dashboard updates.").tag(config=True)
 
-    @validate("memory_fraction", "breaker_failure_rate")
+    @validate("audit_backups")
+    def _backups(self, proposal: dict) -> int:
+        value = int(proposal["value"])
+        if value < 0:
+            raise TraitError(f"audit_backups must be >= 0, got {value}")
+        return value
+
+    @validate("memory_fraction", "breaker_failure_rate", "alert_trip_rate")
     def _fraction(self, proposal: dict) -> float:
         value = float(proposal["value"])
         if not 0.0 < value <= 1.0:
@@ -220,7 +242,7 @@ class KernelExtConfig(Configurable):
     @validate(
         "breaker_open_seconds", "breaker_slow_call_seconds", "retry_max_seconds",
         "rate_limit_per_second", "checkpoint_interval", "task_checkpoint_seconds",
-        "dashboard_interval", "conversion_cache_max_gb",
+        "dashboard_interval", "conversion_cache_max_gb", "alert_window_seconds", "audit_max_mb",
     )
     def _non_negative(self, proposal: dict) -> float:
         value = float(proposal["value"])

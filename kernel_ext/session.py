@@ -9,6 +9,7 @@ Event kinds published on ``session.events`` (payload keys in brackets):
 - ``breaker_call`` [name, outcome, snapshot]   (every recorded call)
 - ``checkpoint``  [action: "committed"|"failed"|"restored"|"skipped", status]
 - ``task``        [name, done, total]
+- ``alert``       [action: "raised"|"cleared", alert, active]
 - ``audit``       [record]
 """
 
@@ -20,11 +21,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .alerts import Alerts
 from .audit import AuditLog
 from .config import KernelExtConfig
 from .events import EventBus
 from .paths import notebook_state_dir, user_cache_dir
 from .providers.base import GenerationParams, GenerationResult, TokenCallback
+from .trace import CellTrace
 
 if TYPE_CHECKING:  # pragma: no cover
     from IPython.core.interactiveshell import InteractiveShell
@@ -55,7 +58,14 @@ class Session:
             self.state_dir = Path(self.config.state_dir).expanduser()
         else:
             self.state_dir = notebook_state_dir(user_ns)
-        self.audit = AuditLog(self.state_dir / "audit.jsonl", events=self.events)
+        cfg = self.config
+        # one correlation id per cell (pre_run_cell), stamped on every audit record
+        self.trace = CellTrace()
+        self.audit = AuditLog(
+            self.state_dir / "audit.jsonl", events=self.events, correlation=self.trace.current,
+            max_bytes=lambda: int(cfg.audit_max_mb * 1024 * 1024),
+            backups=lambda: cfg.audit_backups)
+        self.alerts = Alerts(self)
         # Parts attached by their subsystems (models, resilience, checkpoint); see each module.
         from .models import ModelRegistry
 
@@ -69,6 +79,23 @@ class Session:
         self.checkpoints: Any = None
         self._closers: list[Callable[[], None]] = []
         self.last_result: GenerationResult | None = None
+        self.on_close(self.alerts.close)
+        if shell is not None:
+            shell.events.register("pre_run_cell", self.trace.begin_cell)
+            shell.events.register("post_run_cell", self._after_cell)
+            self.on_close(self._unregister_cell_hooks)
+
+    def _after_cell(self, *_: object) -> None:
+        self.alerts.check_memory()
+
+    def _unregister_cell_hooks(self) -> None:
+        assert self.shell is not None
+        for name, fn in (("pre_run_cell", self.trace.begin_cell),
+                         ("post_run_cell", self._after_cell)):
+            try:
+                self.shell.events.unregister(name, fn)
+            except ValueError:  # already gone
+                pass
 
     # --- paths ----------------------------------------------------------------------------------
     @property

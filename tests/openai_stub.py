@@ -37,6 +37,7 @@ class OpenAIStub:
         self.model = model
         self.trickle_s = trickle_s
         self.requests: list[dict[str, Any]] = []
+        self.gets: list[dict[str, Any]] = []  # GET requests (/v1/models), with their headers
         self._script: deque[Any] = deque()
         self._lock = threading.Lock()
         self._release = threading.Event()
@@ -49,6 +50,9 @@ class OpenAIStub:
                 return None
 
             def do_GET(self) -> None:
+                with stub._lock:
+                    stub.gets.append(
+                        {"path": self.path, "request_id": self.headers.get("X-Request-ID")})
                 if self.path.rstrip("/") == "/v1/models":
                     self._json(
                         200, {"object": "list", "data": [{"id": stub.model, "object": "model"}]}
@@ -65,7 +69,8 @@ class OpenAIStub:
                     return
                 with stub._lock:
                     stub.requests.append(
-                        {"path": self.path, "body": body, "auth": self.headers.get("Authorization")}
+                        {"path": self.path, "body": body, "auth": self.headers.get("Authorization"),
+                         "request_id": self.headers.get("X-Request-ID")}
                     )
                     behaviour = stub._script.popleft() if stub._script else "ok"
                 if isinstance(behaviour, int):

@@ -28,6 +28,11 @@ from fakes import FakeClock
 GiB = 1024**3
 
 
+def _own_listeners(session: Session) -> int:
+    """Listeners the session itself keeps (its alerts); the dashboard must add none for good."""
+    return len(session.alerts._unsubscribe)
+
+
 # --- helpers -------------------------------------------------------------------------------------
 
 class Sampler:
@@ -317,7 +322,7 @@ def test_session_close_stops_the_dashboard(session: Session, clock: FakeClock) -
         session.close()  # extension unload / kernel shutdown
         assert d.thread is not None and not d.thread.is_alive()
         assert not d.live and d not in open_dashboards(session)
-        assert session.events.listener_count() == 0
+        assert session.events.listener_count() == _own_listeners(session)
         assert "kernel_ext session closed" in html(d.footer)
     finally:
         d.close()
@@ -346,6 +351,7 @@ def test_a_failing_probe_shows_in_the_footer_and_sampling_goes_on(
 
 def test_no_widget_or_comm_leaks_after_close(session: Session, clock: FakeClock) -> None:
     widgets_before, comms_before = widget_count(), comm_count()
+    listeners_before = session.events.listener_count()  # the session's own (alerts)
     for _ in range(3):
         d = Dashboard(session, interval=0, sampler=Sampler(clock, gpus=2), clock=clock,
                       monotonic=clock)
@@ -357,7 +363,7 @@ def test_no_widget_or_comm_leaks_after_close(session: Session, clock: FakeClock)
         d.close()
     assert widget_count() == widgets_before
     assert comm_count() == comms_before
-    assert session.events.listener_count() == 0
+    assert session.events.listener_count() == listeners_before
 
 
 def test_model_events_refresh_footprints(session: Session, dash: Dashboard) -> None:
@@ -432,7 +438,7 @@ def test_interpreter_exit_stops_sampling_threads(session: Session, clock: FakeCl
         footer = html(d.footer)
         _stop_all_at_exit()
         assert d.thread is not None and not d.thread.is_alive()
-        assert not d.live and session.events.listener_count() == 0
+        assert not d.live and session.events.listener_count() == _own_listeners(session)
         assert html(d.footer) == footer  # no message sent while the kernel is going away
     finally:
         d.close()

@@ -10,6 +10,7 @@ session (extension unload, kernel shutdown) or the front end closing the widget 
 from __future__ import annotations
 
 import atexit
+import html
 import logging
 import threading
 import time
@@ -32,7 +33,8 @@ log = logging.getLogger(__name__)
 Waiter = Callable[[threading.Event, float], bool]
 """``waiter(stop, seconds)`` blocks up to ``seconds``; True when ``stop`` is set."""
 
-_EVENT_KINDS = ("breaker", "breaker_call", "checkpoint", "model", "load_progress", "task")
+_EVENT_KINDS = ("breaker", "breaker_call", "checkpoint", "model", "load_progress", "task",
+                "alert")
 _open: weakref.WeakSet[Dashboard] = weakref.WeakSet()
 
 
@@ -77,10 +79,11 @@ class Dashboard(Panel):
         self.checkpoints = CheckpointPanel(clock=clock, layout=box())
         self.progress = ProgressPanel(layout=box())
         self.header = HTML("<b style='font-size:110%'>kernel_ext dashboard</b>")
+        self.banner = HTML(layout=Layout(display="none"))  # active alerts, one line each
         self.footer = HTML()
         row = HBox([self.memory, self.checkpoints], layout=Layout(flex_flow="row wrap"))
-        super().__init__(children=[self.header, self.breakers, row, self.progress, self.footer],
-                         **kwargs)
+        super().__init__(children=[self.header, self.banner, self.breakers, row, self.progress,
+                                   self.footer], **kwargs)
         self.add_class("kernel-ext-dashboard")
         self._sampler = sampler or _default_sampler
         self._clock = clock
@@ -213,6 +216,27 @@ class Dashboard(Panel):
         elif kind == "task":
             self.progress.update("task", str(event.get("name", "?")), int(event.get("done", 0)),
                                  event.get("total"))
+        elif kind == "alert":
+            self._show_alerts(event.get("active") or [])
+
+    def _show_alerts(self, active: list[Mapping[str, Any]]) -> None:
+        """The banner: one line per active alert (deduplicated by the session's alerts)."""
+        if not active:
+            self.banner.value = ""
+            self.banner.layout.display = "none"
+            return
+        lines = "".join(
+            f"<div class='kernel-ext-alert' data-alert='{html.escape(str(a.get('alert')))}'>"
+            f"⚠ <b>{html.escape(str(a.get('alert')))}</b> "
+            f"({html.escape(str(a.get('subject')))}): {html.escape(str(a.get('message')))}"
+            + (f" · ×{int(a['occurrences'])}" if int(a.get("occurrences") or 1) > 1 else "")
+            + "</div>"
+            for a in active
+        )
+        self.banner.value = (
+            "<div style='background:#fff3e0;border-left:4px solid #e65100;padding:4px 8px;"
+            f"color:#bf360c'>{lines}</div>")
+        self.banner.layout.display = None
 
     def _set_footer(self, what: str) -> None:
         every = f"every {self.interval:g} s" if self.interval > 0 else "on events only"
@@ -246,6 +270,9 @@ class Dashboard(Panel):
         return out
 
     def _load_current_state(self) -> None:
+        alerts = getattr(self.session, "alerts", None)
+        if alerts is not None:
+            self._show_alerts(alerts.snapshot())
         for snap in _breaker_snapshots(self.session):
             self.breakers.update(snap)
         status = _checkpoint_status(self.session)

@@ -24,6 +24,7 @@ from typing import Any
 import httpx
 
 from ..errors import ProviderError, TransientProviderError
+from ..trace import current_request_id
 from .base import GenerationParams, GenerationResult, Health, StopCheck, TokenCallback
 
 __all__ = ["RemoteProvider"]
@@ -119,7 +120,8 @@ class RemoteProvider:
 
     def health(self) -> Health:
         try:
-            r = self._http().get("/models", timeout=self._timeout.connect or 5.0)
+            r = self._http().get("/models", timeout=self._timeout.connect or 5.0,
+                                 headers=_request_headers())
         except httpx.HTTPError as e:
             return Health(False, f"{self.base_url}: {type(e).__name__}: {e}")
         if r.status_code >= 400:
@@ -181,7 +183,8 @@ class RemoteProvider:
             return bool(params.timeout) and self._clock() - start >= (params.timeout or 0.0)
 
         try:
-            with self._http().stream("POST", path, json=body, timeout=timeout) as r:
+            with self._http().stream("POST", path, json=body, timeout=timeout,
+                                     headers=_request_headers()) as r:
                 if r.status_code >= 400:
                     r.read()
                     self._raise_for_status(r, path)
@@ -255,6 +258,12 @@ class RemoteProvider:
         if r.status_code >= 500 or r.status_code in (408, 429):
             raise TransientProviderError(msg)
         raise ProviderError(msg + " (the request was rejected; check the model name and options)")
+
+
+def _request_headers() -> dict[str, str]:
+    """``X-Request-ID``: the correlation id of the cell (or request) this call serves."""
+    cid = current_request_id()
+    return {"X-Request-ID": cid} if cid else {}
 
 
 def _sse_events(lines: Iterator[str]) -> Iterator[dict[str, Any] | None]:

@@ -33,6 +33,7 @@ from ..errors import (
     RateLimitedError,
 )
 from ..providers.base import GenerationParams, GenerationResult, Provider, TokenCallback
+from ..trace import request_scope
 from .hub import Resilience
 
 __all__ = ["FallbackChain"]
@@ -169,7 +170,19 @@ class FallbackChain:
         on_token: TokenCallback | None = None,
     ) -> GenerationResult:
         params = params or GenerationParams()
-        cid = uuid.uuid4().hex[:12]
+        trace = getattr(self.session, "trace", None)
+        cid = (trace.current() if trace is not None else None) or uuid.uuid4().hex[:12]
+        with request_scope(cid):  # the cell's id: on every record, and remote X-Request-ID
+            return self._run(prompt, params, model, on_token, cid)
+
+    def _run(
+        self,
+        prompt: str,
+        params: GenerationParams,
+        model: str | None,
+        on_token: TokenCallback | None,
+        cid: str,
+    ) -> GenerationResult:
         names = self.candidates(model)
         run = _Run(self.hub, prompt, params, on_token)
         identities: list[str] = []
