@@ -11,7 +11,7 @@ import re
 import sys
 from typing import Any
 
-from traitlets import Bool, Enum, Float, Int, TraitError, Unicode, validate
+from traitlets import Bool, Enum, Float, Int, List, TraitError, Unicode, validate
 from traitlets.config import Config, Configurable
 
 from .errors import OptionError
@@ -174,6 +174,16 @@ class KernelExtConfig(Configurable):
     ).tag(config=True)
 
     # --- trust, alerts, audit -----------------------------------------------------------------
+    signature_policy = Enum(
+        ["optional", "require"], "optional",
+        help="Model signatures (OpenSSF model-signing): optional verifies a signature when one "
+        "is given (--signature) or lies beside the file (MODEL.gguf.sig) and refuses the load "
+        "if it does not verify; require also refuses unsigned models.",
+    ).tag(config=True)
+    signature_trusted_keys = List(
+        Unicode(), default_value=[], help="PEM public keys (elliptic curve) and certificate chains that model "
+        "signatures are verified against, offline.",
+    ).tag(config=True)
     alert_trip_rate = Float(
         0.05, help="Alert when a provider's breaker trips on more than this fraction of its "
         "calls within alert_window_seconds."

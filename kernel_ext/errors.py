@@ -13,6 +13,7 @@ __all__ = [
     "GGUFFormatError",
     "GGUFUnsupportedError",
     "IntegrityError",
+    "SignatureError",
     "ModelNotFoundError",
     "MemoryBudgetError",
     "ModelLoadError",
@@ -70,6 +71,10 @@ class GGUFUnsupportedError(GGUFError, NotImplementedError):
 
 class IntegrityError(KernelExtError, ValueError):
     """A file's SHA-256 does not match its pin."""
+
+
+class SignatureError(IntegrityError):
+    """A model's signature is missing (when required), invalid or not trusted."""
 
 
 # --- models and memory -------------------------------------------------------------------------

@@ -181,6 +181,7 @@ class ModelRegistry:
         device: str | None = None,
         sha256: str | None = None,
         progress: bool = True,
+        signature: str | None = None,
     ) -> ModelEntry:
         """Load a GGUF model (see the module docstring); returns its registry entry."""
         from .gguf import cache as conversion_cache
@@ -213,6 +214,7 @@ class ModelRegistry:
                 digest = gf.sha256(progress=lambda done, total: session.events.emit(
                     "load_progress", name=name, done=done, total=total, stage="sha256"))
                 check_pin(path, digest, sha256 or known_pin)
+                self._check_signature(name, path, digest, signature)
                 deadline.check("checking the file")
                 shared = self.residency.find(digest, dt, dev)
                 if shared is not None:  # the same file, dtype and device: share its weights
@@ -273,6 +275,23 @@ class ModelRegistry:
                             duration_s=round(load_s, 3), footprint=entry.footprint)
         session.events.emit("model", action="loaded", name=name, info=entry.info())
         return entry
+
+    def _check_signature(self, name: str, path: Path, digest: str, signature: str | None) -> None:
+        """Signature policy (:mod:`kernel_ext.signing`); refusals are audited and raised."""
+        from .errors import SignatureError
+        from .signing import describe, verify_model_signature
+
+        cfg = self.session.config
+        try:
+            check = verify_model_signature(path, digest, signature=signature,
+                                           trusted=list(cfg.signature_trusted_keys),
+                                           policy=cfg.signature_policy)
+        except SignatureError as e:
+            self.session.audit.write("model.signature", name=name, path=path, sha256=digest,
+                                     outcome="refused", policy=cfg.signature_policy, error=e)
+            raise
+        self.session.audit.write("model.signature", name=name, path=path, sha256=digest,
+                                 policy=cfg.signature_policy, **describe(check))
 
     def _audit_discards(self, name: str, path: Path, discards: list[dict[str, Any]]) -> None:
         """Cache pieces that failed verification (rebuilt from the GGUF, never served)."""

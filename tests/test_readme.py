@@ -14,7 +14,7 @@ README = (ROOT / "README.md").read_text()
 
 def test_every_setting_is_documented_with_its_default() -> None:
     for name, trait in KernelExtConfig.class_traits(config=True).items():
-        assert f"| `{name}` | `{trait.default_value!r}` |" in README, name
+        assert f"| `{name}` | `{trait.default()!r}` |" in README, name
 
 
 def test_every_magic_is_documented() -> None:

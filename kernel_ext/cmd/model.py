@@ -21,7 +21,7 @@ def usage() -> None:
 
     ::
 
-      %model load [PATH|NAME] [--name N] [--dtype D] [--device D] [--sha256 H] [--no-progress]
+      %model load [PATH|NAME] [--name N] [--dtype D] [--device D] [--sha256 H] [--signature F]
       %model list                        loaded models (* marks the default for %%infer)
       %model info [NAME]                 parameters, quant types, SHA-256, memory, plan
       %model unload NAME                 free the model's memory
@@ -41,6 +41,9 @@ def usage() -> None:
 @argument("--dtype", choices=DTYPES, help="weights dtype (default: %%config KernelExt.dtype)")
 @argument("--device", help="auto, cpu, cuda or cuda:N (default: %%config KernelExt.device)")
 @argument("--sha256", help="expected SHA-256 of the file; a mismatch refuses the load")
+@argument("--signature", metavar="FILE",
+          help="model-signing signature of the file (default: FILE.gguf.sig if present), "
+          "verified offline against %%config KernelExt.signature_trusted_keys")
 @argument("--no-progress", action="store_true", help="no progress bar")
 def _load_usage() -> None:
     """Validate, hash-check, size and load a GGUF model (no argument: the default model)."""
@@ -51,7 +54,8 @@ def _load(ext: Any, args: list[str]) -> None:
     if ns.device is not None and not DEVICE_RE.match(ns.device):
         raise UsageError(f"%model load: --device must be auto, cpu, cuda or cuda:N, not {ns.device!r}")
     entry = ext.session.models.load(ns.target, name=ns.name, dtype=ns.dtype, device=ns.device,
-                                    sha256=ns.sha256, progress=not ns.no_progress)
+                                    sha256=ns.sha256, progress=not ns.no_progress,
+                                    signature=ns.signature)
     print(f"loaded {entry.name}: {entry.summary.get('architecture')}, "
           f"{entry.summary.get('n_params', 0):,} parameters on {entry.plan.describe()} "
           f"in {entry.load_s:.1f} s")
