@@ -66,6 +66,7 @@ class Session:
             max_bytes=lambda: int(cfg.audit_max_mb * 1024 * 1024),
             backups=lambda: cfg.audit_backups)
         self.alerts = Alerts(self)
+        self.health: dict[str, Any] = {}  # provider -> last kernel_ext.health.ProbeResult
         # Parts attached by their subsystems (models, resilience, checkpoint); see each module.
         from .models import ModelRegistry
 

@@ -1,4 +1,4 @@
-"""``%model load|list|info|unload|fallback|remote|cache|answers``."""
+"""``%model load|list|info|unload|health|warm|fallback|remote|cache|answers``."""
 
 from __future__ import annotations
 
@@ -22,7 +22,9 @@ def usage() -> None:
     ::
 
       %model load [PATH|NAME] [--name N] [--dtype D] [--device D] [--sha256 H] [--signature F]
-      %model list                        loaded models (* marks the default for %%infer)
+      %model list                        every provider: memory, health, breaker state
+      %model health [NAME]               probe providers (one token), feed their breakers
+      %model warm [NAME|PATH]            load, page in and run a first forward pass
       %model info [NAME]                 parameters, quant types, SHA-256, memory, plan
       %model unload NAME                 free the model's memory
       %model fallback [NAME ...|--clear] the providers tried after the primary
@@ -66,20 +68,68 @@ def _load(ext: Any, args: list[str]) -> None:
 def _list(ext: Any, args: list[str]) -> None:
     if args:
         raise UsageError("%model list takes no arguments")
-    models = ext.session.models
-    if not models.names():
+    session = ext.session
+    models = session.models
+    hub = session.resilience
+    remotes = dict(hub.extra_providers) if hub is not None else {}
+    if not models.names() and not remotes:
         print("no model loaded; %model load loads the default model")
         return
+    print(f"  {'name':<24} {'kind':<7} {'where':<17} {'memory':>10}  {'health':<10} "
+          f"{'breaker':<11} source")
     for e in models.entries():
         mark = "*" if e.name == models.active else " "
         m = models.memory(e.name)
         size = format_bytes(m["total"]) if m["resident"] else "evicted"
         shared = f"  (shares weights with {', '.join(m['shared_with'])})" if m["shared_with"] else ""
-        print(f"{mark} {e.name:<24} {e.summary.get('architecture', '?'):<10} "
-              f"{e.plan.device:<7} {e.plan.dtype:<9} {size:>10}  {e.path}{shared}")
-    cap = ext.session.config.resident_max_gb
+        print(f"{mark} {e.name:<24} {'local':<7} {e.plan.device + ' ' + e.plan.dtype:<17} "
+              f"{size:>10}  {_health(session, e.name):<10} "
+              f"{_breaker_state(hub, e.name):<11} {e.path}{shared}")
+    for name, p in remotes.items():
+        print(f"  {name:<24} {'remote':<7} {'server':<17} {'-':>10}  {_health(session, name):<10} "
+              f"{_breaker_state(hub, name):<11} {getattr(p, 'base_url', '?')}")
+    cap = session.config.resident_max_gb
     print(f"  resident models: {format_bytes(models.residency.total())} measured (weights, "
           "runtime copies, tokenizers)" + (f"; cap {cap:g} GB (resident_max_gb)" if cap else ""))
+    if any(n not in session.health for n in [*models.names(), *remotes]):
+        print("health: %model health probes every provider")
+
+
+def _health(session: Any, name: str) -> str:
+    r = session.health.get(name)
+    if r is None:
+        return "unchecked"
+    age = time.time() - r.checked_at
+    return f"{'ok' if r.ok else 'FAILING'} {age:.0f}s" if age < 3600 else ("ok" if r.ok else "FAILING")
+
+
+def _breaker_state(hub: Any, name: str) -> str:
+    if hub is None or name not in hub.breakers:
+        return "closed" if hub is not None else "-"
+    return str(hub.breakers[name].state.value)
+
+
+def _probe(ext: Any, args: list[str]) -> None:
+    from ..health import probe, probe_all
+
+    if len(args) > 1:
+        raise UsageError("usage: %model health [NAME]  (no NAME: every provider)")
+    session = ext.session
+    results = [probe(session, args[0])] if args else probe_all(session)
+    if not results:
+        print("no providers yet: %model load a model or %model remote NAME --url ...")
+    for r in results:
+        print(f"{r.name:<24} {'ok' if r.ok else 'FAILING':<8} {r.latency_s:>7.2f} s  "
+              f"breaker {r.breaker or '-':<10} {r.detail}")
+
+
+def _warm(ext: Any, args: list[str]) -> None:
+    from ..health import warm
+
+    if len(args) > 1:
+        raise UsageError("usage: %model warm [NAME|PATH]  (no argument: the default model)")
+    name, done = warm(ext.session, args[0] if args else None)
+    print(f"{name} is warm: " + "; ".join(done))
 
 
 def _info(ext: Any, args: list[str]) -> None:
@@ -167,6 +217,8 @@ def _answers(ext: Any, args: list[str]) -> None:
 _TABLE = {
     "load": _load,
     "list": _list,
+    "health": _probe,
+    "warm": _warm,
     "info": _info,
     "unload": _unload,
     "fallback": _resilience("fallback"),
