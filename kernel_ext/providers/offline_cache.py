@@ -10,7 +10,12 @@ used ones (a hit refreshes an entry's modification time) are deleted. ``entries(
 is kept and ``clear()`` removes all of it or one identity's answers (``%model answers``).
 
 Every byte read or written goes through :meth:`OfflineCache._write_entry` and
-:meth:`OfflineCache._read_entry`: the one storage layer (where encryption belongs).
+:meth:`OfflineCache._read_entry`: the one storage layer. With a checkpoint key set
+(``checkpoint_key_env``) it seals entries with the checkpoint store's AES-GCM
+(:mod:`kernel_ext.checkpoint._crypto`), bound to their file name: prompts and answers are not on
+disk in the clear, and an entry moved to another name does not open. Entries written before
+the key was set are still served; sealed entries are skipped (with a warning) when no key, or
+another key, is set.
 """
 
 from __future__ import annotations
@@ -27,11 +32,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..errors import KernelExtError
 from .base import GenerationParams, GenerationResult
 
 __all__ = ["CachedAnswer", "OfflineCache", "cache_key"]
 
 log = logging.getLogger(__name__)
+
+
+def _aad_name(path: Path) -> str:
+    return f"offline_cache/{path.stem}"
 
 
 def cache_key(identity: str, prompt: str, params: GenerationParams) -> str:
@@ -66,10 +76,14 @@ class OfflineCache:
         *,
         clock: Callable[[], float] = time.time,
         max_bytes: int | None = None,
+        cipher: Callable[[], Any] | None = None,
     ) -> None:
+        """``cipher()`` gives the :class:`~kernel_ext.checkpoint._crypto.Cipher` to seal
+        entries with, or None (read at each use: the key may be set later)."""
         self.root = Path(root)
         self.max_bytes = max_bytes
         self._clock = clock
+        self._cipher = cipher or (lambda: None)
         self._lock = threading.Lock()
         self._size: int | None = None  # bytes of all entries; None until first counted
 
@@ -77,6 +91,9 @@ class OfflineCache:
     def _write_entry(self, path: Path, entry: dict[str, Any]) -> int:
         """Write ``entry`` atomically; returns its size in bytes."""
         data = json.dumps(entry, ensure_ascii=False).encode("utf-8")
+        cipher = self._cipher()
+        if cipher is not None:
+            data = cipher.seal(_aad_name(path), data)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
         try:
@@ -90,7 +107,18 @@ class OfflineCache:
 
     def _read_entry(self, path: Path) -> dict[str, Any]:
         """The entry at ``path``; ``FileNotFoundError``, or ``ValueError`` for a bad one."""
-        entry = json.loads(path.read_bytes().decode("utf-8"))
+        from ..checkpoint._crypto import is_sealed
+
+        data = path.read_bytes()
+        if is_sealed(data):
+            cipher = self._cipher()
+            if cipher is None:
+                raise ValueError("it is encrypted and no checkpoint key is set")
+            try:
+                data = cipher.open(_aad_name(path), data)
+            except KernelExtError as e:
+                raise ValueError(str(e)) from e
+        entry = json.loads(data.decode("utf-8"))
         if isinstance(entry, dict):
             return entry
         raise ValueError(f"not a JSON object but a {type(entry).__name__}")

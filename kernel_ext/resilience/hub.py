@@ -63,9 +63,16 @@ class Resilience:
     def offline_cache(self) -> OfflineCache:
         root = Path(self.session.state_dir) / "offline_cache"
         if self._cache is None or self._cache.root != root:
-            self._cache = OfflineCache(root, clock=self.wall_clock)
+            self._cache = OfflineCache(root, clock=self.wall_clock, cipher=self._cipher)
         self._cache.max_bytes = int(float(self.config.offline_cache_max_mb) * 1e6)
         return self._cache
+
+    def _cipher(self) -> Any:
+        """The checkpoint key's cipher (it encrypts the offline cache too), or None."""
+        from ..checkpoint._crypto import Cipher, key_from_env
+
+        key = key_from_env(self.config.checkpoint_key_env)
+        return Cipher(key) if key is not None else None
 
     def retry_policy(self) -> RetryPolicy:
         return RetryPolicy.from_config(self.config, sleep=self.sleep, clock=self.clock)
