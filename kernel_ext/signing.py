@@ -15,8 +15,9 @@ Policy (``signature_policy``): ``optional`` verifies a signature when there is o
 does not verify; ``require`` also refuses unsigned models. Every decision is an audit record
 of kind ``model.signature``.
 
-Keyless Sigstore bundles (Fulcio certificates, Rekor entries) need Sigstore's trust root, which
-``model-signing`` fetches over the network: not supported here (see the README).
+Keyless Sigstore bundles (Fulcio certificates, Rekor entries) are checked by ``model-signing``
+against Sigstore's trust root, fetched over the network unless a trust configuration file is
+given; they are not supported here (none could be produced or tested offline; see the README).
 """
 
 from __future__ import annotations
