@@ -16,30 +16,22 @@ import pytest
 from IPython.core.interactiveshell import InteractiveShell
 from openai_stub import OpenAIStub
 from tinymodels import write_tiny_llama
-from traitlets.config import Config
 
 import kernel_ext
 from kernel_ext.audit import AuditLog, metrics
 
 
 @pytest.fixture
-def shell(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[InteractiveShell]:
-    monkeypatch.chdir(tmp_path)
-    config = Config()
-    config.HistoryManager.enabled = False
-    config.KernelExt.state_dir = str(tmp_path / "state")
-    config.KernelExt.retry_attempts = 1
-    config.KernelExt.breaker_consecutive_failures = 2
-    config.KernelExt.breaker_open_seconds = 3600.0
-    config.KernelExt.checkpoint_interval = 0.0
-    InteractiveShell.clear_instance()
-    sh = InteractiveShell.instance(config=config)
-    sh.extension_manager.load_extension("kernel_ext")
-    try:
-        yield sh
-    finally:
-        sh.extension_manager.unload_extension("kernel_ext")
-        InteractiveShell.clear_instance()
+def shell(ip: InteractiveShell) -> InteractiveShell:
+    """conftest's fresh shell with kernel_ext (working in tmp_path), configured for these tests."""
+    for setting in (
+        "retry_attempts = 1",
+        "breaker_consecutive_failures = 2",
+        "breaker_open_seconds = 3600.0",
+        "checkpoint_interval = 0.0",
+    ):
+        ip.run_line_magic("config", f"KernelExt.{setting}")
+    return ip
 
 
 @pytest.fixture

@@ -11,29 +11,20 @@ import pytest
 from IPython.core.interactiveshell import InteractiveShell
 from openai_stub import OpenAIStub
 from tinymodels import write_tiny_llama
-from traitlets.config import Config
 
 import kernel_ext
 
 
 @pytest.fixture
-def shell(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[InteractiveShell]:
-    monkeypatch.chdir(tmp_path)
-    config = Config()
-    config.HistoryManager.enabled = False
-    config.KernelExt.state_dir = str(tmp_path / "state")
-    config.KernelExt.cache_dir = str(tmp_path / "kcache")
-    config.KernelExt.breaker_consecutive_failures = 2
-    config.KernelExt.breaker_open_seconds = 3600.0
-    config.KernelExt.checkpoint_enabled = False
-    InteractiveShell.clear_instance()
-    sh = InteractiveShell.instance(config=config)
-    sh.extension_manager.load_extension("kernel_ext")
-    try:
-        yield sh
-    finally:
-        sh.extension_manager.unload_extension("kernel_ext")
-        InteractiveShell.clear_instance()
+def shell(ip: InteractiveShell) -> InteractiveShell:
+    """conftest's fresh shell with kernel_ext (working in tmp_path), configured for these tests."""
+    for setting in (
+        "breaker_consecutive_failures = 2",
+        "breaker_open_seconds = 3600.0",
+        "checkpoint_enabled = False",
+    ):
+        ip.run_line_magic("config", f"KernelExt.{setting}")
+    return ip
 
 
 @pytest.fixture
