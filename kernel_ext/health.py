@@ -97,7 +97,8 @@ def warm(session: Any, target: str | None, *, timeout: float = 300.0,
     if name is None or name not in known:
         entry = session.models.load(target, progress=progress)
         name = entry.name
-        done.append(f"loaded {name} in {entry.load_s:.1f} s (conversion cache filled)")
+        filled = " (conversion cache filled)" if session.config.conversion_cache else ""
+        done.append(f"loaded {name} in {entry.load_s:.1f} s{filled}")
     assert name is not None
     if name in session.models.names():
         model = session.models.get(name).provider.local.model
