@@ -120,6 +120,7 @@ def test_tampered_cached_weights_are_rebuilt_and_audited(
     assert digests["source_sha256"] == entry.name
     assert {"config.json", "weights-float32.safetensors",
             "tokenizer/tokenizer.json"} <= set(digests["files"])
+    session.models.unload("first")  # its weights map the cache file (see the README)
     _overwrite_middle(weights)
     capsys.readouterr()
     session.models.load(str(tiny), name="second", progress=False)
