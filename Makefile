@@ -67,3 +67,14 @@ lock:
 
 clean:
 	rm -rf $(VENV) .pytest_cache test-artifacts
+
+## gpu-check: on a CUDA machine, the card, the `cuda` tests and the GPU benchmark (< 10 min);
+## bring your CUDA build of torch first (pip install torch), it satisfies the pin
+GPU_STAMP := $(VENV)/.installed-gpu-stamp
+$(GPU_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -c .ci/constraints-cpu.txt -e '.[demo,dev,gpu]'
+	touch $@
+
+.PHONY: gpu-check
+gpu-check: $(GPU_STAMP)
+	$(BIN)/python -m benchmarks.gpu_check

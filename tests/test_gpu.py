@@ -74,6 +74,30 @@ def test_without_nvml_only_gpus_in_use_are_sampled(monkeypatch: pytest.MonkeyPat
     assert set(inv.mem_get_info_calls) == {1} and inv.contexts == {1}
 
 
+def test_dashboard_sampling_creates_no_cuda_context(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from kernel_ext.config import KernelExtConfig
+    from kernel_ext.session import Session
+    from widgets.dashboard import Dashboard
+
+    inv = install(monkeypatch, a100_and_t4(), nvml=False)  # and this kernel uses no GPU
+    session = Session(KernelExtConfig(), None, state_dir=tmp_path)
+    d = Dashboard(session, interval=0)  # its own sampler: kernel_ext.memory.sample_memory
+    try:
+        d.start()
+        for _ in range(5):
+            d.tick()
+        assert d.ticks >= 5 and set(d.memory.readings) == {"cpu"}
+    finally:
+        d.close()
+        session.close()
+    assert inv.mem_get_info_calls == [] and inv.contexts == set()
+    with_nvml = install(monkeypatch, a100_and_t4())
+    assert [g.index for g in sample_memory().gpus] == [0, 1]  # NVML shows both, no context
+    assert with_nvml.contexts == set()
+
+
 def test_the_guard_probes_only_the_device_it_loads_on(monkeypatch: pytest.MonkeyPatch) -> None:
     inv = install(monkeypatch, a100_and_t4(), nvml=False)
     assert available_bytes("cuda:1") == 10 * GiB
