@@ -20,7 +20,7 @@ No GPU was available where this was written: the same code runs on the CPU in th
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -181,7 +181,7 @@ def load_placed(
     dtype: torch.dtype,
     device: str,
     quantization: str | None = None,
-    offload: Offload | None = None,
+    offload: Offload | Mapping[str, int | str] | None = None,
     progress: Progress | None = None,
 ) -> Any:
     """The model of ``gf`` under a bitsandbytes and/or offload plan, filled tensor by tensor.
@@ -189,7 +189,8 @@ def load_placed(
     Each tensor is dequantised on the device it will live on (``device``, or the CPU for the
     layers an offload plan keeps in host RAM or on disk), quantised there for a bitsandbytes
     plan, and assigned; layers mapped to disk are written to the offload folder, and accelerate
-    hooks move the offloaded layers in at forward time."""
+    hooks move the offloaded layers in at forward time. ``offload``: the plan's budgets
+    (:class:`Offload`), or an explicit accelerate device map."""
     from .loader import _decode, _expected, _new_model, _set_tensor
 
     model = _new_model(config, dtype)
@@ -205,12 +206,17 @@ def load_placed(
     expected = _expected(model, list(plan.gguf_to_hf.values()))
     device_map: dict[str, int | str] | None = None
     folder: Path | None = None
-    if offload is not None:
+    if isinstance(offload, Offload):
         device_map = offload_device_map(model, device, offload.device_bytes, offload.host_bytes,
                                         dtype)
-        if "disk" in device_map.values():
-            folder = offload.folder or Path(tempfile.mkdtemp(prefix="kernel_ext-offload-"))
-            folder.mkdir(parents=True, exist_ok=True)
+    elif isinstance(offload, Mapping):
+        device_map = dict(offload)
+    elif offload is not None:
+        raise ValueError(f"device_map must be an Offload or an explicit device map, not {offload!r}")
+    if device_map is not None and "disk" in device_map.values():
+        given = offload.folder if isinstance(offload, Offload) else None
+        folder = given or Path(tempfile.mkdtemp(prefix="kernel_ext-offload-"))
+        folder.mkdir(parents=True, exist_ok=True)
     quantised: set[str] = set()
     if quantization is not None:
         from transformers.integrations.bitsandbytes import replace_with_bnb_linear
