@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import re
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -423,6 +424,9 @@ class ModelRegistry:
         if self.active == name:
             self.active = next(reversed(self._entries), None)
         gc.collect()
+        if dropped is not None and entry.plan.offload:  # the layers it spilled to disk
+            shutil.rmtree(self.session.cache_dir / "offload" / entry.sha256[:16],
+                          ignore_errors=True)
         self.session.audit.write("model.unload", name=name, freed=freed)
         self.session.events.emit("model", action="unloaded", name=name, info={"freed": freed})
         entry.freed = freed

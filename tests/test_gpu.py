@@ -156,7 +156,7 @@ class _OomOnce:
                 self._forward()
             except torch.OutOfMemoryError as e:
                 err = ProviderOutOfMemoryError(f"gpu: out of memory ({e})")
-                err.prompt_tokens = 1000  # type: ignore[attr-defined]
+                err.prompt_tokens = 1000
                 raise err from e
         assert self._kv is not None
         self.kv_alive_on_retry = self._kv() is not None

@@ -167,7 +167,7 @@ class TransformersGGUFProvider:
                 f"{self.name}: out of memory while generating ({e}); try fewer --max-new-tokens, "
                 "a smaller dtype or another device"
             )
-            err.prompt_tokens = int(input_ids.shape[1])  # kernel_ext.oom.retry_params reads it
+            err.prompt_tokens = int(input_ids.shape[1])  # the retry's prefill chunk is half
             raise err from e
         final = decoder.finish()
         if timed_out:

@@ -244,8 +244,7 @@ class FallbackChain:
                     max_new_tokens=params.max_new_tokens,
                 )
                 oom.release(e)  # the frames' KV cache and activations, then empty_cache()
-                retry = None if degraded else oom.retry_params(
-                    params, getattr(e, "prompt_tokens", None))
+                retry = None if degraded else oom.retry_params(params, e.prompt_tokens)
                 if retry is not None:
                     params, what = retry
                     run.notes.append(f"{name} ran out of memory; retried with {what}")
