@@ -70,6 +70,12 @@ def main(argv: list[str]) -> int:
         check=False,
     ).returncode
     marked = 0 if marked == 5 else marked  # 5: no other test is marked cuda
+    store = subprocess.run(  # the checkpoint store's own CUDA round trip (skipif, not marked)
+        [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-k", "cuda",
+         "tests/test_checkpoint_store.py"],
+        check=False,
+    ).returncode
+    marked = marked or (0 if store == 5 else store)
     print("\n=== the GPU benchmark " + "=" * 51, flush=True)
     from benchmarks import bench_gpu
 

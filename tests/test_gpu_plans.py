@@ -253,22 +253,29 @@ def test_gpu_footprints_use_the_devices_16_bit_dtype(
 
 
 # --- on a real GPU ----------------------------------------------------------------------------
+def _cpu_logits(path: Path) -> torch.Tensor:
+    model = load_transformers(path, dtype=torch.bfloat16, device="cpu").model
+    with torch.no_grad():
+        return model(IDS).logits.float()
+
+
 @needs_cuda
 @pytest.mark.cuda
 @pytest.mark.parametrize("quant", ["8bit", "4bit"])
-def test_cuda_quantised_load_stays_below_the_16bit_size(
-    gguf_path: Path, reference: torch.Tensor, quant: str
-) -> None:
-    from kernel_ext.gguf.gpu_plans import meta_model, plan_footprints
+def test_cuda_quantised_load_stays_below_the_16bit_size(layered_path: Path, quant: str) -> None:
+    from kernel_ext.gguf.gpu_plans import plan_footprints
 
+    reference = _cpu_logits(layered_path)
+    fp = plan_footprints(_meta(layered_path))
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
-    art = load_transformers(gguf_path, dtype=torch.bfloat16, device="cuda:0", quantization=quant)
-    with read_gguf(gguf_path) as gf:
-        fp = plan_footprints(meta_model(gf, torch.bfloat16))
+    art = load_transformers(layered_path, dtype=torch.bfloat16, device="cuda:0",
+                            quantization=quant)
     peak = torch.cuda.max_memory_allocated() - before
-    assert peak < fp["bfloat16"]  # never the whole 16-bit model on the GPU
+    added = torch.cuda.memory_allocated() - before
+    assert peak < fp["bfloat16"]  # never the whole 16-bit model on the GPU at once
+    assert added == pytest.approx(fp[quant], rel=0.1)  # the guard's estimate
     assert all(p.device.type == "cuda" for p in art.model.parameters())
     with torch.no_grad():
         out = art.model(IDS.cuda()).logits.float().cpu()
@@ -277,16 +284,16 @@ def test_cuda_quantised_load_stays_below_the_16bit_size(
 
 @needs_cuda
 @pytest.mark.cuda
-def test_cuda_offload_plan_uses_the_gpu_then_cpu(gguf_path: Path, reference: torch.Tensor,
-                                                 tmp_path: Path) -> None:
+def test_cuda_offload_plan_uses_the_gpu_then_cpu(layered_path: Path, tmp_path: Path) -> None:
     from accelerate.utils import compute_module_sizes
 
     from kernel_ext.gguf.gpu_plans import Offload
 
-    size = compute_module_sizes(_meta(gguf_path), dtype=torch.bfloat16)[""]
-    art = load_transformers(gguf_path, dtype=torch.bfloat16, device="cuda:0",
+    reference = _cpu_logits(layered_path)
+    size = compute_module_sizes(_meta(layered_path), dtype=torch.bfloat16)[""]
+    art = load_transformers(layered_path, dtype=torch.bfloat16, device="cuda:0",
                             device_map=Offload(size // 2, size, tmp_path / "offload"))
-    assert set(art.model.hf_device_map.values()) <= {0, "cpu"}
+    assert set(art.model.hf_device_map.values()) == {0, "cpu"}
     with torch.no_grad():
         out = art.model(IDS.cuda()).logits.float().cpu()
     assert (out - reference).abs().max().item() < 0.05 * reference.abs().max().item()

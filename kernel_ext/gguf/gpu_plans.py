@@ -252,6 +252,10 @@ def load_placed(
             if progress is not None:
                 progress(done, len(names), "weights")
     model.tie_weights()
+    leftover = [n for n, p in model.named_parameters() if p.device.type == "meta"
+                and (device_map is None or _placement(device_map, n) != "disk")]
+    if leftover:
+        raise GGUFFormatError(f"no data for parameters {', '.join(leftover[:5])}")
     if device_map is None:
         for module in model.modules():  # buffers (rotary tables) were built on the CPU
             for key, buf in list(module._buffers.items()):

@@ -298,8 +298,9 @@ def load_transformers(
     instead of keeping a second, anonymous copy, so a cold load's peak RSS stays near one
     tensor above the baseline.
     ``progress(done, total, stage)`` is called once per tensor. ``device_map`` (a
-    :class:`kernel_ext.gguf.gpu_plans.Offload`, or an explicit accelerate device map) and ``quantization`` ("8bit" / "4bit",
-    bitsandbytes, CUDA only) load through :mod:`kernel_ext.gguf.gpu_plans`. ``decode_threads``: torch
+    :class:`kernel_ext.gguf.gpu_plans.Offload`, or an explicit accelerate device map) and
+    ``quantization`` ("8bit" / "4bit", bitsandbytes, CUDA only) load through
+    :mod:`kernel_ext.gguf.gpu_plans`. ``decode_threads``: torch
     intra-op threads while decoding (None: leave torch's setting).
     """
     dt = resolve_dtype(dtype)
