@@ -275,7 +275,7 @@ def test_cuda_quantised_load_stays_below_the_16bit_size(layered_path: Path, quan
     peak = torch.cuda.max_memory_allocated() - before
     added = torch.cuda.memory_allocated() - before
     assert peak < fp["bfloat16"]  # never the whole 16-bit model on the GPU at once
-    assert added == pytest.approx(fp[quant], rel=0.1)  # the guard's estimate
+    assert added == pytest.approx(fp[quant], rel=0.2)  # the guard's estimate (+ allocator rounding)
     assert all(p.device.type == "cuda" for p in art.model.parameters())
     with torch.no_grad():
         out = art.model(IDS.cuda()).logits.float().cpu()
