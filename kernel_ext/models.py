@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import os
 import re
 import shutil
 import time
@@ -394,21 +395,25 @@ class ModelRegistry:
                 gf, dtype=getattr(torch, plan.dtype), device=plan.device, sha256=digest,
                 cache_dir=cache, progress=on_progress,
                 cache_max_bytes=int(self.session.config.conversion_cache_max_gb * 1024**3),
-                quantization=plan.quantization, device_map=self._offload(plan, name),
+                quantization=plan.quantization, device_map=self._offload(plan, digest),
             )
         finally:
             if bar is not None:
                 bar.close()
 
-    def _offload(self, plan: LoadPlan, name: str) -> Any:
+    def _offload(self, plan: LoadPlan, sha256: str) -> Any:
         """An offload plan's limits for the loader: the plan's GPU and host budgets, and a
         folder for what fits neither (accelerate's disk offload)."""
         if not plan.offload:
             return None
         from .gguf.gpu_plans import Offload
 
-        return Offload(plan.device_budget_bytes, plan.host_budget_bytes,
-                       self.session.cache_dir / "offload" / name)
+        return Offload(plan.device_budget_bytes, plan.host_budget_bytes, self._offload_dir(sha256))
+
+    def _offload_dir(self, sha256: str) -> Path:
+        """This kernel's folder for the disk-offloaded layers of a file's weights (shared by
+        the names that share them; two kernels are kept apart by the process id)."""
+        return self.session.cache_dir / "offload" / f"{sha256[:16]}-{os.getpid()}"
 
     # --- unloading -------------------------------------------------------------------------------
     def unload(self, name: str) -> ModelEntry:
@@ -425,8 +430,7 @@ class ModelRegistry:
             self.active = next(reversed(self._entries), None)
         gc.collect()
         if dropped is not None and entry.plan.offload:  # the layers it spilled to disk
-            shutil.rmtree(self.session.cache_dir / "offload" / entry.sha256[:16],
-                          ignore_errors=True)
+            shutil.rmtree(self._offload_dir(entry.sha256), ignore_errors=True)
         self.session.audit.write("model.unload", name=name, freed=freed)
         self.session.events.emit("model", action="unloaded", name=name, info={"freed": freed})
         entry.freed = freed

@@ -9,6 +9,7 @@ loads on a real GPU (``make gpu-check``).
 
 from __future__ import annotations
 
+import os
 import weakref
 from pathlib import Path
 from typing import Any
@@ -235,9 +236,11 @@ def test_registry_passes_the_plans_budgets_and_folder(tmp_path: Path) -> None:
 
     session = Session(KernelExtConfig(), None, state_dir=tmp_path / "state")
     plan = LoadPlan("cuda:1", "float16", None, True, 10 * GiB, 12 * GiB, host_budget_bytes=8 * GiB)
-    spec = session.models._offload(plan, "big")
-    assert spec == Offload(4 * GiB, 8 * GiB, session.cache_dir / "offload" / "big")
-    assert session.models._offload(LoadPlan("cuda:0", "bfloat16"), "x") is None
+    digest = "ab" * 32
+    spec = session.models._offload(plan, digest)
+    folder = session.cache_dir / "offload" / f"{digest[:16]}-{os.getpid()}"
+    assert spec == Offload(4 * GiB, 8 * GiB, folder)
+    assert session.models._offload(LoadPlan("cuda:0", "bfloat16"), digest) is None
 
 
 def test_gpu_footprints_use_the_devices_16_bit_dtype(
