@@ -16,8 +16,9 @@ from gpu_inventory import GiB, a100_and_t4, install
 
 from kernel_ext.errors import AllProvidersFailedError, ProviderOutOfMemoryError
 from kernel_ext.memory import available_bytes, choose_plan, sample_memory
-from kernel_ext.models import _footprint, resolve_dtype
+from kernel_ext.models import resolve_dtype
 from kernel_ext.providers.base import GenerationParams, GenerationResult, Health
+from kernel_ext.residency import tensor_bytes as _footprint
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -326,6 +327,7 @@ def test_cuda_tensor_is_hashed_once_per_change_and_round_trips(tmp_path: Path) -
 def test_footprint_does_not_count_offloaded_meta_parameters() -> None:
     model = torch.nn.Sequential(torch.nn.Linear(100, 100), torch.nn.Linear(100, 100))
     model[1].to("meta")  # what accelerate leaves in place of a layer offloaded to disk
+    # (the registry counts footprints with kernel_ext.residency.tensor_bytes)
     assert _footprint(model) == (100 * 100 + 100) * 4
 
 

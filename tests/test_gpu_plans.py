@@ -22,7 +22,7 @@ from kernel_ext.gguf import convert
 from kernel_ext.gguf.loader import load_transformers
 from kernel_ext.gguf.reader import read_gguf
 from kernel_ext.memory import choose_plan
-from kernel_ext.models import _footprint
+from kernel_ext.residency import tensor_bytes as _footprint
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 IDS = torch.tensor([[2, 300, 301, 302, 303, 304]])
