@@ -67,3 +67,15 @@ lock:
 
 clean:
 	rm -rf $(VENV) .pytest_cache test-artifacts
+
+## gpu-check: on a CUDA machine, the card, the `cuda` tests and the GPU benchmark (< 10 min).
+## The lock's torch==2.13.0 from PyPI is its CUDA build on Linux x86-64; nvidia-ml-py (the gpu
+## extra, NVML) is not in the lock.
+GPU_STAMP := $(VENV)/.installed-gpu-stamp
+$(GPU_STAMP): $(TEST_STAMP)
+	$(BIN)/python -m pip install -q --no-build-isolation -c $(LOCK) -e '.[demo,dev,gpu]'
+	touch $@
+
+.PHONY: gpu-check
+gpu-check: $(GPU_STAMP)
+	$(BIN)/python -m benchmarks.gpu_check

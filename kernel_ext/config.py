@@ -42,7 +42,7 @@ class KernelExtConfig(Configurable):
     ).tag(config=True)
     dtype = Unicode(
         "auto",
-        help="Default dtype for loads: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16.",
+        help="Default dtype for loads: auto (float32 on CPU; on a GPU bfloat16 from compute capability 8.0, else float16), float32, bfloat16, float16.",
     ).tag(config=True)
     memory_fraction = Float(
         0.8,

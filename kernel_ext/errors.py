@@ -150,6 +150,8 @@ class TransientProviderError(ProviderError):
 class ProviderOutOfMemoryError(ProviderError, MemoryError):
     """The provider ran out of (GPU) memory; retried only in a degraded form."""
 
+    prompt_tokens: int | None = None  # the prompt's length, when the provider knows it
+
 
 class BreakerOpenError(KernelExtError, RuntimeError):
     """A circuit breaker is open and rejects calls until ``retry_at``."""

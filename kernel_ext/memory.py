@@ -10,25 +10,34 @@ device has available, and picks the first plan that fits:
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import psutil
 
 from .errors import MemoryBudgetError
 
 __all__ = [
+    "DTYPE_BYTES",
+    "CudaDevice",
     "GpuSample",
-    "MemorySample",
     "LoadPlan",
-    "sample_memory",
+    "MemorySample",
     "available_bytes",
     "choose_plan",
-    "guard_budget",
+    "cuda_devices",
     "format_bytes",
-    "DTYPE_BYTES",
+    "guard_budget",
+    "half_dtype",
     "process_anonymous_bytes",
+    "sample_memory",
 ]
+
+log = logging.getLogger(__name__)
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "nf4": 0.5}
 _GB = 1024**3
@@ -53,22 +62,144 @@ class MemorySample:
     gpus: list[GpuSample] = field(default_factory=list)
 
 
-def _gpus() -> list[GpuSample]:
+@dataclass(frozen=True)
+class CudaDevice:
+    """A CUDA device as torch numbers it (``CUDA_VISIBLE_DEVICES`` applied), read from the
+    device properties: no CUDA context is created to know it."""
+
+    index: int
+    name: str
+    uuid: str  # as NVML writes it: "GPU-…" (or "MIG-…")
+    total: int
+    capability: tuple[int, int]
+
+
+def _torch() -> Any:
     try:
         import torch
     except ImportError:  # torch is a dependency, but probes must never fail
-        return []
-    if not torch.cuda.is_available():
+        return None
+    return torch
+
+
+def cuda_devices() -> list[CudaDevice]:
+    """The CUDA devices this process can see, in torch's numbering; [] without CUDA."""
+    torch = _torch()
+    if torch is None or not torch.cuda.is_available():
         return []
     out = []
     for i in range(torch.cuda.device_count()):
-        free, total = torch.cuda.mem_get_info(i)
-        out.append(GpuSample(i, torch.cuda.get_device_name(i), total, total - free, free))
+        props = torch.cuda.get_device_properties(i)
+        uuid = str(getattr(props, "uuid", "") or "")
+        if uuid and not uuid.startswith(("GPU-", "MIG-")):
+            uuid = f"GPU-{uuid}"
+        out.append(CudaDevice(i, str(props.name), uuid, int(props.total_memory),
+                              (int(props.major), int(props.minor))))
+    return out
+
+
+def _cuda_index(device: str) -> int:
+    return int(device.split(":", 1)[1]) if ":" in device else 0
+
+
+def half_dtype(device: str) -> str:
+    """The 16-bit dtype ``device`` computes natively: bfloat16 on the CPU and on CUDA devices of
+    compute capability 8.0 or more (Ampere on), float16 on older GPUs, whose bfloat16 is
+    emulated (``torch.cuda.is_bf16_supported()`` counts emulation, and asks the current
+    device, not ``device``)."""
+    if not device.startswith("cuda"):
+        return "bfloat16"
+    index = _cuda_index(device)
+    for d in cuda_devices():
+        if d.index == index:
+            return "bfloat16" if d.capability >= (8, 0) else "float16"
+    return "float16"  # not visible: float16 runs everywhere
+
+
+class _Nvml:
+    """nvidia-ml-py (the ``gpu`` extra), imported and initialised on first use; ``None`` from
+    :meth:`memory` when it is missing or finds no driver. NVML reads a GPU's memory without a
+    CUDA context, so probing never claims memory on GPUs this kernel does not use."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._module: Any = None
+        self._tried = False
+
+    def _get(self) -> Any:
+        with self._lock:
+            if not self._tried:
+                self._tried = True
+                try:
+                    import pynvml
+
+                    pynvml.nvmlInit()
+                    self._module = pynvml
+                except Exception as e:  # noqa: BLE001 - ImportError, NVMLError: no NVML here
+                    log.debug("kernel_ext: NVML unavailable (%s); GPU memory via torch", e)
+            return self._module
+
+    def memory(self, uuid: str) -> tuple[int, int] | None:
+        """(total, free) bytes of the GPU with this UUID, or None."""
+        nvml = self._get()
+        if nvml is None or not uuid:
+            return None
+        for candidate in (uuid, "MIG-" + uuid.removeprefix("GPU-")):
+            try:
+                info = nvml.nvmlDeviceGetMemoryInfo(nvml.nvmlDeviceGetHandleByUUID(candidate))
+            except Exception as e:  # noqa: BLE001 - NVMLError_NotFound and friends
+                log.debug("kernel_ext: NVML has no device %s: %s", candidate, e)
+                continue
+            return int(info.total), int(info.free)
+        return None
+
+    def reset(self) -> None:
+        """Forget the module (tests install a fake one)."""
+        with self._lock:
+            self._module, self._tried = None, False
+
+
+_NVML = _Nvml()
+
+
+def _has_context(torch: Any, index: int) -> bool:
+    """Whether this process already holds a CUDA context on ``index`` (asking creates none)."""
+    probe = getattr(torch._C, "_cuda_hasPrimaryContext", None)
+    if probe is None or not torch.cuda.is_initialized():
+        return False
+    try:
+        return bool(probe(index))
+    except Exception:  # noqa: BLE001 - a probe must never fail
+        return False
+
+
+def _gpu_memory(device: CudaDevice, *, may_create_context: bool) -> tuple[int, int] | None:
+    """(total, free) of one device: NVML by UUID; else torch's ``mem_get_info``, but only on a
+    device this process already uses (or, for the guard, is about to use)."""
+    got = _NVML.memory(device.uuid)
+    if got is not None:
+        return got
+    torch = _torch()
+    if torch is None or not (may_create_context or _has_context(torch, device.index)):
+        return None
+    free, total = torch.cuda.mem_get_info(device.index)
+    return int(total), int(free)
+
+
+def _gpus() -> list[GpuSample]:
+    """Each visible GPU whose memory can be read without creating a CUDA context on it."""
+    out = []
+    for d in cuda_devices():
+        got = _gpu_memory(d, may_create_context=False)
+        if got is not None:
+            total, free = got
+            out.append(GpuSample(d.index, d.name, total, total - free, free))
     return out
 
 
 def sample_memory() -> MemorySample:
-    """RAM of the machine, this process's RSS and each visible CUDA GPU."""
+    """RAM of the machine, this process's RSS and each visible CUDA GPU (all of them with NVML;
+    without it, those this process already uses)."""
     vm = psutil.virtual_memory()
     rss = psutil.Process().memory_info().rss
     return MemorySample(time.time(), vm.total, vm.available, vm.total - vm.available, rss, _gpus())
@@ -77,10 +208,11 @@ def sample_memory() -> MemorySample:
 def available_bytes(device: str) -> int:
     """Memory a new load may take on ``device`` ("cpu", "cuda", "cuda:N")."""
     if device.startswith("cuda"):
-        index = int(device.split(":", 1)[1]) if ":" in device else 0
-        for gpu in _gpus():
-            if gpu.index == index:
-                return gpu.free
+        index = _cuda_index(device)
+        for d in cuda_devices():
+            if d.index == index:
+                got = _gpu_memory(d, may_create_context=True)  # the load will use it anyway
+                return got[1] if got is not None else 0
         return 0
     return psutil.virtual_memory().available
 
@@ -122,10 +254,11 @@ class LoadPlan:
     device: str
     dtype: str
     quantization: str | None = None  # None | "8bit" | "4bit"
-    offload: bool = False  # accelerate device_map="auto" with CPU offload
+    offload: bool = False  # accelerate device map over the plan's GPU, the CPU (and disk)
     estimate_bytes: int = 0
     budget_bytes: int = 0
     reason: str = ""
+    host_budget_bytes: int = 0  # offload plans: what the CPU part may take of host RAM
 
     def describe(self) -> str:
         parts = [self.device, self.dtype]
@@ -135,6 +268,11 @@ class LoadPlan:
             parts.append("CPU offload")
         fit = f"{format_bytes(self.estimate_bytes)} of {format_bytes(self.budget_bytes)} allowed"
         return " / ".join(parts) + f" ({fit})" + (f"; {self.reason}" if self.reason else "")
+
+    @property
+    def device_budget_bytes(self) -> int:
+        """What the plan may take on its own device (the GPU part of an offload plan)."""
+        return self.budget_bytes - self.host_budget_bytes
 
 
 def choose_plan(
@@ -147,44 +285,62 @@ def choose_plan(
     cpu_available: int | None = None,
     overhead: float = 1.15,
     float32_copies: int = 0,
+    footprints: Mapping[str, int] | None = None,
+    half: str | None = None,
 ) -> LoadPlan:
     """The first plan on the ladder whose estimate fits ``fraction`` of available memory.
 
     ``overhead`` covers buffers, the KV cache of a short generation and allocator slack.
     ``float32_copies``: bytes of the fp16 copies CPU decoding keeps of float32 weights
     (``KernelExt.decode_mode``), counted for float32 plans only.
+    ``footprints``: the weights' bytes per plan kind ("float32", "bfloat16", "float16",
+    "8bit", "4bit"), as :func:`kernel_ext.gguf.gpu_plans.plan_footprints` computes them from
+    the model built on the meta device (bitsandbytes keeps embeddings and the output head in
+    16-bit); without them every parameter counts at the kind's size.
+    ``half``: the 16-bit dtype of the fallback rungs (default: :func:`half_dtype` of
+    ``device``, or ``dtype`` itself when that is already 16-bit).
     Raises :class:`MemoryBudgetError` with the numbers and the options when nothing fits.
     """
     avail = available if available is not None else available_bytes(device)
     budget = guard_budget(avail, fraction)
+    if dtype in ("bfloat16", "float16"):
+        half = dtype
+    half = half or half_dtype(device)
 
     def est(kind: str) -> int:
         copies = float32_copies if kind == "float32" else 0
-        return int(n_params * DTYPE_BYTES[kind] * overhead) + copies
+        if footprints is not None and kind in footprints:
+            return int(footprints[kind] * overhead) + copies
+        size = DTYPE_BYTES[{"8bit": "int8", "4bit": "nf4"}.get(kind, kind)]
+        return int(n_params * size * overhead) + copies
 
     tried: list[str] = []
     ladder: list[tuple[str, str | None, str]] = [(dtype, None, "")]
     if device.startswith("cuda"):
         if dtype == "float32":
-            ladder.append(("bfloat16", None, "float32 does not fit; using bfloat16"))
+            ladder.append((half, None, f"float32 does not fit; using {half}"))
         ladder += [
-            ("bfloat16", "8bit", "16-bit does not fit; quantising to 8-bit"),
-            ("bfloat16", "4bit", "8-bit does not fit; quantising to 4-bit"),
+            (half, "8bit", "16-bit does not fit; quantising to 8-bit"),
+            (half, "4bit", "8-bit does not fit; quantising to 4-bit"),
         ]
     elif dtype == "float32":
-        ladder.append(("bfloat16", None, "float32 does not fit in RAM; using bfloat16"))
+        ladder.append((half, None, f"float32 does not fit in RAM; using {half}"))
     for dt, quant, reason in ladder:
-        need = est(quant and ("int8" if quant == "8bit" else "nf4") or dt)
+        need = est(quant or dt)
         if need <= budget:
             return LoadPlan(device, dt, quant, False, need, budget, reason)
         tried.append(f"{dt}{' ' + quant if quant else ''} needs {format_bytes(need)}")
     if device.startswith("cuda"):
+        # the layers that do not fit on the GPU live in host RAM: it is checked like a CPU load
         cpu = cpu_available if cpu_available is not None else available_bytes("cpu")
-        need = est("bfloat16")
-        if need <= budget + guard_budget(cpu, fraction):
-            return LoadPlan(device, "bfloat16", None, True, need, budget + guard_budget(cpu, fraction),
-                            "does not fit on the GPU; offloading layers to the CPU (slow)")
-        tried.append(f"bfloat16 with CPU offload needs {format_bytes(need)}")
+        host = guard_budget(cpu, fraction)
+        need = est(half)
+        if need <= budget + host:
+            return LoadPlan(device, half, None, True, need, budget + host,
+                            "does not fit on the GPU; offloading layers to the CPU (slow)",
+                            host_budget_bytes=host)
+        tried.append(f"{half} with CPU offload needs {format_bytes(need)} "
+                     f"(GPU and {format_bytes(host)} of host RAM)")
     raise MemoryBudgetError(
         f"the model does not fit: {'; '.join(tried)}, but only {format_bytes(budget)} "
         f"({fraction:.0%} of {format_bytes(avail)} available on {device}) is allowed. "

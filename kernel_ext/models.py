@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import os
 import re
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +28,7 @@ from .errors import (
     ModelLoadError,
     ModelNotFoundError,
 )
-from .memory import LoadPlan, choose_plan, format_bytes, process_anonymous_bytes
+from .memory import LoadPlan, choose_plan, format_bytes, half_dtype, process_anonymous_bytes
 from .providers.transformers_gguf import LocalModel, TransformersGGUFProvider
 from .residency import Residency, Resident, file_backed_bytes, tensor_bytes
 
@@ -55,12 +57,12 @@ def resolve_device(device: str) -> str:
 
 
 def resolve_dtype(dtype: str, device: str) -> str:
+    """``auto``: float32 on the CPU; on ``cuda:N``, what that GPU computes natively
+    (:func:`kernel_ext.memory.half_dtype`: bfloat16 from compute capability 8.0, else float16)."""
     if dtype != "auto":
         return dtype
     if device.startswith("cuda"):
-        import torch
-
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        return half_dtype(device)
     return "float32"
 
 
@@ -226,7 +228,8 @@ class ModelRegistry:
                     plan = choose_plan(int(summary["n_params"]), device=dev, dtype=dt,
                                        fraction=cfg.memory_fraction,
                                        float32_copies=_decode_copies(cfg.decode_mode, dev,
-                                                                     summary, hidden))
+                                                                     summary, hidden),
+                                       footprints=_gpu_footprints(gf, dev))
                     notes += self._make_room(plan.estimate_bytes, name)
                     session.audit.write("model.plan", name=name, path=path, sha256=digest,
                                         plan=plan.describe())
@@ -429,11 +432,25 @@ class ModelRegistry:
                 gf, dtype=getattr(torch, plan.dtype), device=plan.device, sha256=digest,
                 cache_dir=cache, progress=on_progress,
                 cache_max_bytes=int(self.session.config.conversion_cache_max_gb * 1024**3),
-                quantization=plan.quantization, device_map="auto" if plan.offload else None,
+                quantization=plan.quantization, device_map=self._offload(plan, digest),
             )
         finally:
             if bar is not None:
                 bar.close()
+
+    def _offload(self, plan: LoadPlan, sha256: str) -> Any:
+        """An offload plan's limits for the loader: the plan's GPU and host budgets, and a
+        folder for what fits neither (accelerate's disk offload)."""
+        if not plan.offload:
+            return None
+        from .gguf.gpu_plans import Offload
+
+        return Offload(plan.device_budget_bytes, plan.host_budget_bytes, self._offload_dir(sha256))
+
+    def _offload_dir(self, sha256: str) -> Path:
+        """This kernel's folder for the disk-offloaded layers of a file's weights (shared by
+        the names that share them; two kernels are kept apart by the process id)."""
+        return self.session.cache_dir / "offload" / f"{sha256[:16]}-{os.getpid()}"
 
     # --- unloading -------------------------------------------------------------------------------
     def unload(self, name: str) -> ModelEntry:
@@ -449,6 +466,8 @@ class ModelRegistry:
         if self.active == name:
             self.active = next(reversed(self._entries), None)
         gc.collect()
+        if dropped is not None and entry.plan.offload:  # the layers it spilled to disk
+            shutil.rmtree(self._offload_dir(entry.sha256), ignore_errors=True)
         self.session.audit.write("model.unload", name=name, freed=freed)
         self.session.events.emit("model", action="unloaded", name=name, info={"freed": freed})
         entry.freed = freed
@@ -552,3 +571,17 @@ class _Deadline:
                 f"{stage}); it was cancelled and nothing of it stays loaded. Raise "
                 "%config KernelExt.load_timeout (0: no limit) or load a smaller model"
             )
+
+
+def _gpu_footprints(gf: Any, device: str) -> dict[str, int] | None:
+    """The weights' bytes per GPU plan kind, from the model built on the meta device (so the
+    8/4-bit estimates keep embeddings and the output head 16-bit); None off the GPU, where
+    every parameter has the plan's dtype."""
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    from .gguf.gpu_plans import meta_model, plan_footprints
+
+    half = getattr(torch, half_dtype(device))
+    return plan_footprints(meta_model(gf, half), half)

@@ -5,7 +5,8 @@ more :class:`Part` objects, each either an array (stored as a Zarr array) or a b
 Parts are named by their xxh3-128 content hash, which is verified on restore.
 
 Kinds: ``ndarray`` (numpy arrays and scalars), ``torch`` (tensors, any device, bfloat16
-included; restored on the CPU unless the original device exists), ``json`` (nested
+included; restored on the CPU, with a warning, when the original device does not exist;
+GPU tensors are hashed once per change, see :class:`_DeviceHashes`), ``json`` (nested
 dict/list/str/int/float/bool/None), ``bytes``/``bytearray``, ``dataframe`` (pandas, column
 by column) and ``pickle`` (only for variables the user opted in; restoring runs code).
 """
@@ -16,7 +17,10 @@ import functools
 import json
 import pickle
 import sys
+import threading
 import types
+import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -179,28 +183,118 @@ def _encode_ndarray(arr: np.ndarray, scalar: bool = False) -> Encoded:
 _TORCH_INT_BY_SIZE = {1: "int8", 2: "int16", 4: "int32", 8: "int64"}
 
 
+def _host_array(t: Any) -> np.ndarray:
+    """A dense tensor's values as a host numpy array (bfloat16 & co. as same-size integers)."""
+    import torch
+
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.to("cpu")
+    t = t.resolve_conj().resolve_neg().contiguous()
+    try:
+        return t.numpy()
+    except TypeError:  # bfloat16, float8...: keep the bits in an integer of the same size
+        size = t.element_size()
+        if size not in _TORCH_INT_BY_SIZE:
+            raise Unstorable(f"torch tensor of dtype {t.dtype}") from None
+        return t.view(getattr(torch, _TORCH_INT_BY_SIZE[size])).numpy()
+
+
+class _DevicePart(Part):
+    """The part of a device tensor whose hash is known: its bytes are copied to the host only
+    if the store reads :attr:`array` (when it does not hold that object yet)."""
+
+    def __init__(self, hash: str, tensor: Any, dtype: str, shape: list[int], nbytes: int) -> None:
+        self.hash = hash
+        self.data = None
+        self._tensor: Any = tensor
+        self._array: np.ndarray | None = None
+        self._dtype, self._shape, self._nbytes = dtype, shape, nbytes
+
+    @property  # type: ignore[override]
+    def array(self) -> np.ndarray:
+        if self._array is None:
+            self._array = np.ascontiguousarray(_host_array(self._tensor))
+            self._tensor = None
+        return self._array
+
+    @property
+    def is_array(self) -> bool:
+        return True
+
+    @property
+    def nbytes(self) -> int:
+        return self._nbytes
+
+    def ref(self) -> dict[str, Any]:
+        return {"hash": self.hash, "type": "array", "dtype": self._dtype,
+                "shape": list(self._shape), "nbytes": self._nbytes}
+
+
+class _DeviceHashes:
+    """Content hashes of GPU tensors, kept while the tensor is unchanged.
+
+    Hashing needs the bytes on the host; a checkpoint hook runs after every cell, so without
+    this every GPU tensor would be copied to the host every cell. An entry is valid for the
+    same tensor object (a weak reference: a freed tensor's address can be reused) with the
+    same ``data_ptr``, version counter (bumped by every in-place write, through any view),
+    shape, strides, storage offset, dtype and device.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._entries: dict[int, tuple[Any, tuple[Any, ...], str, str, list[int], int]] = {}
+
+    @staticmethod
+    def _key(t: Any) -> tuple[Any, ...]:
+        return (t.data_ptr(), t._version, tuple(t.shape), tuple(t.stride()),
+                t.storage_offset(), t.dtype, str(t.device))
+
+    def get(self, t: Any) -> _DevicePart | None:
+        with self._lock:
+            entry = self._entries.get(id(t))
+        if entry is None:
+            return None
+        ref, key, hash_, dtype, shape, nbytes = entry
+        if ref() is not t or key != self._key(t):
+            return None
+        return _DevicePart(hash_, t, dtype, shape, nbytes)
+
+    def put(self, t: Any, part: Part) -> None:
+        assert part.array is not None
+        ident = id(t)
+        ref = weakref.ref(t, lambda _r, ident=ident: self._drop(ident, _r))
+        entry = (ref, self._key(t), part.hash, part.array.dtype.str, list(part.array.shape),
+                 part.nbytes)
+        with self._lock:
+            self._entries[ident] = entry
+
+    def _drop(self, ident: int, ref: Any) -> None:
+        with self._lock:
+            if ident in self._entries and self._entries[ident][0] is ref:
+                del self._entries[ident]
+
+
+_DEVICE_HASHES = _DeviceHashes()
+
+
 def _encode_torch(t: Any) -> Encoded:
     import torch
 
     if t.layout != torch.strided or t.is_quantized:
         raise Unstorable(f"torch tensor with layout {t.layout} (only dense tensors)")
     device = str(t.device)
-    requires_grad = bool(t.requires_grad)
-    t = t.detach()
-    if t.device.type != "cpu":
-        t = t.to("cpu")
-    t = t.resolve_conj().resolve_neg().contiguous()
-    try:
-        arr = t.numpy()
-    except TypeError:  # bfloat16, float8...: keep the bits in an integer of the same size
-        size = t.element_size()
-        if size not in _TORCH_INT_BY_SIZE:
-            raise Unstorable(f"torch tensor of dtype {t.dtype}") from None
-        arr = t.view(getattr(torch, _TORCH_INT_BY_SIZE[size])).numpy()
+    on_device = t.device.type not in ("cpu", "meta")
+    part: Part | None = _DEVICE_HASHES.get(t) if on_device else None
+    if part is None:
+        part = _array_part(_host_array(t))
+        if on_device:
+            _DEVICE_HASHES.put(t, part)
+    ref = part.ref()
     meta = {"torch_dtype": str(t.dtype).removeprefix("torch."), "device": device,
-            "requires_grad": requires_grad,
-            "dtype": arr.dtype.str, "shape": list(arr.shape)}
-    return Encoded("torch", meta, [_array_part(arr)])
+            "requires_grad": bool(t.requires_grad),
+            "dtype": ref["dtype"], "shape": ref["shape"]}
+    return Encoded("torch", meta, [part])
 
 
 def _is_json(value: Any, depth: int = 0) -> bool:
@@ -323,8 +417,13 @@ def decode(kind: str, meta: dict[str, Any], parts: list[Any], *, allow_pickle: b
         if t.dtype != target:
             t = t.view(target)
         device = meta.get("device", "cpu")
-        if device.startswith("cuda") and torch.cuda.is_available():
-            t = t.to(device)
+        if device != "cpu":
+            if _device_exists(torch, device):
+                t = t.to(device)
+            else:
+                warnings.warn(f"a tensor saved on {device} was restored on the CPU: this machine "
+                              f"has no {device}; move it with .to(...)", RuntimeWarning,
+                              stacklevel=2)
         if meta.get("requires_grad"):
             t.requires_grad_(True)
         return t
@@ -341,6 +440,19 @@ def decode(kind: str, meta: dict[str, Any], parts: list[Any], *, allow_pickle: b
             raise PickleRefused(meta.get("type", "object"))
         return pickle.loads(parts[0])
     raise ValueError(f"unknown kind {kind!r}")
+
+
+def _device_exists(torch: Any, device: str) -> bool:
+    """Whether ``device`` ("cuda:N", "mps", ...) exists here (asking creates no CUDA context)."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        return False
+    if dev.type == "cuda":
+        return torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count()
+    module = getattr(torch, dev.type, None)
+    is_available = getattr(module, "is_available", None)
+    return bool(is_available and is_available())
 
 
 def _as_dtype(arr: np.ndarray, dtype: np.dtype) -> np.ndarray:

@@ -181,7 +181,7 @@ class Store:
                 raw = (part.array.reshape(-1).view(np.uint8) if part.array is not None
                        else part.data or b"")
                 blobs.append((key, cipher.seal(key, memoryview(cast(Any, raw)))))
-            elif part.array is not None:
+            elif part.is_array:  # before reading .array: a device part copies it to the host
                 key = f"objects/{part.hash}"
                 if self.backend.has_array(key):
                     continue

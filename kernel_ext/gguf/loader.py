@@ -13,10 +13,9 @@ safetensors file and the model then maps that file copy-on-write: the weights ar
 twice, and peak RSS stays a few hundred MB above the interpreter's. Warm load (cache filled):
 tokenizer.json and the mapped weights, no decoding at all.
 
-``device_map`` / ``quantization`` are hooks for the memory-plan ladder (GPU only): they hand a
-dequantised state dict to Transformers' own ``from_pretrained(None, state_dict=...)`` with a
-bitsandbytes config and/or an accelerate device map. Written from the documented APIs; no GPU
-was available to run them.
+``device_map`` / ``quantization`` are the memory-plan ladder's GPU rungs (an offload plan, a
+bitsandbytes plan): :func:`kernel_ext.gguf.gpu_plans.load_placed` fills the meta model tensor
+by tensor on the target device, never building a state dict on the host.
 """
 
 from __future__ import annotations
@@ -298,9 +297,10 @@ def load_transformers(
     are written while decoding; on the CPU the model then maps that file (copy-on-write)
     instead of keeping a second, anonymous copy, so a cold load's peak RSS stays near one
     tensor above the baseline.
-    ``progress(done, total, stage)`` is called once per tensor. ``device_map`` and
-    ``quantization`` ("8bit" / "4bit", bitsandbytes, CUDA only) route the weights through
-    Transformers' ``from_pretrained`` (see the module docstring). ``decode_threads``: torch
+    ``progress(done, total, stage)`` is called once per tensor. ``device_map`` (a
+    :class:`kernel_ext.gguf.gpu_plans.Offload`, or an explicit accelerate device map) and
+    ``quantization`` ("8bit" / "4bit", bitsandbytes, CUDA only) load through
+    :mod:`kernel_ext.gguf.gpu_plans`. ``decode_threads``: torch
     intra-op threads while decoding (None: leave torch's setting).
     """
     dt = resolve_dtype(dtype)
@@ -389,18 +389,11 @@ def _load(
         stage[0] = "building the model and loading its weights"
         with _switch_interval(job is not None):
             if quantization or device_map is not None:
-                model = _load_via_transformers(
-                    gf,
-                    arch,
-                    cfg_dict,
-                    config,
-                    dt,
-                    device,
-                    device_map,
-                    quantization,
-                    progress,
-                    decode_threads,
-                )
+                from .gpu_plans import load_placed
+
+                model = load_placed(gf, arch=arch, cfg_dict=cfg_dict, config=config, dtype=dt,
+                                    device=device, quantization=quantization, offload=device_map,
+                                    progress=progress)
                 hits["weights"] = False
                 t = mark("weights", t)
             else:
@@ -681,58 +674,3 @@ def _weights_writer(
     except OSError as e:
         log.warning("kernel_ext conversion cache: could not store weights in %s: %s", wpath, e)
         return None
-
-
-def _load_via_transformers(
-    gf: GGUFFile,
-    arch: str,
-    cfg_dict: dict[str, Any],
-    config: Any,
-    dtype: torch.dtype,
-    device: str,
-    device_map: Any,
-    quantization: str | None,
-    progress: Progress | None,
-    decode_threads: int | None,
-) -> Any:
-    """The memory-plan ladder's rungs: decode to a CPU state dict in ``dtype``, then let
-    Transformers place it (accelerate ``device_map``) and quantise it (bitsandbytes)."""
-    model = _new_model(config, dtype)
-    model_cls = type(model)
-    processor = convert.tensor_processor(arch, cfg_dict)
-    plan = convert.tensor_plan(model, arch, processor, list(gf.tensors))
-    expected = _expected(model, list(plan.gguf_to_hf.values()))
-    del model
-    state: dict[str, torch.Tensor] = {}
-    names = list(plan.gguf_to_hf)
-    with _intra_op_threads(decode_threads), gf.open_data() as fh:
-        for done, name in enumerate(names, 1):
-            hf_name = plan.gguf_to_hf[name]
-            state[hf_name] = _decode(
-                fh, gf.tensors[name], processor, dtype, "cpu", expected[hf_name][0]
-            )
-            if progress is not None:
-                progress(done, len(names), "weights")
-    kwargs: dict[str, Any] = {
-        "config": config,
-        "state_dict": state,
-        "dtype": dtype,
-        "device_map": device_map if device_map is not None else device,
-    }
-    if quantization is not None:
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = (
-            BitsAndBytesConfig(load_in_8bit=True)
-            if quantization == "8bit"
-            else BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_type="nf4"
-            )
-        )
-    try:
-        return model_cls.from_pretrained(None, **kwargs)
-    except (ImportError, ValueError, RuntimeError) as e:
-        raise LoadError(
-            f"Transformers could not place/quantise the model "
-            f"(device_map={device_map!r}, quantization={quantization!r}): {e}"
-        ) from e

@@ -120,6 +120,7 @@ class GenerationParams:
     system: str | None = None
     chat: bool | None = None  # None: use the chat template when the model has one
     timeout: float | None = None  # seconds; None or 0: no timeout
+    prefill_chunk: int | None = None  # prompt tokens per forward (None: all); set after an OOM
 
     def __post_init__(self) -> None:
         for name in PARAM_RANGES:
@@ -138,9 +139,10 @@ class GenerationParams:
         return self.temperature <= 0.0
 
     def cache_key(self) -> dict[str, Any]:
-        """The fields that change the answer (timeout does not)."""
+        """The fields that change the answer (timeout and prefill_chunk do not)."""
         d = dataclasses.asdict(self)
         d.pop("timeout")
+        d.pop("prefill_chunk")
         d["stop"] = list(self.stop)
         return d
 

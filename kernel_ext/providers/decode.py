@@ -130,6 +130,7 @@ def decode(
     on_token: TokenHook | None = None,
     mode: str = "exact",
     clock: Callable[[], float] = time.perf_counter,
+    prefill_chunk: int | None = None,
 ) -> DecodeResult:
     """Generate up to ``max_new_tokens`` tokens after ``input_ids`` (shape ``(1, n)``).
 
@@ -137,6 +138,8 @@ def decode(
     and is the place to stream text and to poll timeouts: it is called between tokens, and
     when it returns True decoding stops with ``finish_reason`` ``"stopped"``. Seeded sampling
     uses the global torch generator: wrap the call in ``torch.random.fork_rng`` and seed it.
+    ``prefill_chunk``: feed the prompt this many tokens per forward (less activation memory at
+    once; the retry after an out-of-memory error sets it, see :mod:`kernel_ext.oom`).
     """
     import torch
 
@@ -154,7 +157,7 @@ def decode(
     reason = "length"
     t0 = clock()
     with torch.inference_mode(), step.weights():
-        ids = input_ids
+        ids = step.prefill(input_ids, prefill_chunk) if prefill_chunk else input_ids
         for _ in range(max_new_tokens):
             token = step.next_token(ids, sampling)
             tokens.append(token)
@@ -212,6 +215,15 @@ class _Stepper:
         finally:
             for module in self.halves:
                 del module.forward  # the class's forward again
+
+    def prefill(self, ids: Any, chunk: int) -> Any:
+        """Feed all but the last ``chunk`` tokens of ``ids`` into the cache, ``chunk`` at a
+        time; returns the rest (the next step picks a token after it)."""
+        n = int(ids.shape[1])
+        chunk = max(1, int(chunk))
+        for start in range(0, n - chunk, chunk):
+            self.run(input_ids=ids[:, start:min(start + chunk, n - chunk)], **self.kwargs)
+        return ids[:, max(0, n - chunk):]
 
     def next_token(self, ids: Any, sampling: Sampling) -> int:
         out = self.run(input_ids=ids, **self.kwargs)

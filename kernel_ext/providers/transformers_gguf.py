@@ -153,19 +153,22 @@ class TransformersGGUFProvider:
 
         mode = self.decode_mode() if callable(self.decode_mode) else self.decode_mode
         sampling = Sampling(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
-        devices = [torch.device(local.device).index or 0] if local.device.startswith("cuda") else []
+        # torch.manual_seed reseeds every CUDA device: fork them all, so the seed stays local
+        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
         try:
             with torch.random.fork_rng(devices=devices):
                 if params.seed is not None:
                     torch.manual_seed(params.seed)
                 out = decode(local.model, input_ids, max_new_tokens=params.max_new_tokens,
                              sampling=sampling, eos_ids=_eos_ids(local), on_token=on_new_token,
-                             mode=mode)
+                             mode=mode, prefill_chunk=params.prefill_chunk)
         except torch.OutOfMemoryError as e:
-            raise ProviderOutOfMemoryError(
+            err = ProviderOutOfMemoryError(
                 f"{self.name}: out of memory while generating ({e}); try fewer --max-new-tokens, "
                 "a smaller dtype or another device"
-            ) from e
+            )
+            err.prompt_tokens = int(input_ids.shape[1])  # the retry's prefill chunk is half
+            raise err from e
         final = decoder.finish()
         if timed_out:
             reason = "timeout"

@@ -3,7 +3,8 @@
 Each provider is called through its rate limiter, its circuit breaker and the retry policy
 (transient errors only). The rate limiter waits for its next token as long as the call's
 timeout allows (and the answer says it waited); past that the provider is skipped. Out of
-memory is retried once with half the ``max_new_tokens``, then the chain moves on. A timeout
+memory is retried once, after :mod:`kernel_ext.oom` dropped what the error kept alive, with
+half the prefill chunk and half the ``max_new_tokens``; then the chain moves on. A timeout
 (``params.timeout``) stops generation cooperatively through ``should_stop`` and returns the
 partial text marked ``finish_reason="timeout"``; the breaker counts it as a slow call only when
 slow-call counting is on (``breaker_slow_call_seconds``).
@@ -25,6 +26,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+from .. import oom
 from ..errors import (
     AllProvidersFailedError,
     BreakerOpenError,
@@ -254,13 +256,11 @@ class FallbackChain:
                     breaker.state.value,
                     max_new_tokens=params.max_new_tokens,
                 )
-                if not degraded and params.max_new_tokens > 1:
-                    smaller = max(1, params.max_new_tokens // 2)
-                    run.notes.append(
-                        f"{name} ran out of memory; retried with max_new_tokens="
-                        f"{smaller} (was {params.max_new_tokens})"
-                    )
-                    params = params.replace(max_new_tokens=smaller)
+                oom.release(e)  # the frames' KV cache and activations, then empty_cache()
+                retry = None if degraded else oom.retry_params(params, e.prompt_tokens)
+                if retry is not None:
+                    params, what = retry
+                    run.notes.append(f"{name} ran out of memory; retried with {what}")
                     continue
                 run.notes.append(f"{name} ran out of memory again; falling back")
                 return None
