@@ -36,14 +36,13 @@ from typing import Any
 
 import torch
 
-from ..errors import GGUFFormatError, GGUFUnsupportedError, KernelExtError
-from ..errors import ModelLoadError
+from ..errors import GGUFFormatError, GGUFUnsupportedError, KernelExtError, ModelLoadError
 from . import cache as _cache
 from . import convert
 from .dequant import dequantize
 from .reader import GGUFFile, TensorInfo, read_gguf
 
-__all__ = ["LoadedArtifacts", "LoadError", "load_transformers", "estimate_bytes", "resolve_dtype"]
+__all__ = ["LoadError", "LoadedArtifacts", "estimate_bytes", "load_transformers", "resolve_dtype"]
 
 log = logging.getLogger(__name__)
 
