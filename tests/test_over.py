@@ -282,3 +282,30 @@ def test_concurrent_workers_share_one_rate_limiter(ip: Any, stub: OpenAIStub) ->
     assert out.failed == [] and not any(r.cached for r in out)
     notes = [n for r in out for n in r.notes]
     assert not any("rate limited" in n for n in notes)
+
+
+# --- progress ---------------------------------------------------------------------------------------
+def test_progress_shows_items_tokens_per_second_and_eta(
+    ip: Any, tiny: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from widgets.dashboard import open_dashboards
+
+    ip.run_line_magic("model", f"load {tiny} --no-progress")
+    ip.run_line_magic("dashboard", "--interval 0")
+    (dash,) = open_dashboards()
+    events: list[Any] = []
+    kernel_ext.current_session().events.subscribe("task", events.append)
+    try:
+        ip.user_ns["words"] = [f"w{i}" for i in range(6)]
+        cell(ip, "--over words --into out -n 6 --batch-size 2", "say {item}")
+        mid = [e for e in events if 0 < e["done"] < 6 and "eta_s" in e]
+        assert mid and all(e["total"] == 6 for e in mid)
+        assert any(e["tokens_per_s"] > 0 and e["eta_s"] > 0 for e in mid)
+        row = dash.progress.rows_box.children[-1]
+        text = row.children[2].value
+        assert "6 / 6" in text and "tok/s" in text and "done" in text
+        assert "infer:out" in row.children[0].value
+        err = capsys.readouterr().err
+        assert "infer:out" in err and "tok/s" in err  # the cell's own bar
+    finally:
+        dash.close()
