@@ -75,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     params = GenerationParams(max_new_tokens=args.tokens)
     print(f"demo model loaded; {args.tokens} new tokens per item, greedy; "
           f"torch threads {__import__('torch').get_num_threads()}")
+    # warm-up: one-time allocations (decode's fp16 head copy, the first batch) are not measured
+    for bs in (1, 2):
+        run_over(session, ["Hello", "World"], params.replace(max_new_tokens=2), name=f"warm{bs}",
+                 batch_size=bs, progress=False)
     run = 0
     for n in args.items:
         prompts = [f"Write one sentence about {TOPICS[i % len(TOPICS)]} (#{i}):" for i in range(n)]
