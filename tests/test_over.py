@@ -351,3 +351,46 @@ def test_demo_model_batched_greedy_answers_equal_one_at_a_time(
     with capsys.disabled():
         print(f"\nbatched vs one at a time: {len(DEMO_PROMPTS) - len(near_ties)}/"
               f"{len(DEMO_PROMPTS)} identical; near-ties: {near_ties}")
+
+
+@pytest.fixture(scope="module")
+def llama_server_serving_all(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """llama.cpp's server started with ``--interrupt_requests False``: by default
+    llama-cpp-python's server ends a streaming answer early (a clean ``[DONE]``, no finish
+    reason) as soon as another request arrives, which cuts concurrent answers short."""
+    import subprocess
+
+    import llama_server as ls
+
+    if ls.server_python() is None:
+        pytest.skip("llama.cpp's server is not built: run .ci/build-llama-server.sh")
+    from kernel_ext.default_model import default_model_path
+    from kernel_ext.paths import user_cache_dir
+
+    real_popen = subprocess.Popen
+
+    def popen(cmd: list[str], **kwargs: Any) -> Any:
+        return real_popen([*cmd, "--interrupt_requests", "False"], **kwargs)
+
+    server = ls.LlamaServer(default_model_path(user_cache_dir()), tmp_path_factory.mktemp("llama"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ls.subprocess, "Popen", popen)  # the command line only: a real server
+        server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.mark.slow
+def test_concurrent_calls_to_llama_cpp_server_equal_one_at_a_time(
+    ip: Any, llama_server_serving_all: Any
+) -> None:
+    ip.run_line_magic("model", f"remote llama --url {llama_server_serving_all.url}")
+    ip.user_ns["qs"] = DEMO_PROMPTS[:6]
+    cell(ip, "--over qs --into one -n 8 --concurrency 1 -q", "{item}")
+    cell(ip, "--over qs --into many -n 8 --concurrency 3 -q", "{item}")
+    one, many = ip.user_ns["one"], ip.user_ns["many"]
+    assert one.failed == many.failed == [] and many.mode == "3 concurrent requests"
+    assert [r.prompt for r in many] == DEMO_PROMPTS[:6]  # in item order
+    assert many.texts == one.texts and all(r.completion_tokens == 8 for r in many)
