@@ -1,7 +1,7 @@
 """The scheduler behind ``%%infer --over`` and :func:`kernel_ext.infer_many`.
 
-One prompt per item, answered through the session's chain, recorded item by item in a
-resumable task (:mod:`kernel_ext.checkpoint.tasks`):
+One prompt per item, answered through the session's chain, saved item by item (as each one
+finishes) in a resumable task (:mod:`kernel_ext.checkpoint.tasks`):
 
 * **Identity.** An item's key is a hash of its rendered prompt (after interpolation), the
   model's identity (the GGUF file's SHA-256, or the remote provider's identity) and the
@@ -165,7 +165,9 @@ def run_over(session: Any, prompts: Sequence[str], params: GenerationParams, *,
     target, provider = _primary(session, model)
     identity = provider.cache_identity() if provider is not None else f"name:{target}"
     keys = item_keys(prompts, identity, params)
-    t = task(name, keys, key=lambda k: k, session=session, progress=False)
+    # every answer is saved as soon as it is recorded (an answer costs far more than a commit),
+    # so a SIGKILL loses at most the items in flight
+    t = task(name, keys, key=lambda k: k, session=session, progress=False, every_items=1)
     out = OverResults([None] * len(prompts))
     restored = t.results_by_key
     for i, k in enumerate(keys):

@@ -19,7 +19,6 @@ One sentence about {item}:"""
 
 SETUP = """
 %load_ext kernel_ext
-%config KernelExt.task_checkpoint_items = 1
 %model load --no-progress
 topics = ["Paris", "the ocean", "bread", "a cat", "winter", "music", "trains", "the moon",
           "coffee", "rivers", "gardens", "chess"]
