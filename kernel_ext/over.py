@@ -326,6 +326,10 @@ def _run_batched(session: Any, target: str | None, provider: Any, prompts: Seque
     from .providers.decode import Sampling
     from .providers.transformers_gguf import _eos_ids
 
+    try:
+        provider.load()  # touches the registry's LRU; an evicted model is loaded again
+    except Exception:  # noqa: BLE001 - the chain reports it, item by item
+        return todo
     local = provider.local
     if local is None:
         return todo
@@ -343,7 +347,17 @@ def _run_batched(session: Any, target: str | None, provider: Any, prompts: Seque
         except Exception:  # noqa: BLE001 - the chain reports it for this item
             rest.append(i)
             continue
-        ids = tok(text, add_special_tokens=not used_chat)["input_ids"]
+        guard = getattr(provider, "guard", None)
+        try:
+            if guard is not None:  # the same context and memory budgets as a single call
+                ids = guard.prepare(local.model, tok, text, max_new_tokens=params.max_new_tokens,
+                                    add_special_tokens=not used_chat, device=local.device,
+                                    name=provider.name).input_ids[0].tolist()
+            else:
+                ids = tok(text, add_special_tokens=not used_chat)["input_ids"]
+        except Exception:  # noqa: BLE001 - refused: the chain gives this item its error
+            rest.append(i)
+            continue
         if not ids or not engine.fits(len(ids), params.max_new_tokens):
             rest.append(i)  # longer than the sliding window allows in a batch: alone
             continue
