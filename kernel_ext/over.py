@@ -15,8 +15,8 @@ finishes) in a resumable task (:mod:`kernel_ext.checkpoint.tasks`):
   recorded by the breaker and the unfinished items go one at a time through the full chain
   (fallbacks, offline cache); out of memory halves the batch first.
 * **Remote providers** get ``concurrency`` requests in flight, each through the full chain
-  (breaker, retries, fallbacks, offline cache); the workers pace themselves on the
-  provider's one shared rate limiter.
+  (breaker, retries, fallbacks, offline cache); the workers share the provider's one rate
+  limiter, on which the chain waits for its turn.
 * **Per-item outcomes.** A failed item is an :class:`ItemError` in its place (text ``""``,
   the error kept); the others are ``GenerationResult`` objects in item order. Failed items,
   timed-out partial answers and offline-cache answers are not recorded as done, so a re-run
@@ -257,17 +257,8 @@ def _run_concurrent(session: Any, target: str | None, prompts: Sequence[str], to
                     finish: Callable[[int, Any], None], bar: _Progress) -> list[int]:
     """Answer ``todo`` with ``n`` workers; results are recorded in the caller's thread.
     Returns the items left to run one at a time (none, unless interrupted)."""
-    hub = getattr(session, "resilience", None)
-    paced = None
-    if hub is not None and target:
-        bucket = hub.limiter(target)
-        if not bucket.unlimited:
-            # The workers share the provider's one bucket, and wait for their turn in it
-            # instead of being turned away (which would send them to the fallbacks).
-            paced = _WaitingLimiter(bucket)
-            with hub._lock:
-                hub.limiters[target] = paced
-
+    # The chain waits on the provider's one shared token bucket (up to the call's timeout),
+    # so the workers together stay within its rate instead of being turned away by it.
     def work(i: int) -> GenerationResult | ItemError:
         return _one(session, prompts, i, params, model)
 
@@ -291,26 +282,7 @@ def _run_concurrent(session: Any, target: str | None, prompts: Sequence[str], to
         for fut in pending:
             fut.cancel()
         pool.shutdown(wait=False, cancel_futures=True)
-        if paced is not None:
-            with hub._lock:
-                if hub.limiters.get(target) is paced:
-                    hub.limiters[target] = paced.bucket
     return []
-
-
-class _WaitingLimiter:
-    """A provider's token bucket whose ``acquire`` waits for a token (the bucket itself, its
-    rate and its state, stay shared: this only changes how a worker asks)."""
-
-    def __init__(self, bucket: Any) -> None:
-        self.bucket = bucket
-
-    def acquire(self, n: float = 1.0) -> None:
-        while not self.bucket.try_acquire(n):
-            time.sleep(min(max(self.bucket.retry_after(n), 0.001), 1.0))
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.bucket, name)
 
 
 # --- local: batches ---------------------------------------------------------------------------------
