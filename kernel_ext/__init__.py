@@ -11,7 +11,7 @@ from typing import Any
 from .errors import KernelExtError
 
 __all__ = ["KernelExtError", "load_ipython_extension", "unload_ipython_extension", "task",
-           "current_session", "__version__"]
+           "infer_many", "current_session", "__version__"]
 
 __version__ = "0.1.0"
 
@@ -31,6 +31,24 @@ def task(name: str, items: Any, **kwargs: Any) -> Any:
     from .checkpoint.tasks import task as _task
 
     return _task(name, items, session=current_session(), **kwargs)
+
+
+def infer_many(prompts: Any, **options: Any) -> Any:
+    """Answer each prompt (a list, or a pandas Series) with the loaded model, in order:
+    ``df["answer"] = kernel_ext.infer_many(df["text"].tolist(), max_new_tokens=32)``.
+
+    Same chain, batching, progress and resumability as ``%%infer --over``; options are the
+    magic's (``model``, ``max_new_tokens``, ``temperature``, ``top_p``, ``top_k``, ``seed``,
+    ``stop``, ``system``, ``chat``, ``timeout``, ``batch_size``, ``concurrency``) plus ``name``
+    (the resumable task's name) and ``progress``. See :func:`kernel_ext.over.run_over`.
+    """
+    from .over import infer_many as _infer_many
+
+    session = current_session()
+    if session is None:
+        raise KernelExtError("infer_many needs the extension: run `%load_ext kernel_ext` and "
+                             "`%model load` first")
+    return _infer_many(session, prompts, **options)
 
 
 def load_ipython_extension(ip: Any) -> None:

@@ -251,21 +251,21 @@ def test_infer_over_a_list_is_a_resumable_task(ip: Any, tiny: Path, capsys: Any)
     ip.user_ns["words"] = ["cat", "dog", "owl"]
     cell(ip, "--over words --into answers -n 3 -q", "{index}: say {item}")
     answers = ip.user_ns["answers"]
-    assert len(answers) == 3 and all(isinstance(a, str) for a in answers)
+    assert len(answers) == 3 and [str(a) for a in answers] == [a.text for a in answers]
     # each answer is the same as a single %%infer of that item's prompt (greedy)
     cell(ip, "-n 3 -o one -q", "1: say dog")
-    assert answers[1] == ip.user_ns["one"].text
+    assert answers[1].text == ip.user_ns["one"].text
     # re-running the cell computes nothing again: the task's results are reused
     session = ip.configurables[-1].session
     calls = []
     session.events.subscribe("infer", lambda e: calls.append(e) if e["action"] == "start" else None)
     ip.user_ns["answers"] = None
     cell(ip, "--over words --into answers -n 3 -q", "{index}: say {item}")
-    assert ip.user_ns["answers"] == answers and calls == []
+    assert ip.user_ns["answers"].texts == answers.texts and calls == []
     # a changed item, or a changed prompt, is answered again
     ip.user_ns["words"] = ["cat", "emu", "owl"]
     cell(ip, "--over words --into answers -n 3 -q", "{index}: say {item}")
-    assert len(calls) == 1 and ip.user_ns["answers"][0] == answers[0]
+    assert len(calls) == 1 and ip.user_ns["answers"][0].text == answers[0].text
     cell(ip, "--over words --into answers -n 3 -q", "{index}: shout {item}")
     assert len(calls) == 4
     with pytest.raises(UsageError, match="must be a list"):

@@ -24,7 +24,7 @@ from ._util import Panel, fmt_clock
 from .breaker import BreakerPanel
 from .checkpoint import CheckpointPanel
 from .memory import MemoryPanel
-from .progress import ProgressPanel
+from .progress import ProgressPanel, rate_detail
 
 __all__ = ["Dashboard", "open_dashboards", "close_dashboards"]
 
@@ -214,8 +214,9 @@ class Dashboard(Panel):
             self.progress.update("load", str(event.get("name", "?")), int(event.get("done", 0)),
                                  event.get("total"), str(event.get("stage") or ""))
         elif kind == "task":
+            detail = rate_detail(event.get("tokens_per_s"), event.get("eta_s"), event.get("failed"))
             self.progress.update("task", str(event.get("name", "?")), int(event.get("done", 0)),
-                                 event.get("total"))
+                                 event.get("total"), detail=detail)
         elif kind == "alert":
             self._show_alerts(event.get("active") or [])
 

@@ -1,7 +1,8 @@
 """The progress panel: long work in the kernel as it happens (model loads, resumable tasks).
 
 Fed with the Session's ``load_progress`` [name, done, total, stage] and ``task`` [name, done,
-total] events. One row per job, a stock ``FloatProgress`` each; a finished job stays as a
+total] events; ``%%infer --over`` / ``infer_many`` tasks also carry ``tokens_per_s``, ``eta_s``
+and ``failed``, shown after the count (``12 / 64 · 48.2 tok/s · ETA 0:41``). One row per job, a stock ``FloatProgress`` each; a finished job stays as a
 one-line summary until the next one starts. Updates are coalesced to whole percents so a
 236-tensor load sends a few dozen messages, not hundreds.
 """
@@ -15,7 +16,7 @@ from ipywidgets import HTML, FloatProgress, HBox, Layout
 
 from ._util import Panel, close_tree, esc
 
-__all__ = ["ProgressPanel"]
+__all__ = ["ProgressPanel", "rate_detail"]
 
 _MAX_ROWS = 6
 
@@ -29,6 +30,7 @@ class _Row:
         self.box = HBox([self.label, self.bar, self.text])
         self.box.add_class("kernel-ext-progress-row")
         self.percent = -1
+        self.detail = ""
 
 
 class ProgressPanel(Panel):
@@ -43,8 +45,10 @@ class ProgressPanel(Panel):
         self._lock = threading.RLock()
         self._rows: dict[str, _Row] = {}
 
-    def update(self, kind: str, name: str, done: int, total: int | None, stage: str = "") -> None:
-        """Show ``done`` of ``total`` for the job ``kind``/``name`` (``total`` None: unknown)."""
+    def update(self, kind: str, name: str, done: int, total: int | None, stage: str = "",
+               detail: str | None = None) -> None:
+        """Show ``done`` of ``total`` for the job ``kind``/``name`` (``total`` None: unknown);
+        ``detail`` (rates, ETA) follows the count, and is kept when an update has none."""
         key = f"{kind}:{name}"
         with self._lock:
             row = self._rows.get(key)
@@ -53,9 +57,11 @@ class ProgressPanel(Panel):
             frac = min(max(done / total, 0.0), 1.0) if total else 0.0
             percent = int(frac * 100)
             finished = bool(total) and done >= int(total)
-            if percent == row.percent and not finished:
+            detail = row.detail if detail is None else detail
+            if percent == row.percent and detail == row.detail and not finished:
                 return  # coalesce: nothing visible changed
             row.percent = percent
+            row.detail = detail
             what = "loading" if kind == "load" else "task"
             row.label.value = (f"{what} <b>{esc(name)}</b>"
                                + (f" <span style='color:#757575'>({esc(stage)})</span>"
@@ -63,7 +69,8 @@ class ProgressPanel(Panel):
             row.bar.value = frac
             row.bar.bar_style = "success" if finished else ""
             total_s = esc(total) if total else "?"
-            row.text.value = f"{esc(done)} / {total_s}" + (" · done" if finished else "")
+            row.text.value = (f"{esc(done)} / {total_s}" + (f" · {esc(detail)}" if detail else "")
+                              + (" · done" if finished else ""))
 
     @property
     def jobs(self) -> dict[str, float]:
@@ -80,3 +87,18 @@ class ProgressPanel(Panel):
         self.rows_box.children = tuple(r.box for r in self._rows.values())
         self.empty.layout.display = "none"
         return row
+
+
+def rate_detail(tokens_per_s: float | None, eta_s: float | None, failed: int | None) -> str | None:
+    """``48.2 tok/s · ETA 0:41 · 2 failed`` from a task event's extras (None: the event has none)."""
+    if tokens_per_s is None and eta_s is None and not failed:
+        return None
+    parts = []
+    if tokens_per_s is not None:
+        parts.append(f"{float(tokens_per_s):.1f} tok/s")
+    if eta_s is not None and eta_s > 0:
+        minutes, seconds = divmod(round(float(eta_s)), 60)
+        parts.append(f"ETA {minutes}:{seconds:02d}")
+    if failed:
+        parts.append(f"{int(failed)} failed")
+    return " · ".join(parts)

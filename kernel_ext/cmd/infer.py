@@ -10,9 +10,7 @@ and ``%%infer --help`` print.
 from __future__ import annotations
 
 import builtins
-import hashlib
 import html
-import json
 import keyword
 import re
 import sys
@@ -69,6 +67,10 @@ def _range(name: str) -> str:
 @argument("--over", metavar="LIST",
           help="run the prompt once per element of the list LIST ({item}, {index})")
 @argument("--into", metavar="VAR", help="with --over: the variable that receives the answers")
+@argument("--batch-size", type=int, metavar="N",
+          help="with --over on a local model: rows decoded together (default: from memory)")
+@argument("--concurrency", type=int, metavar="N",
+          help="with --over on a remote provider: requests in flight (default: 4)")
 @exclusive_group("chat template")
 @argument("--chat", dest="chat", action="store_true", default=None,
           help="use the model's chat template (an error if it has none)")
@@ -212,27 +214,26 @@ def _run_over(ext: Any, ns: Any, template: str, params: GenerationParams, user_n
     if isinstance(items, (str, bytes)) or not isinstance(items, Sequence):
         raise UsageError(f"%%infer --over: {ns.over!r} must be a list (or tuple) of items, "
                          f"not {type(items).__name__}")
-    from ..checkpoint.tasks import task
+    for flag, value in (("--batch-size", ns.batch_size), ("--concurrency", ns.concurrency)):
+        if value is not None and value < 1:
+            raise UsageError(f"%%infer: {flag} must be >= 1, got {value}")
+    from ..over import run_over
 
-    # The task's name covers what makes an answer: a changed prompt, model or option starts
-    # over instead of reusing old answers. Items travel with their index (as lists, which the
-    # task fingerprints) so {index} is right and a changed item is answered again.
-    model = ns.model or ext.session.models.active
-    recipe = json.dumps([template, model, params.cache_key()], sort_keys=True, default=str)
-    name = f"infer:{ns.into}:{hashlib.sha256(recipe.encode()).hexdigest()[:12]}"
-    t = task(name, [[i, item] for i, item in enumerate(items)], key=lambda pair: pair[0],
-             session=ext.session, progress=not ns.quiet)
-    interrupted_at = None
-    for index, item in t:
-        prompt = interpolate(template, {**user_ns, "item": item, "index": index})
-        result = ext.session.infer(prompt, params, model=ns.model)
-        if result.interrupted:  # the stop button: this item's partial answer is not kept
-            interrupted_at = index
-            break
-        t.record(result.text)
-    user_ns[ns.into] = list(t.results)
-    if interrupted_at is not None:
-        print(f"%%infer --over interrupted at item {interrupted_at}: {t.done} of {t.total} "
+    # Each item's identity is its rendered prompt + the model + the options (kernel_ext.over):
+    # only items whose prompt, model or options changed are answered again.
+    prompts = [interpolate(template, {**user_ns, "item": item, "index": i})
+               for i, item in enumerate(items)]
+    results = run_over(ext.session, prompts, params, model=ns.model, name=f"infer:{ns.into}",
+                       batch_size=ns.batch_size, concurrency=ns.concurrency,
+                       progress=not ns.quiet)
+    user_ns[ns.into] = results
+    if results.interrupted:
+        print(f"%%infer --over interrupted: {len(results) - results.missing} of {len(results)} "
               f"answers in {ns.into}; run the cell again to answer the rest")
-    elif not ns.quiet:
-        print(f"{len(t.results)} answers in {ns.into}")
+        return
+    if not ns.quiet or results.failed:
+        print(f"{ns.into}: {results.summary}", file=sys.stderr if results.failed and ns.quiet
+              else sys.stdout)
+    if results and len(results.failed) == len(results):
+        raise UsageError(f"%%infer --over: every item failed; {ns.into} holds the errors. "
+                         f"First: {results.failed[0].error_type}: {results.failed[0].error}")
