@@ -31,6 +31,7 @@ __all__ = [
     "AllProvidersFailedError",
     "CheckpointError",
     "CheckpointCorruptError",
+    "CheckpointLeaseError",
 ]
 
 
@@ -165,3 +166,7 @@ class CheckpointError(KernelExtError, OSError):
 
 class CheckpointCorruptError(CheckpointError):
     """A snapshot failed verification (hash mismatch, missing or truncated object)."""
+
+
+class CheckpointLeaseError(CheckpointError):
+    """Another kernel holds the lease of this checkpoint store: this one may read, not write."""
