@@ -271,15 +271,16 @@ class Lease:
     def check(self) -> None:
         """Raise :class:`CheckpointLeaseError` unless this process holds the lease now."""
         if not self.held:
-            raise CheckpointLeaseError(self._not_holder(self.read()))
+            raise CheckpointLeaseError(self.not_holder(self.read()))
         rec = self.read()
         if not self.mine(rec) or (rec or {}).get("released"):
             self.held = False
             self.lost_to = rec
             self._stop()
-            raise CheckpointLeaseError(self._not_holder(rec))
+            raise CheckpointLeaseError(self.not_holder(rec))
 
-    def _not_holder(self, rec: dict[str, Any] | None) -> str:
+    def not_holder(self, rec: dict[str, Any] | None) -> str:
+        """Why this kernel may not write, given the current record ``rec``."""
         if rec is None or rec.get("released") or self.mine(rec):
             return f"this kernel does not hold the lease of {self.location}"
         return (f"{describe_holder(rec, self.clock())} writes {self.location}; this kernel "
@@ -298,11 +299,15 @@ class Lease:
 
     # --- the heartbeat --------------------------------------------------------------------------
     def note_cell(self, cell: dict[str, Any] | None) -> None:
-        """The cell now running (None: it finished); the heartbeat writes it promptly."""
+        """The cell now running (None: it finished). A starting cell is written at once (a
+        small write without fsync, skipped if the lock is busy for 50 ms: the heartbeat
+        thread then writes it), so a kernel killed right after still tells which cell ran."""
         with self._state_lock:
             if cell is None and self._cell is not None:
                 self._last_cell = {**self._cell, "finished": self.clock()}
             self._cell = cell
+        if cell is not None and self.held:
+            self._beat(wait=0.05)
         self._wake.set()
 
     def _start(self) -> None:
@@ -351,10 +356,36 @@ class Lease:
         grew = int(m.get("rss") or 0) - int(w.get("rss") or 0)
         return grew > max(64 << 20, int(w.get("rss") or 0) // 4)
 
-    def _beat(self) -> bool:
+    @contextlib.contextmanager
+    def _locked(self, wait: float | None) -> Iterator[bool]:
+        """The lock, waiting at most ``wait`` seconds (None: as long as it takes); yields
+        whether it was taken."""
+        if wait is None:
+            with self._mutex:
+                yield True
+            return
+        if not isinstance(self.backend, LocalBackend):  # a threading.RLock
+            taken = bool(self._mutex.acquire(timeout=wait))
+        else:
+            from filelock import Timeout
+
+            try:
+                self._mutex.acquire(timeout=wait)
+                taken = True
+            except Timeout:
+                taken = False
+        try:
+            yield taken
+        finally:
+            if taken:
+                self._mutex.release()
+
+    def _beat(self, wait: float | None = None) -> bool:
         """Rewrite the record; False when the lease is no longer ours (the thread stops)."""
         try:
-            with self._mutex:
+            with self._locked(wait) as taken:
+                if not taken:
+                    return True
                 rec = self.read()
                 if not self.mine(rec) or (rec or {}).get("released"):
                     self.held = False

@@ -562,6 +562,8 @@ class CheckpointManager:
         for t in list(self._tasks):
             t._flush_quietly()
         if not self.writer:
+            if lease is not None and lease.lost_to is not None and not self._lease_warned:
+                self._lost_lease(CheckpointLeaseError(lease.not_holder(lease.lost_to)))
             self._watch_holder()
             return
         if not self.enabled or self.paused or self._finished:
@@ -812,6 +814,7 @@ class CheckpointManager:
         store = self.store
         found = verify(store)
         repaired: list[str] = []
+        after: VerifyReport | None = None
         if found.damaged_objects and self.writer:
             encoded, _ = self.scan()
             bad = set(found.damaged_objects)
@@ -819,10 +822,10 @@ class CheckpointManager:
             if repaired:
                 store.damaged |= bad
                 self.checkpoint("repair", force=True)
-                found = verify(store)
+                after = verify(store)
         self._audit("checkpoint.verify", damaged=sorted(found.damaged_objects),
                     lost=sorted(found.lost), recoverable=found.recoverable, repaired=repaired)
-        return found, report.verify_lines(found, repaired)
+        return after or found, report.verify_lines(found, repaired, after)
 
     def diff(self, snapshot: str | None = None) -> dict[str, list[str]]:
         """Compare the current variables with a snapshot (default: the newest)."""

@@ -181,7 +181,10 @@ def resume_lines(restored: Restored, names_given: bool) -> list[str]:
     return lines
 
 
-def verify_lines(report: VerifyReport, repaired: list[str]) -> list[str]:
+def verify_lines(report: VerifyReport, repaired: list[str],
+                 after: VerifyReport | None = None) -> list[str]:
+    """What :func:`.restore.verify` found, what was repaired, and (``after``) the verdict of
+    a second pass after the repair."""
     lines = [(f"checked {report.objects} object(s), {format_bytes(report.nbytes)}, in "
               f"{len(report.snapshots)} snapshot(s) and {len(report.tasks)} task(s)")]
     for c in report.snapshots:
@@ -201,6 +204,8 @@ def verify_lines(report: VerifyReport, repaired: list[str]) -> list[str]:
             lines.append(f"task {name!r}: damaged: {why}")
     for name in repaired:
         lines.append(f"repaired: {name} (rewritten from the value this kernel holds)")
-    lines.append("verdict: " + ("all intact" if report.ok else
-                                f"{len(report.damaged_objects)} damaged object(s)"))
+    final = after or report
+    lines.append(("verdict after the repair: " if after else "verdict: ")
+                 + ("all intact" if final.ok else
+                    f"{len(final.damaged_objects)} damaged object(s)"))
     return lines
