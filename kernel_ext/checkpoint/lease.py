@@ -44,6 +44,7 @@ __all__ = ["Acquisition", "Identity", "Lease", "describe_holder", "shell_instanc
 log = logging.getLogger(__name__)
 
 LEASE = "LEASE"
+BEAT = "LEASE.beat"  # the holder's heartbeat, cell and memory; trusted when its token matches
 HEARTBEAT_S = 2.0  # how often the holder rewrites its record (sooner when the cell changes)
 SAMPLE_S = 1.0  # how often it looks at its memory (a jump is written at once)
 TTL_S = 60.0  # a holder on another host whose heartbeat is this old is dead
@@ -164,6 +165,7 @@ class Lease:
         self._memory: dict[str, Any] | None = None
         self._written_memory: dict[str, Any] | None = None
         self._state_lock = threading.Lock()
+        self._thread_lock = threading.Lock()  # threads of this process queue here, not polling
         self._wake = threading.Event()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -176,25 +178,48 @@ class Lease:
                 self._mutex = _process_locks.setdefault(self.backend.url, threading.RLock())
 
     # --- the record -----------------------------------------------------------------------------
-    def read(self) -> dict[str, Any] | None:
-        """The current record, or None (no lease, or an unreadable one: nobody holds it)."""
+    def _read_json(self, key: str) -> dict[str, Any] | None:
         try:
-            data = self.backend.get(LEASE)
+            data = self.backend.get(key)
         except FileNotFoundError:
             return None
         except OSError as e:
-            log.debug("kernel_ext: cannot read %s/%s: %s", self.location, LEASE, e)
+            log.debug("kernel_ext: cannot read %s/%s: %s", self.location, key, e)
             return None
         try:
             rec = json.loads(data)
         except ValueError:
-            return None
+            return None  # also a heartbeat read while it was being rewritten
         return rec if isinstance(rec, dict) else None
 
-    def _write(self, rec: dict[str, Any], *, durable: bool = True) -> None:
-        """Heartbeats skip the fsync: the page cache outlives a killed kernel, and a machine
-        that loses power has nothing left to report anyway."""
-        self.backend.put(LEASE, json_bytes(rec), durable=durable)
+    def read(self) -> dict[str, Any] | None:
+        """The current record with the holder's latest heartbeat, or None (no lease, or an
+        unreadable one: nobody holds it)."""
+        rec = self._read_json(LEASE)
+        if rec is None or rec.get("released"):
+            return rec
+        beat = self._read_json(BEAT)
+        if beat is not None and beat.get("token") == rec.get("token"):
+            rec.update({k: beat[k] for k in ("heartbeat", "cell", "last_cell", "memory")
+                        if k in beat})
+        return rec
+
+    def _write(self, rec: dict[str, Any]) -> None:
+        self.backend.put(LEASE, json_bytes(rec))
+
+    def _write_beat(self, beat: dict[str, Any]) -> None:
+        """Rewrite the heartbeat in place: a small write to the page cache, which outlives a
+        killed kernel (a reader that catches it half-written ignores it)."""
+        data = json_bytes(beat)
+        if not isinstance(self.backend, LocalBackend):
+            self.backend.put(BEAT, data)
+            return
+        fd = os.open(self.backend.root / BEAT, os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            os.pwrite(fd, data, 0)
+            os.ftruncate(fd, len(data))
+        finally:
+            os.close(fd)
 
     def mine(self, rec: dict[str, Any] | None) -> bool:
         return rec is not None and rec.get("token") == self.me.token
@@ -229,7 +254,8 @@ class Lease:
     # --- taking and giving back -----------------------------------------------------------------
     def acquire(self, *, takeover: bool = False) -> Acquisition:
         """Take the lease if it is free, ours, or its holder is dead (or ``takeover``)."""
-        with self._mutex:
+        self._sample()  # the record has this kernel's memory from the start
+        with self._locked():
             rec = self.read()
             same = self.mine(rec)
             live_other = rec is not None and not same and self.alive(rec)
@@ -255,7 +281,7 @@ class Lease:
             return
         self.held = False
         try:
-            with self._mutex:
+            with self._locked():
                 rec = self.read()
                 if self.mine(rec):
                     assert rec is not None
@@ -276,7 +302,7 @@ class Lease:
         if not self.mine(rec) or (rec or {}).get("released"):
             self.held = False
             self.lost_to = rec
-            self._stop()
+            self._stop(join=False)  # (the lock may be held here: the thread ends by itself)
             raise CheckpointLeaseError(self.not_holder(rec))
 
     def not_holder(self, rec: dict[str, Any] | None) -> str:
@@ -289,7 +315,7 @@ class Lease:
     @contextlib.contextmanager
     def publishing(self) -> Iterator[None]:
         """Hold the lock and check the lease: what is published inside cannot race a takeover."""
-        with self._mutex:
+        with self._locked():
             self.check()
             yield
 
@@ -306,9 +332,8 @@ class Lease:
             if cell is None and self._cell is not None:
                 self._last_cell = {**self._cell, "finished": self.clock()}
             self._cell = cell
-        if cell is not None and self.held:
-            self._beat(wait=0.05)
-        self._wake.set()
+        if cell is not None and self.held and not self._beat(wait=0.05, forced=True):
+            self._wake.set()  # the lock was busy: the heartbeat thread writes it
 
     def _start(self) -> None:
         if self._thread is not None and self._thread.is_alive():
@@ -318,11 +343,11 @@ class Lease:
                                         name="kernel_ext-checkpoint-lease")
         self._thread.start()
 
-    def _stop(self) -> None:
+    def _stop(self, join: bool = True) -> None:
         self._stopping = True
         self._wake.set()
         thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
+        if join and thread is not None and thread is not threading.current_thread():
             thread.join(timeout=5.0)
         self._thread = None
 
@@ -334,11 +359,7 @@ class Lease:
             self._wake.clear()
             if self._stopping:
                 return
-            if self.vitals is not None:
-                try:
-                    self._memory = self.vitals()
-                except Exception as e:  # noqa: BLE001 - a probe never stops the heartbeat
-                    log.debug("kernel_ext: memory sample failed: %s", e)
+            self._sample()
             now = self.clock()
             with self._state_lock:
                 cell = self._cell
@@ -349,6 +370,14 @@ class Lease:
                 last = now
                 written_cell = cell
 
+    def _sample(self) -> None:
+        if self.vitals is None:
+            return
+        try:
+            self._memory = self.vitals()
+        except Exception as e:  # noqa: BLE001 - a probe never stops the heartbeat
+            log.debug("kernel_ext: memory sample failed: %s", e)
+
     def _memory_jumped(self) -> bool:
         m, w = self._memory, self._written_memory
         if not m or not w:
@@ -357,46 +386,32 @@ class Lease:
         return grew > max(64 << 20, int(w.get("rss") or 0) // 4)
 
     @contextlib.contextmanager
-    def _locked(self, wait: float | None) -> Iterator[bool]:
-        """The lock, waiting at most ``wait`` seconds (None: as long as it takes); yields
-        whether it was taken."""
-        if wait is None:
-            with self._mutex:
-                yield True
-            return
-        if not isinstance(self.backend, LocalBackend):  # a threading.RLock
-            taken = bool(self._mutex.acquire(timeout=wait))
-        else:
-            from filelock import Timeout
+    def _locked(self) -> Iterator[None]:
+        """The lock on ``LEASE``: this process's threads queue on a thread lock, other
+        processes on the file lock."""
+        with self._thread_lock, self._mutex:
+            yield
 
-            try:
-                self._mutex.acquire(timeout=wait)
-                taken = True
-            except Timeout:
-                taken = False
+    def _beat(self, wait: float | None = None, forced: bool = False) -> bool:
+        """Rewrite the heartbeat. Returns False when the lease is no longer ours (the heartbeat
+        thread stops) or, when ``forced`` (a starting cell: no look at ``LEASE``), when this
+        process's other thread kept the heartbeat busy for ``wait`` seconds."""
+        if not self._thread_lock.acquire(timeout=-1 if wait is None else wait):
+            return not forced
         try:
-            yield taken
-        finally:
-            if taken:
-                self._mutex.release()
-
-    def _beat(self, wait: float | None = None) -> bool:
-        """Rewrite the record; False when the lease is no longer ours (the thread stops)."""
-        try:
-            with self._locked(wait) as taken:
-                if not taken:
-                    return True
-                rec = self.read()
+            if not forced:
+                rec = self._read_json(LEASE)
                 if not self.mine(rec) or (rec or {}).get("released"):
                     self.held = False
                     self.lost_to = rec
                     return False
-                assert rec is not None
-                with self._state_lock:
-                    rec.update(heartbeat=self.clock(), cell=self._cell,
-                               last_cell=self._last_cell, memory=self._memory)
-                self._write(rec, durable=False)
-                self._written_memory = self._memory
+            with self._state_lock:
+                beat = {"token": self.me.token, "heartbeat": self.clock(), "cell": self._cell,
+                        "last_cell": self._last_cell, "memory": self._memory}
+            self._write_beat(beat)
+            self._written_memory = self._memory
         except OSError as e:
             log.debug("kernel_ext: heartbeat not written: %s", e)
+        finally:
+            self._thread_lock.release()
         return True
