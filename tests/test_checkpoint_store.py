@@ -403,3 +403,16 @@ def test_plaintext_task_is_refused_when_a_key_is_set(tmp_path: Path, key_env: st
         json_bytes({"name": "t", "manifest": blob_hash(manifest), "sealed": False}))
     with pytest.raises(CheckpointCorruptError, match="not encrypted"):
         Store(tmp_path / "e", key_env=key_env).load_task("t")
+
+
+def test_plain_zarr_finds_the_newest_arrays_by_variable_name(store: Store) -> None:
+    import zarr
+
+    store.commit(enc_all({"weights": np.arange(1000.0), "meta": {"k": 1}}))
+    store.commit(enc_all({"weights": np.arange(1000.0) * 2, "meta": {"k": 2}}))
+    group = zarr.open_group(str(store.backend.root), mode="r")
+    assert group.attrs["snapshot"] == store.snapshots()[0]
+    assert set(group.attrs["arrays"]) == {"weights"}  # arrays only; the rest are blobs
+    np.testing.assert_array_equal(group[group.attrs["arrays"]["weights"]][...],
+                                  np.arange(1000.0) * 2)
+    assert len(list(group["objects"].array_keys())) == 2  # both kept versions, by hash
