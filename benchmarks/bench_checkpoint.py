@@ -112,34 +112,34 @@ def _make_up_costs(shell: Any, m: Any, rng: np.random.Generator,
     m.config.checkpoint_interval = 3600.0
     m.checkpoint("bench")
     m.store.wait_idle()
-    m._dirty = False
+    m.triggers.dirty = False
 
     def empty() -> None:
         return None
 
     base = _per_call(empty, 20_000)
-    idle = _per_call(m._on_idle, 20_000)
+    idle = _per_call(m.triggers.on_idle, 20_000)
     lease = m._lease
     held, lease.held = lease.held, False  # without the lease note: the make-up check alone
-    pre = _per_call(m.pre_run_cell, 20_000)
+    pre = _per_call(m.triggers.pre_run_cell, 20_000)
     lease.held = held
     note = _per_call(lambda: lease.note_cell({"count": 1, "source": "x", "started": 0.0}), 200)
-    m._cell_running = False
+    m.triggers.cell_running = False
     with_hooks = _per_call(lambda: shell.run_cell("pass"), 50 * repeat)
     events = shell.events
-    events.unregister("pre_run_cell", m.pre_run_cell)
-    events.unregister("post_run_cell", m.post_run_cell)
+    events.unregister("pre_run_cell", m.triggers.pre_run_cell)
+    events.unregister("post_run_cell", m.triggers.post_run_cell)
     without = _per_call(lambda: shell.run_cell("pass"), 50 * repeat)
-    events.register("pre_run_cell", m.pre_run_cell)
-    events.register("post_run_cell", m.post_run_cell)
+    events.register("pre_run_cell", m.triggers.pre_run_cell)
+    events.register("post_run_cell", m.triggers.post_run_cell)
     m.enabled = False
     return [
         ("make-up check, nothing pending (pre_run_cell / idle callback)",
          f"{pre * 1e6:.2f} / {idle * 1e6:.2f} us; an empty call {base * 1e6:.2f} us"),
         ("lease note of a starting cell (small write, no fsync)", f"{note * 1e3:.3f} ms"),
         ("run_cell('pass'), 100 small variables: with hooks / without",
-         f"{with_hooks * 1e3:.2f} / {without * 1e3:.2f} ms (target: hook < 10 ms) "
-         f"[{'ok' if with_hooks - without < 0.01 else 'MISS'}]"),
+         (f"{with_hooks * 1e3:.2f} / {without * 1e3:.2f} ms (target: hook < 10 ms) "
+         f"[{'ok' if with_hooks - without < 0.01 else 'MISS'}]")),
     ]
 
 

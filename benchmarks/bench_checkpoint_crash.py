@@ -70,9 +70,10 @@ def _kernel(root: str, size: int, seed: int, flags: Any, ready: Any) -> None:
         shell.run_cell("import numpy as np")
         if Store(Path(root) / "checkpoints").snapshots():
             shell.run_cell("%resume")
-        else:
+        else:  # the first kernel: a first snapshot before the kills begin
             shell.run_cell(f"g = 0\narr = np.zeros(10_000)\nmeta = {{'g': 0, 'tags': []}}\n"
                            f"blob = bytes([0]) * 1000\nbig = np.zeros({size})")
+            shell.run_cell("%checkpoint now")
     manager = kernel_ext.current_session().checkpoints
     store_commit = type(manager.store).commit
 

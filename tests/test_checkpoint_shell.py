@@ -113,12 +113,12 @@ def snapshots(state: Path) -> list[str]:
 def test_hook_is_registered_and_unregistered_exactly(state: Path) -> None:
     sh = make_shell(state)
     m = manager()
-    assert m.post_run_cell in sh.events.callbacks["post_run_cell"]
+    assert m.triggers.post_run_cell in sh.events.callbacks["post_run_cell"]
     before = signal.getsignal(signal.SIGTERM)
-    assert before == m._on_sigterm
+    assert before == m.triggers.on_sigterm
     close_shell(sh)
-    assert m.post_run_cell not in sh.events.callbacks["post_run_cell"]
-    assert signal.getsignal(signal.SIGTERM) != m._on_sigterm
+    assert m.triggers.post_run_cell not in sh.events.callbacks["post_run_cell"]
+    assert signal.getsignal(signal.SIGTERM) != m.triggers.on_sigterm
 
 
 def test_after_cells_at_most_every_interval_and_throttled_changes_are_made_up(
@@ -167,13 +167,13 @@ def test_idle_save_never_runs_while_a_cell_does(shell: InteractiveShell, state: 
     run(shell, "a = 1")
     run(shell, "a = 2")
     clock.now += 10
-    m.pre_run_cell()  # a cell starts (its pre_run_cell makes up `a = 2` first)
+    m.triggers.pre_run_cell()  # a cell starts (its pre_run_cell makes up `a = 2` first)
     assert Store(state / "checkpoints").restore().values["a"] == 2
     shell.user_ns["a"] = 3
-    m._dirty = True
+    m.triggers.dirty = True
     loop.fire()
     assert Store(state / "checkpoints").restore().values["a"] == 2  # not while it runs
-    m.post_run_cell()  # the cell ended: the idle save waits for the interval's end
+    m.triggers.post_run_cell()  # the cell ended: the idle save waits for the interval's end
     clock.now += 5
     loop.fire()
     assert Store(state / "checkpoints").restore().values["a"] == 3
@@ -410,7 +410,7 @@ def test_sigterm_saves_then_chains_to_the_previous_handler(state: Path) -> None:
         assert restored.manifest["reason"] == "sigterm"
         close_shell(sh)
         assert calls == [signal.SIGTERM]
-        assert signal.getsignal(signal.SIGTERM) not in (m._on_sigterm, None)
+        assert signal.getsignal(signal.SIGTERM) not in (m.triggers.on_sigterm, None)
     finally:
         signal.signal(signal.SIGTERM, original)
 

@@ -1,21 +1,13 @@
-"""The checkpoint manager: which variables to save, when, and what happened.
+"""The checkpoint manager: one per Session (``session.checkpoints``).
 
-One per Session (``session.checkpoints``). When saves happen:
-
-- after a cell (``post_run_cell``), at most every ``checkpoint_interval`` seconds;
-- a change the interval held back is made up before the next cell starts (``pre_run_cell``)
-  or, while the kernel idles, once the interval has passed (a callback on the kernel's event
-  loop, :mod:`.schedule`, that never runs while a cell does). So a kernel that dies loses at
-  most what the cell it was running changed;
-- on the kernel's shutdown request, on SIGTERM and at exit, within a time budget: a commit
-  that cannot finish in time is abandoned atomically; a SIGTERM that arrives during a commit
-  lets it finish (or abandon) first.
-
-Only the kernel holding the store's lease (:mod:`.lease`) writes. A kernel that finds another
-live kernel writing says so once and only reads; one that takes over from a dead kernel says
-how that kernel ended (:mod:`.report`). A fresh kernel that finds another kernel's checkpoint
-pauses automatic saving until ``%resume`` or ``%checkpoint on``, so that the old snapshot is not
-pushed out by an empty namespace; the same kernel after ``%reload_ext`` just goes on.
+It holds the store and its lease (:mod:`.lease`: only the kernel holding the lease writes; a
+kernel that finds another live kernel writing says so once and only reads; one that takes over
+from a dead kernel says how that kernel ended, :mod:`.report`), saves what
+:class:`.selection.Selection` selects when :class:`.triggers.SaveTriggers` says so, and
+restores, verifies and compares snapshots. A fresh kernel that finds another kernel's
+checkpoint pauses automatic saving until ``%resume`` or ``%checkpoint on``, so that the old
+snapshot is not pushed out by an empty namespace; the same kernel after ``%reload_ext`` just
+goes on.
 
 Hooks never raise into the user's cell: a failure warns once on stderr, stays in
 :attr:`CheckpointManager.status` and is published as a ``checkpoint`` event and a
@@ -24,14 +16,9 @@ Hooks never raise into the user's cell: a failure warns once on stderr, stays in
 
 from __future__ import annotations
 
-import atexit
-import fnmatch
 import json
 import logging
-import os
-import signal
 import sys
-import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable
@@ -41,47 +28,21 @@ from typing import Any
 from ..errors import CheckpointError, CheckpointLeaseError
 from ..paths import notebook_path, notebook_state_dir
 from . import report, vitals
-from ._codec import Encoded, Unstorable, check, encode, never_reason
+from ._codec import Encoded
 from .lease import Identity, Lease, describe_holder, shell_instance
 from .report import fmt_time
 from .restore import VerifyReport, verify
 from .schedule import EventLoop, kernel_loop
+from .selection import IPYTHON_NAMES, Selection
 from .store import CommitResult, Restored, Store
+from .triggers import SHUTDOWN_BUDGET_S, SIGTERM_BUDGET_S, SaveTriggers
 
-__all__ = ["IPYTHON_NAMES", "CheckpointManager", "fmt_time"]
+__all__ = ["IPYTHON_NAMES", "SHUTDOWN_BUDGET_S", "SIGTERM_BUDGET_S", "CheckpointManager",
+           "fmt_time"]
 
 log = logging.getLogger(__name__)
 
-IPYTHON_NAMES = frozenset({"In", "Out", "exit", "quit", "get_ipython", "open"})
 EARLIER_KERNEL = "a checkpoint from an earlier kernel exists; %resume or %checkpoint on"
-SIGTERM_BUDGET_S = 2.0  # JupyterLab sends SIGKILL ~2.5 s after SIGTERM
-SHUTDOWN_BUDGET_S = 3.5  # from the shutdown request; SIGTERM comes at ~2.5 s, SIGKILL at ~5 s
-
-
-def _register_exit(manager: CheckpointManager) -> None:
-    """Save at interpreter exit, early enough for thread pools to still accept work.
-
-    ``threading._register_atexit`` hooks run (newest first) before ``atexit`` handlers and
-    before ``concurrent.futures`` refuses new work, which Zarr's file I/O and the parallel
-    fsyncs need. Falls back to ``atexit`` where that private hook does not exist.
-    """
-    import concurrent.futures.thread  # noqa: F401 - its exit hook must be older than ours
-
-    ref = weakref.ref(manager)
-
-    def hook() -> None:
-        m = ref()
-        if m is not None:
-            m._at_exit()
-
-    register = getattr(threading, "_register_atexit", None)
-    if register is not None:
-        try:
-            register(hook)
-            return
-        except RuntimeError:  # already shutting down
-            return
-    atexit.register(hook)
 
 
 class CheckpointManager:
@@ -97,19 +58,15 @@ class CheckpointManager:
                  lease: Callable[[str], Lease] | None = None) -> None:
         self.session = session
         self.config = session.config
-        self.clock = clock
-        self.loop: EventLoop = loop if loop is not None else kernel_loop(session.shell)
+        self.selection = Selection(session)
+        self.triggers = SaveTriggers(self, clock=clock, loop=loop if loop is not None
+                                     else kernel_loop(session.shell))
         self._stderr = stderr
         self._make_lease = lease or self._default_lease
         self.paused: str | None = None
-        self.tracked: set[str] = set()
-        self.pickled: set[str] = set()
-        self.untracked: set[str] = set()
-        self.ignored: list[str] = []
         self._store: Store | None = None
         self._store_key: tuple[str, int, str] | None = None
         self._lease: Lease | None = None
-        self._last_auto: float | None = None
         self._last_digests: dict[str, str] | None = None
         self._last_session: str | None = None
         self._warned = False
@@ -117,15 +74,9 @@ class CheckpointManager:
         self._carried: dict[str, dict[str, Any]] = {}  # saved, not restored (refused, damaged)
         self._carried_why: dict[str, str] = {}
         self._tasks: weakref.WeakSet[Any] = weakref.WeakSet()
-        self._prev_sigterm: Any = None
-        self._installed = False
-        self._dirty = False  # cells ran since the last save: a make-up save is due
-        self._cell_running = False
-        self._timer: Any = None
-        self._failed_at: float | None = None
-        self._terminate: tuple[int, Any] | None = None  # SIGTERM waiting for a commit to end
         self._finished = False  # saved at shutdown and gave the lease back
         self._relocating = False
+        self._installed = False
         self.status: dict[str, Any] = {
             "enabled": self.enabled, "paused": None, "location": self.location,
             "last_snapshot": None, "last_time": None, "size_bytes": None,
@@ -133,6 +84,42 @@ class CheckpointManager:
             "last_failure": None, "failures": 0, "snapshots": 0, "writer": None,
             "pending": False, "carried": {}, "idle_saves": self.loop.description,
         }
+
+    # --- the parts, for commands and tests ------------------------------------------------------
+    @property
+    def clock(self) -> Callable[[], float]:
+        return self.triggers.clock
+
+    @clock.setter
+    def clock(self, value: Callable[[], float]) -> None:
+        self.triggers.clock = value
+
+    @property
+    def loop(self) -> EventLoop:
+        return self.triggers.loop
+
+    @loop.setter
+    def loop(self, value: EventLoop) -> None:
+        self.triggers.loop = value
+
+    @property
+    def tracked(self) -> set[str]:
+        return self.selection.tracked
+
+    @property
+    def pickled(self) -> set[str]:
+        return self.selection.pickled
+
+    @property
+    def untracked(self) -> set[str]:
+        return self.selection.untracked
+
+    @property
+    def ignored(self) -> list[str]:
+        return self.selection.ignored
+
+    def user_variables(self) -> dict[str, Any]:
+        return self.selection.user_variables()
 
     @property
     def enabled(self) -> bool:
@@ -153,7 +140,8 @@ class CheckpointManager:
         """This kernel's token in manifests and the lease (None before the store is open)."""
         return self._lease.me.token if self._lease is not None else None
 
-    def _active(self) -> bool:
+    def active(self) -> bool:
+        """Does automatic saving run now (on, not paused, this kernel writes, not ended)?"""
         return self.enabled and not self.paused and self.writer and not self._finished
 
     # --- the store and its lease ----------------------------------------------------------------
@@ -178,7 +166,7 @@ class CheckpointManager:
         except OSError as e:
             raise CheckpointError(f"cannot use the checkpoint store at {location}: {e}") from e
         store.guard = lease
-        store.on_written = self._after_write
+        store.on_written = self.triggers.after_write
         return store, lease
 
     @property
@@ -194,9 +182,14 @@ class CheckpointManager:
         if self._store_key != key:
             store = Store(key[0], keep=key[1], key_env=key[2], background_gc=True,
                           guard=self._lease)
-            store.on_written = self._after_write
+            store.on_written = self.triggers.after_write
             store.damaged = self._store.damaged
             self._store, self._store_key = store, key
+        return self._store
+
+    @property
+    def current_store(self) -> Store | None:
+        """The open store, without opening or moving one (for signal handlers)."""
         return self._store
 
     def start(self, handover: dict[str, Any] | None = None) -> list[str]:
@@ -255,7 +248,7 @@ class CheckpointManager:
         holder = self._lease.read()
         lines = self._take_lease(takeover=True)
         self.paused = None
-        self._dirty = True
+        self.triggers.dirty = True
         text = f"this kernel now writes the checkpoints in {store.location}"
         if holder is not None and not holder.get("released") and self._lease.alive(holder):
             text += (f"; {describe_holder(holder)} stops saving at its next attempt (its newest "
@@ -275,15 +268,15 @@ class CheckpointManager:
         store, lease = self._open(location)
         count = 0
         if old is not None and old_lease is not None:
-            if self._active() and self._dirty:
-                self._safe_checkpoint("move")
+            if self.active() and self.triggers.dirty:
+                self.safe_checkpoint("move")
             count = len(old.snapshots())
             old_lease.release()
         self._store, self._lease = store, lease
         self._store_key = (location, int(self.config.checkpoint_keep),
                            self.config.checkpoint_key_env)
         self._last_digests = None
-        self._dirty = True
+        self.triggers.dirty = True
         self.paused = None
         lines = []
         if old is not None:
@@ -324,97 +317,18 @@ class CheckpointManager:
             print("\n".join(lines))
 
     # --- what is saved --------------------------------------------------------------------------
-    def user_variables(self) -> dict[str, Any]:
-        """The user's variables: no IPython names, no ``_``-names."""
-        shell = self.session.shell
-        if shell is None:
-            return {}
-        hidden = getattr(shell, "user_ns_hidden", {})
-        out = {}
-        for name, value in list(shell.user_ns.items()):
-            if not self._user_name(name):
-                continue
-            if name in hidden and hidden[name] is value:
-                continue
-            out[name] = value
-        return out
-
-    @staticmethod
-    def _user_name(name: str) -> bool:
-        return not name.startswith("_") and name not in IPYTHON_NAMES
-
-    def _candidates(self) -> tuple[dict[str, Any], dict[str, str]]:
-        """Tracked variables by the rules alone (nothing encoded); ``(values, skipped)``."""
-        from .tasks import Task
-
-        values: dict[str, Any] = {}
-        skipped: dict[str, str] = {}
-        names = self.user_variables()
-        for name in sorted(self.tracked - names.keys() - self._carried.keys()):
-            skipped[name] = "tracked but not defined"
-        for name, value in names.items():
-            reason = self._excluded(name)
-            if reason is None and isinstance(value, Task):
-                reason = "resumable task (its progress is saved on its own)"
-            if reason is None and name not in self.pickled:
-                reason = never_reason(value)
-            if reason is not None:
-                skipped[name] = reason
-            else:
-                values[name] = value
-        return values, skipped
-
-    def _excluded(self, name: str) -> str | None:
-        if name in self.tracked:
-            return None
-        if name in self.untracked:
-            return "untracked (%checkpoint track NAME to save it again)"
-        for pattern in self.ignored:
-            if fnmatch.fnmatchcase(name, pattern):
-                return f"ignored by pattern {pattern!r}"
-        return None
-
     def scan(self) -> tuple[dict[str, Encoded], dict[str, str]]:
-        """Encode every tracked variable; returns ``(encoded, skipped-with-reason)``.
-
-        One variable that cannot be encoded (for any reason) is skipped with that reason; it
-        never stops the others from being saved.
-        """
-        values, skipped = self._candidates()
-        encoded: dict[str, Encoded] = {}
-        for name, value in values.items():
-            try:
-                encoded[name] = encode(value, allow_pickle=name in self.pickled)
-            except Unstorable as e:
-                skipped[name] = str(e)
-            except Exception as e:  # noqa: BLE001 - one bad variable must not stop the snapshot
-                skipped[name] = f"cannot be saved: {type(e).__name__}: {e}"
-        return encoded, skipped
+        """Encode every tracked variable; returns ``(encoded, skipped-with-reason)``."""
+        return self.selection.scan(self._carried)
 
     def scan_status(self) -> None:
-        """Refresh ``tracked`` / ``skipped`` in :attr:`status` without saving, by the same
-        rules a save applies (:func:`._codec.check`: bulk data is judged by its structure, not
-        copied or hashed)."""
-        values, skipped = self._candidates()
-        tracked = []
-        for name, value in values.items():
-            why = check(value, allow_pickle=name in self.pickled)
-            if why is None:
-                tracked.append(name)
-            else:
-                skipped[name] = why
-        self._update_status(tracked=sorted(tracked), skipped=skipped,
-                            writer=self._writer_text())
+        """Refresh ``tracked`` / ``skipped`` in :attr:`status` without saving, by the rules a
+        save applies (bulk data is judged by its structure, not copied or hashed)."""
+        tracked, skipped = self.selection.judge(self._carried)
+        self._update_status(tracked=tracked, skipped=skipped, writer=self._writer_text())
 
     def settings(self) -> dict[str, Any]:
-        return {"tracked": sorted(self.tracked), "pickled": sorted(self.pickled),
-                "untracked": sorted(self.untracked), "ignored": list(self.ignored)}
-
-    def _apply_settings(self, settings: dict[str, Any]) -> None:
-        self.tracked |= set(settings.get("tracked", []))
-        self.pickled |= set(settings.get("pickled", []))
-        self.untracked |= set(settings.get("untracked", [])) - self.tracked
-        self.ignored += [p for p in settings.get("ignored", []) if p not in self.ignored]
+        return self.selection.settings()
 
     def _session_state(self) -> dict[str, Any]:
         try:
@@ -449,7 +363,7 @@ class CheckpointManager:
             unchanged = digests == self._last_digests and state_json == self._last_session
             if (not force and unchanged) or (not digests and not state.get("models")
                                              and not self.store.snapshots()):
-                self._dirty = False
+                self.triggers.dirty = False
                 self._last_digests, self._last_session = digests, state_json
                 self.status["check_s"] = time.perf_counter() - start
                 self._update_status(pending=False)
@@ -464,8 +378,8 @@ class CheckpointManager:
         except CheckpointError as e:
             self._record_failure(e, reason)
             raise
-        self._dirty = False
-        self._failed_at = None
+        self.triggers.dirty = False
+        self.triggers.failed_at = None
         self._last_digests, self._last_session = digests, state_json
         self._warned = False
         self._update_status(last_snapshot=result.snapshot, last_time=result.created,
@@ -490,7 +404,7 @@ class CheckpointManager:
 
     def _record_failure(self, error: BaseException, reason: str) -> None:
         message = f"{type(error).__name__}: {error}"
-        self._failed_at = self.clock()
+        self.triggers.failed_at = self.clock()
         self.status["last_failure"] = message
         self.status["last_failure_time"] = time.time()
         self.status["failures"] = int(self.status.get("failures") or 0) + 1
@@ -517,7 +431,8 @@ class CheckpointManager:
         else:
             print(text, file=sys.stderr)
 
-    def _safe_checkpoint(self, reason: str, *, force: bool = False) -> None:
+    def safe_checkpoint(self, reason: str, *, force: bool = False) -> None:
+        """:meth:`checkpoint` for hooks: never raises (failures are recorded and warned)."""
         try:
             self.checkpoint(reason, force=force)
         except CheckpointError:
@@ -525,83 +440,43 @@ class CheckpointManager:
         except Exception as e:  # noqa: BLE001 - a hook never raises into the user's cell
             self._record_failure(e, reason)
 
-    def _final_save(self, reason: str, budget: float | None) -> None:
+    def final_save(self, reason: str, budget: float | None) -> None:
         """The last save of this kernel (shutdown, SIGTERM, exit), bounded by ``budget``."""
-        for t in list(self._tasks):
-            t._flush_quietly()
-        if not self._active() or self._store is None:
+        self.flush_tasks()
+        if not self.active() or self._store is None:
             return
         with self._store.deadline(budget):
-            self._safe_checkpoint(reason)
+            self.safe_checkpoint(reason)
 
-    # --- hooks ----------------------------------------------------------------------------------
-    def pre_run_cell(self, info: Any = None) -> None:
-        """IPython ``pre_run_cell``: make up a save the interval held back. Never raises."""
-        self._cell_running = True
-        lease = self._lease
-        if lease is not None and lease.held:
-            lease.note_cell(_cell_info(self.session.shell, info))
-        if self._timer is not None:
-            self.loop.cancel(self._timer)
-            self._timer = None
-        if not self._dirty or not self._active():
-            return
-        if self._failed_at is not None and \
-                self.clock() - self._failed_at < float(self.config.checkpoint_interval):
-            return  # a failing store is retried once per interval, not before every cell
-        self._last_auto = self.clock()
-        self._safe_checkpoint("before cell")
+    def finish(self) -> None:
+        """This kernel is ending: give the lease back as a clean end; no more saves."""
+        self._finished = True
+        if self._lease is not None:
+            self._lease.release()
 
-    def post_run_cell(self, result: Any = None) -> None:
-        """IPython ``post_run_cell``: flush live tasks, then save if due (else make it up
-        later). Never raises."""
-        self._cell_running = False
-        lease = self._lease
-        if lease is not None and lease.held:
-            lease.note_cell(None)
+    def flush_tasks(self) -> None:
         for t in list(self._tasks):
             t._flush_quietly()
-        if not self.writer:
-            if lease is not None and lease.lost_to is not None and not self._lease_warned:
-                self._lost_lease(CheckpointLeaseError(lease.not_holder(lease.lost_to)))
-            self._watch_holder()
-            return
-        if not self.enabled or self.paused or self._finished:
-            return
-        self._dirty = True
-        self.status["pending"] = True
-        now = self.clock()
-        interval = float(self.config.checkpoint_interval)
-        if self._last_auto is None or now - self._last_auto >= interval:
-            self._last_auto = now
-            self._safe_checkpoint("cell")
-            return
-        self._schedule_idle(self._last_auto + interval - now)
 
-    def _schedule_idle(self, delay: float) -> None:
-        if self._timer is not None:
-            self.loop.cancel(self._timer)
-        self._timer = self.loop.call_later(delay, self._on_idle)
+    def register_task(self, task: Any) -> None:
+        self._tasks.add(task)
 
-    def _on_idle(self) -> None:
-        """The make-up save while the kernel idles (on its event loop, between requests)."""
-        self._timer = None
-        if self._cell_running or not self._dirty or not self._active():
+    def note_cell(self, info: Any, *, starting: bool) -> None:
+        """Tell the lease's heartbeat that a cell starts (``info``: IPython's ExecutionInfo)
+        or ended."""
+        lease = self._lease
+        if lease is None or not lease.held:
             return
-        now = self.clock()
-        interval = float(self.config.checkpoint_interval)
-        if self._last_auto is not None and now - self._last_auto < interval:
-            self._schedule_idle(self._last_auto + interval - now)
-            return
-        self._last_auto = now
-        self._safe_checkpoint("idle")
+        lease.note_cell(_cell_info(self.session.shell, info) if starting else None)
 
-    def _watch_holder(self) -> None:
+    def watch_holder(self) -> None:
         """A reading kernel, after each cell: when the writing kernel has died, take its lease
         (and say so). A read of the small LEASE file and a process lookup: ~0.2 ms."""
         lease = self._lease
         if lease is None or self._finished:
             return
+        if lease.lost_to is not None and not self._lease_warned:
+            self._lost_lease(CheckpointLeaseError(lease.not_holder(lease.lost_to)))
         rec = lease.read()
         if rec is not None and not lease.mine(rec) and lease.alive(rec):
             return
@@ -615,92 +490,12 @@ class CheckpointManager:
                      f"this kernel writes them now ({self.location}).")
             print("\n".join([first, *lines]))
 
-    def _on_sigterm(self, signum: int, frame: Any) -> None:
-        store = self._store
-        if store is not None and store.writing:
-            # A commit of this thread was interrupted: let it finish (or abandon it at the
-            # deadline), then terminate from _after_write.
-            self._terminate = (signum, frame)
-            end = time.monotonic() + SIGTERM_BUDGET_S
-            current = store.backend.deadline
-            store.backend.deadline = end if current is None else min(current, end)
-            return
-        self._final_save("sigterm", SIGTERM_BUDGET_S)
-        self._finish()
-        self._chain_sigterm(signum, frame)
-
-    def _after_write(self) -> None:
-        pending = self._terminate
-        if pending is None:
-            return
-        self._terminate = None
-        self._finish()
-        self._chain_sigterm(*pending)
-
-    def _chain_sigterm(self, signum: int, frame: Any) -> None:
-        prev = self._prev_sigterm
-        if callable(prev):
-            prev(signum, frame)
-        elif prev in (signal.SIG_DFL, None):
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    def _on_exit_now(self, change: dict[str, Any]) -> None:
-        """The kernel is asked to shut down (``shell.exit_now``): save within the budget.
-
-        ipykernel sets ``exit_now`` from its control thread when a shutdown request arrives;
-        the save then runs on the main thread's event loop, between requests, while the
-        control thread waits for it (bounded). ``exit`` typed in a cell sets it on the main
-        thread: that cell's ``post_run_cell`` saves without waiting for the interval.
-        """
-        if not change.get("new"):
-            return
-        self._last_auto = None  # the next post_run_cell saves at once
-        if threading.current_thread() is threading.main_thread():
-            return
-        deadline = time.monotonic() + SHUTDOWN_BUDGET_S
-        done = threading.Event()
-
-        def save() -> None:
-            try:
-                if not self._cell_running:
-                    self._final_save("shutdown", max(0.0, deadline - time.monotonic()))
-                    self._finish()
-            finally:
-                done.set()
-
-        if self.loop.add_callback(save):
-            done.wait(SHUTDOWN_BUDGET_S + 0.5)
-
-    def _finish(self) -> None:
-        """This kernel is ending: give the lease back as a clean end; no more saves."""
-        self._finished = True
-        if self._lease is not None:
-            self._lease.release()
-
-    def _at_exit(self) -> None:
-        if self._installed and not self._finished:
-            self._final_save("exit", None)
-            self._finish()
-
-    def register_task(self, task: Any) -> None:
-        self._tasks.add(task)
-
     def install(self) -> None:
-        """Register the IPython hooks, the SIGTERM and exit handlers and the observers of the
-        shutdown request and of the store's location settings."""
+        """Register the save triggers and the observer of the store's location settings."""
         if self._installed:
             return
-        shell = self.session.shell
-        if shell is not None:
-            shell.events.register("pre_run_cell", self.pre_run_cell)
-            shell.events.register("post_run_cell", self.post_run_cell)
-            shell.observe(self._on_exit_now, names="exit_now")
+        self.triggers.install()
         self.config.observe(self._on_config, names=["state_dir", "checkpoint_url"])
-        if threading.current_thread() is threading.main_thread():
-            self._prev_sigterm = signal.getsignal(signal.SIGTERM)
-            signal.signal(signal.SIGTERM, self._on_sigterm)
-        _register_exit(self)
         self._installed = True
 
     def close(self) -> None:
@@ -708,28 +503,13 @@ class CheckpointManager:
         registered (extension unload)."""
         if not self._installed:
             return
-        if self._active() and self._dirty:
-            self._final_save("unload", None)
-        shell = self.session.shell
-        if shell is not None:
-            for event, fn in (("pre_run_cell", self.pre_run_cell),
-                              ("post_run_cell", self.post_run_cell)):
-                try:
-                    shell.events.unregister(event, fn)
-                except ValueError:
-                    log.debug("%s hook was already gone", event)
-            shell.unobserve(self._on_exit_now, names="exit_now")
+        if self.active() and self.triggers.dirty:
+            self.final_save("unload", None)
+        self.triggers.close()
         self.config.unobserve(self._on_config, names=["state_dir", "checkpoint_url"])
-        if (threading.current_thread() is threading.main_thread()
-                and signal.getsignal(signal.SIGTERM) == self._on_sigterm):
-            prev = self._prev_sigterm
-            signal.signal(signal.SIGTERM, prev if prev is not None else signal.SIG_DFL)
-        if self._timer is not None:
-            self.loop.cancel(self._timer)
-            self._timer = None
         if self._lease is not None:
             self._lease.release()
-        self._installed = False  # the exit hook checks this (threading's cannot be removed)
+        self._installed = False
 
     def disable(self, error: BaseException) -> None:
         """Turn automatic saving off after a start-up failure: warn once, keep it in status."""
@@ -744,17 +524,15 @@ class CheckpointManager:
     # --- %reload_ext: the same kernel goes on ---------------------------------------------------
     def handover(self) -> dict[str, Any]:
         """What the next manager of this same kernel takes over (``%reload_ext``)."""
-        return {"tracked": set(self.tracked), "pickled": set(self.pickled),
-                "untracked": set(self.untracked), "ignored": list(self.ignored),
-                "carried": dict(self._carried), "carried_why": dict(self._carried_why),
-                "paused": self.paused, "last_auto": self._last_auto}
+        return {"settings": self.selection.settings(), "carried": dict(self._carried),
+                "carried_why": dict(self._carried_why), "paused": self.paused,
+                "last_auto": self.triggers.last_auto}
 
     def _adopt(self, h: dict[str, Any]) -> None:
-        self.tracked, self.pickled = set(h["tracked"]), set(h["pickled"])
-        self.untracked, self.ignored = set(h["untracked"]), list(h["ignored"])
+        self.selection.replace(h["settings"])
         self._carried, self._carried_why = dict(h["carried"]), dict(h["carried_why"])
         self.paused = h["paused"]
-        self._last_auto = h["last_auto"]
+        self.triggers.last_auto = h["last_auto"]
 
     # --- resume, verify, diff -------------------------------------------------------------------
     def resume(self, snapshot: str | None = None, names: Iterable[str] | None = None,
@@ -774,13 +552,12 @@ class CheckpointManager:
         restored = store.restore(snapshot, names, allowed)
         m = restored.manifest
         shell = self.session.shell
-        hidden = getattr(shell, "user_ns_hidden", {}) if shell is not None else {}
-        rejected = [n for n in restored.values if not self._user_name(n) or n in hidden]
+        rejected = [n for n in restored.values if self.selection.hidden(n)]
         for name in rejected:
             del restored.values[name]  # a manifest must not replace IPython's own names
         if shell is not None:
             shell.user_ns.update(restored.values)
-        self._apply_settings(m.get("settings", {}))
+        self.selection.apply(m.get("settings", {}))
         lines = report.resume_lines(restored, names is not None)
         lines += [f"not restored: {n}: not a user variable name" for n in rejected]
         if names is None:
