@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks._timing import best_of
+from benchmarks._timing import best_of, per_call
 
 __all__ = ["main"]
 
@@ -93,17 +93,6 @@ def _ns_random(count: int, total_bytes: int, rng: np.random.Generator) -> dict[s
     return {f"v{i:03d}": rng.standard_normal(each, dtype=np.float32) for i in range(count)}
 
 
-def _per_call(fn: Any, n: int) -> float:
-    """Median over 5 rounds of the seconds per call."""
-    rounds = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        rounds.append((time.perf_counter() - t0) / n)
-    return statistics.median(rounds)
-
-
 def _make_up_costs(shell: Any, m: Any, rng: np.random.Generator,
                    repeat: int) -> list[tuple[str, str]]:
     """Item 5: what the make-up machinery costs when nothing is pending."""
@@ -117,19 +106,19 @@ def _make_up_costs(shell: Any, m: Any, rng: np.random.Generator,
     def empty() -> None:
         return None
 
-    base = _per_call(empty, 20_000)
-    idle = _per_call(m.triggers.on_idle, 20_000)
+    base = per_call(empty, 20_000)
+    idle = per_call(m.triggers.on_idle, 20_000)
     lease = m._lease
     held, lease.held = lease.held, False  # without the lease note: the make-up check alone
-    pre = _per_call(m.triggers.pre_run_cell, 20_000)
+    pre = per_call(m.triggers.pre_run_cell, 20_000)
     lease.held = held
-    note = _per_call(lambda: lease.note_cell({"count": 1, "source": "x", "started": 0.0}), 200)
+    note = per_call(lambda: lease.note_cell({"count": 1, "source": "x", "started": 0.0}), 200)
     m.triggers.cell_running = False
-    with_hooks = _per_call(lambda: shell.run_cell("pass"), 50 * repeat)
+    with_hooks = per_call(lambda: shell.run_cell("pass"), 50 * repeat)
     events = shell.events
     events.unregister("pre_run_cell", m.triggers.pre_run_cell)
     events.unregister("post_run_cell", m.triggers.post_run_cell)
-    without = _per_call(lambda: shell.run_cell("pass"), 50 * repeat)
+    without = per_call(lambda: shell.run_cell("pass"), 50 * repeat)
     events.register("pre_run_cell", m.triggers.pre_run_cell)
     events.register("post_run_cell", m.triggers.post_run_cell)
     m.enabled = False

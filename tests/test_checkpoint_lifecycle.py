@@ -1,3 +1,4 @@
+# ruff: noqa: F811 - the fixtures `shell` and `state` come from test_checkpoint_shell
 """How checkpoints live with a notebook's habits, in a real IPython shell on a real store:
 our own %%infer results saved as plain data, %reload_ext, %config state_dir after load, the
 lease (one writer per store), damaged objects, a fresh folder, SIGTERM during a commit, and
@@ -14,38 +15,27 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from IPython.core.interactiveshell import InteractiveShell
-from test_checkpoint_shell import FakeClock, close_shell, make_shell, run
+from test_checkpoint_shell import (  # noqa: F401 - shell and state are fixtures
+    FakeClock,
+    close_shell,
+    make_shell,
+    manager,
+    run,
+    shell,
+    state,
+)
 
 import kernel_ext
 from kernel_ext.checkpoint import register_plain_type
 from kernel_ext.checkpoint._codec import decode, encode
 from kernel_ext.checkpoint.lease import Identity, Lease
-from kernel_ext.checkpoint.manager import CheckpointManager
 from kernel_ext.checkpoint.store import Store
 from kernel_ext.errors import CheckpointLeaseError
 from kernel_ext.providers.base import GenerationResult
-
-
-@pytest.fixture
-def state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.chdir(tmp_path)
-    return tmp_path / "state"
-
-
-@pytest.fixture
-def shell(state: Path) -> Iterator[InteractiveShell]:
-    sh = make_shell(state)
-    yield sh
-    close_shell(sh)
-
-
-def manager() -> CheckpointManager:
-    return kernel_ext.current_session().checkpoints
 
 
 def store_at(state: Path) -> Store:
