@@ -208,8 +208,8 @@ def main(argv: list[str]) -> int:
     print(f"kills: {args.kills} ({in_commit} inside a commit), {elapsed:.1f} s, "
           f"load {os.getloadavg()[0]:.2f}")
     print(f"unclean ends reported by the next kernel: {unclean} of {max(0, args.kills - 1)}")
-    print(f"most cells lost by one kill (finished, not yet saved: killed between a cell and its "
-          f"make-up save): {lost_cells}")
+    print(f"most finished cells lost by one kill (killed before or while their make-up save was "
+          f"written; allowed): {lost_cells}")
     print(f"temporary leftovers after the last open: {len(leftovers)}")
     print(f"bad restores: {len(bad)}")
     for line in bad[:20]:

@@ -711,8 +711,8 @@ def _write_row_chunks(root: Path, arr: np.ndarray, rows: int) -> None:
 
     Each such chunk is a contiguous slice of the C-ordered buffer, so it is written straight
     from the array's memory, sequentially (Zarr's own path copies every chunk and writes them
-    concurrently: 2-3x slower to write and ~2x slower to read here, ``benchmarks/
-    bench_checkpoint.py`` item 6 measures both in the same run). The bytes are exactly what Zarr writes:
+    concurrently: 2.0-2.5x slower to write and 1.6-2.1x slower to read here, medians of six
+    interleaved runs of ``benchmarks/bench_checkpoint.py`` item 6). The bytes are exactly what Zarr writes:
     the ``bytes`` codec (little endian), default chunk keys ``c/<i>/0/...``, edge chunks
     padded with the fill value 0.
     """
