@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Callable
 
-__all__ = ["best_of"]
+__all__ = ["best_of", "per_call"]
 
 
 def best_of(fn: Callable[[], object], repeat: int) -> float:
@@ -16,3 +17,14 @@ def best_of(fn: Callable[[], object], repeat: int) -> float:
         fn()
         best = min(best, time.perf_counter() - t0)
     return best
+
+
+def per_call(fn: Callable[[], object], n: int, rounds: int = 5) -> float:
+    """Seconds per call of ``fn``: the median over ``rounds`` rounds of ``n`` calls."""
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        times.append((time.perf_counter() - t0) / n)
+    return statistics.median(times)

@@ -14,26 +14,14 @@ sub-millisecond to few-millisecond range.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from benchmarks._timing import per_call as _per_call
+
 __all__ = ["main"]
-
-
-def _per_call(fn: Callable[[], Any], n: int) -> float:
-    """Median over 5 rounds of the seconds per call."""
-    rounds = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        rounds.append((time.perf_counter() - t0) / n)
-    return statistics.median(rounds)
 
 
 class _Instant:

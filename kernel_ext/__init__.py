@@ -51,6 +51,11 @@ def infer_many(prompts: Any, **options: Any) -> Any:
     return _infer_many(session, prompts, **options)
 
 
+# What an unloaded extension leaves to the next load in the same kernel (models, settings,
+# checkpoint choices), kept on the shell: %reload_ext re-imports this module.
+_HANDOVER = "_kernel_ext_handover"
+
+
 def load_ipython_extension(ip: Any) -> None:
     global _ext
     if _ext is not None:
@@ -60,11 +65,20 @@ def load_ipython_extension(ip: Any) -> None:
     from . import checkpoint, resilience
     from .magics import KernelExt
 
+    handover = ip.__dict__.pop(_HANDOVER, None)
     ext = KernelExt(shell=ip, parent=ip)
+    kept: list[str] = []
     try:
+        if handover is not None:
+            kept += ext.session.adopt(handover)
         resilience.attach(ext.session)
-        checkpoint.attach(ext.session)
+        if handover is not None:
+            kept += ext.session.adopt_resilience(handover)
+        checkpoint.attach(ext.session, handover["checkpoints"] if handover else None)
     except Exception:
+        if handover is not None:
+            handover["models"] = ext.session.handover()["models"]
+            ip.__dict__[_HANDOVER] = handover  # a retried %load_ext still finds the models
         ext.session.close()
         while ext in ip.configurables:
             ip.configurables.remove(ext)
@@ -72,6 +86,11 @@ def load_ipython_extension(ip: Any) -> None:
     # Registered last: a failure above leaves nothing half-loaded, and %load_ext can be retried.
     ip.register_magics(ext)  # Magics.__init__ already put it in ip.configurables (%config)
     _ext = ext
+    if handover is not None:
+        manager = ext.session.checkpoints
+        if manager is not None and manager.writer:
+            kept.append(f"checkpoints go on ({manager.location})")
+        print(f"kernel_ext: loaded again in the same kernel: {'; '.join(kept) or 'nothing kept'}")
 
 
 def unload_ipython_extension(ip: Any) -> None:
@@ -80,7 +99,14 @@ def unload_ipython_extension(ip: Any) -> None:
     if ext is None:
         return
     _ext = None
-    ext.session.close()
+    handover = ext.session.handover()
+    ext.session.close()  # saves what is pending, gives the checkpoint lease back
+    ip.__dict__[_HANDOVER] = handover
+    models = handover["models"].names()
+    if models:
+        print(f"kernel_ext unloaded; model(s) {', '.join(models)} stay in memory for the next "
+              "%load_ext kernel_ext in this kernel (to free them: %model unload NAME before "
+              "%unload_ext)")
     while ext in ip.configurables:
         ip.configurables.remove(ext)
     ip.magics_manager.registry.pop(type(ext).__name__, None)

@@ -159,7 +159,9 @@ class KernelExtConfig(Configurable):
     ).tag(config=True)
     checkpoint_enabled = Bool(True, help="Checkpoint variables after cells.").tag(config=True)
     checkpoint_interval = Float(
-        5.0, help="Minimum seconds between automatic checkpoints after cells."
+        5.0, help="Minimum seconds between automatic checkpoints after cells. A change it holds "
+        "back is saved before the next cell starts or, while the kernel idles, once the interval "
+        "has passed."
     ).tag(config=True)
     checkpoint_keep = Int(5, help="Snapshots to keep; older ones are collected.").tag(config=True)
     checkpoint_key_env = Unicode(

@@ -32,6 +32,7 @@ __all__ = [
     "AllProvidersFailedError",
     "CheckpointError",
     "CheckpointCorruptError",
+    "CheckpointLeaseError",
 ]
 
 
@@ -183,3 +184,7 @@ class CheckpointError(KernelExtError, OSError):
 
 class CheckpointCorruptError(CheckpointError):
     """A snapshot failed verification (hash mismatch, missing or truncated object)."""
+
+
+class CheckpointLeaseError(CheckpointError):
+    """Another kernel holds the lease of this checkpoint store: this one may read, not write."""

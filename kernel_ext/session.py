@@ -103,6 +103,12 @@ class Session:
     def cache_dir(self) -> Path:
         return user_cache_dir(self.config.cache_dir)
 
+    def move_state_dir(self, path: str | Path) -> None:
+        """Keep the audit log (and the offline cache, which follows ``state_dir``) in ``path``
+        from now on (``%config KernelExt.state_dir`` after load)."""
+        self.state_dir = Path(path)
+        self.audit.path = self.state_dir / "audit.jsonl"
+
     # --- lifecycle ------------------------------------------------------------------------------
     def on_close(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` when the session closes (extension unload, kernel shutdown)."""
@@ -116,6 +122,60 @@ class Session:
                 log.exception("kernel_ext: error while closing %r", fn)
         self._closers.clear()
         self.models.unload_all()
+
+    # --- %reload_ext: the same kernel goes on ---------------------------------------------------
+    def handover(self) -> dict[str, Any]:
+        """Detach what the next Session of this same kernel keeps (``%reload_ext``,
+        ``%unload_ext`` + ``%load_ext``): the loaded models (not unloaded by :meth:`close`),
+        remote providers, breaker and fallback state, the state directory, the settings and
+        the checkpoint manager's choices. Call before :meth:`close`."""
+        from .models import ModelRegistry
+
+        kept, self.models = self.models, ModelRegistry(self)
+        handover: dict[str, Any] = {
+            "models": kept, "state_dir": self.state_dir, "config": self.config,
+            "checkpoints": self.checkpoints.handover() if self.checkpoints is not None else None,
+        }
+        if self.resilience is not None:
+            handover["resilience"] = self.resilience.state()
+            handover["remotes"] = dict(self.extra_providers)
+            self.extra_providers.clear()  # the hub's own dict: closing closes none of them
+        return handover
+
+    def adopt(self, handover: dict[str, Any]) -> list[str]:
+        """Take over what :meth:`handover` left (before the subsystems attach); returns what
+        was kept, in words."""
+        from traitlets import dlink
+
+        lines = []
+        old = handover["config"]
+        changed = []
+        for name in sorted(type(self.config).class_trait_names(config=True)):
+            value = getattr(old, name)
+            if value != getattr(self.config, name):
+                setattr(self.config, name, value)
+                changed.append(name)
+            # Models kept below read settings through the old object: keep it in step.
+            dlink((self.config, name), (old, name))
+        self.move_state_dir(handover["state_dir"])
+        registry = handover["models"]
+        registry.session = self
+        self.models = registry
+        if registry.names():
+            active = f" ({registry.active} active)" if registry.active else ""
+            lines.append(f"kept model(s) {', '.join(registry.names())}{active}")
+        if changed:
+            lines.append(f"kept your settings ({', '.join(changed)})")
+        return lines
+
+    def adopt_resilience(self, handover: dict[str, Any]) -> list[str]:
+        """After ``resilience.attach``: the remote providers, breakers and fallbacks come back."""
+        if self.resilience is None or "resilience" not in handover:
+            return []
+        self.extra_providers.update(handover.get("remotes") or {})
+        self.resilience.restore_state(handover["resilience"])
+        kept = [*handover.get("remotes", {}), *handover["resilience"].get("breakers", {})]
+        return ["kept breakers, fallbacks and remote providers"] if kept else []
 
     # --- inference ------------------------------------------------------------------------------
     def infer(self, prompt: str, params: GenerationParams, *, model: str | None = None,

@@ -217,3 +217,20 @@ def test_io_errors_never_publish_a_snapshot(base: Path, tmp_path: Path, which: s
         assert list((run / "tmp").iterdir()) == []
         shutil.rmtree(run)
     assert probe.head() is not None
+
+
+@pytest.mark.slow
+def test_random_kills_of_whole_kernels_never_give_a_bad_restore(tmp_path: Path) -> None:
+    """The crash benchmark at CI size: forked shells with the lease and make-up saves, each
+    SIGKILLed at a random instant, each restore checked (benchmarks/bench_checkpoint_crash.py
+    runs 200)."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-m", "benchmarks.bench_checkpoint_crash",
+                           "--kills", "6", "--dir", str(tmp_path)], cwd=repo,
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "bad restores: 0" in done.stdout
+    assert "unclean ends reported by the next kernel: 5 of 5" in done.stdout

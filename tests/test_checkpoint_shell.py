@@ -30,6 +30,38 @@ class FakeClock:
         return self.now
 
 
+class ManualLoop:
+    """Stands in for the kernel's event loop: the test runs what was scheduled."""
+
+    available = True
+    description = "on a test loop"
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[float, Any]] = []
+
+    @property
+    def delays(self) -> list[float]:
+        return [d for d, _ in self.calls]
+
+    def call_later(self, delay: float, fn: Any) -> Any:
+        entry = (delay, fn)
+        self.calls.append(entry)
+        return entry
+
+    def cancel(self, handle: Any) -> None:
+        if handle in self.calls:
+            self.calls.remove(handle)
+
+    def add_callback(self, fn: Any) -> bool:
+        fn()
+        return True
+
+    def fire(self) -> None:
+        calls, self.calls = self.calls, []
+        for _, fn in calls:
+            fn()
+
+
 def make_shell(state: Path, **settings: Any) -> InteractiveShell:
     config = Config()
     config.HistoryManager.enabled = False
@@ -81,40 +113,70 @@ def snapshots(state: Path) -> list[str]:
 def test_hook_is_registered_and_unregistered_exactly(state: Path) -> None:
     sh = make_shell(state)
     m = manager()
-    assert m.post_run_cell in sh.events.callbacks["post_run_cell"]
+    assert m.triggers.post_run_cell in sh.events.callbacks["post_run_cell"]
     before = signal.getsignal(signal.SIGTERM)
-    assert before == m._on_sigterm
+    assert before == m.triggers.on_sigterm
     close_shell(sh)
-    assert m.post_run_cell not in sh.events.callbacks["post_run_cell"]
-    assert signal.getsignal(signal.SIGTERM) != m._on_sigterm
+    assert m.triggers.post_run_cell not in sh.events.callbacks["post_run_cell"]
+    assert signal.getsignal(signal.SIGTERM) != m.triggers.on_sigterm
 
 
-def test_cells_are_checkpointed_at_most_every_interval(shell: InteractiveShell,
-                                                       state: Path) -> None:
+def test_after_cells_at_most_every_interval_and_throttled_changes_are_made_up(
+        shell: InteractiveShell, state: Path) -> None:
     m = manager()
     clock = FakeClock()
     m.clock = clock
+    m.loop = loop = ManualLoop()
     events: list[dict] = []
     m.session.events.subscribe("checkpoint", events.append)
     run(shell, "import numpy as np\na = np.arange(10)\nb = {'k': [1, 2]}")
     assert len(snapshots(state)) == 1
-    run(shell, "a[0] = 5")  # within the interval: not saved yet
-    assert len(snapshots(state)) == 1
-    clock.now += 5.0
-    run(shell, "c = 'text'")
+    run(shell, "a[0] = 5")  # within the interval: not saved after this cell...
+    assert len(snapshots(state)) == 1 and m.status["pending"]
+    assert loop.delays == [5.0]  # ...an idle save waits for the interval's end...
+    shell.user_ns["Store"] = Store
+    run(shell, f"seen = int(Store({str(state / 'checkpoints')!r}).restore().values['a'][0])")
+    assert shell.user_ns["seen"] == 5  # ...or the next cell saves it before it starts
     assert len(snapshots(state)) == 2
+    run(shell, "c = 'text'")  # (this cell first saves `seen`)
+    assert len(snapshots(state)) == 3
+    loop.fire()  # too early: waits for the rest of the interval
+    assert len(snapshots(state)) == 3 and loop.delays == [5.0]
+    clock.now += 5.0
+    loop.fire()  # idle, the interval has passed: saved without another cell
+    assert len(snapshots(state)) == 4 and not loop.calls and not m.status["pending"]
+    assert Store(state / "checkpoints").restore().values["c"] == "text"
     clock.now += 5.0
     run(shell, "x = 1; del x")  # nothing changed: skipped, no new snapshot
-    assert len(snapshots(state)) == 2
-    assert [e["action"] for e in events] == ["committed", "committed", "skipped"]
+    assert len(snapshots(state)) == 4
+    assert [e["action"] for e in events] == ["committed"] * 4 + ["skipped"]
     status = events[-1]["status"]
-    assert status["tracked"] == ["a", "b", "c"]
+    assert status["tracked"] == ["a", "b", "c", "seen"]
     assert status["skipped"]["np"].startswith("module")
     assert status["size_bytes"] > 0 and status["last_time"] is not None
-    restored = Store(state / "checkpoints").restore().values
-    assert restored["a"][0] == 5 and restored["c"] == "text"
     audit = m.session.audit.read("checkpoint.commit")
-    assert len(audit) == 2 and audit[0]["variables"] == 2
+    assert [r["reason"] for r in audit] == ["cell", "before cell", "before cell", "idle"]
+    assert audit[0]["skipped"]["np"].startswith("module")  # reasons, not just names
+
+
+def test_idle_save_never_runs_while_a_cell_does(shell: InteractiveShell, state: Path) -> None:
+    """An async cell awaits on the kernel's loop: a due idle save must wait for it to end."""
+    m = manager()
+    m.clock = clock = FakeClock()
+    m.loop = loop = ManualLoop()
+    run(shell, "a = 1")
+    run(shell, "a = 2")
+    clock.now += 10
+    m.triggers.pre_run_cell()  # a cell starts (its pre_run_cell makes up `a = 2` first)
+    assert Store(state / "checkpoints").restore().values["a"] == 2
+    shell.user_ns["a"] = 3
+    m.triggers.dirty = True
+    loop.fire()
+    assert Store(state / "checkpoints").restore().values["a"] == 2  # not while it runs
+    m.triggers.post_run_cell()  # the cell ended: the idle save waits for the interval's end
+    clock.now += 5
+    loop.fire()
+    assert Store(state / "checkpoints").restore().values["a"] == 3
 
 
 def test_default_tracking_skips_code_models_and_ipython_names(shell: InteractiveShell) -> None:
@@ -159,15 +221,15 @@ def test_every_subcommand(shell: InteractiveShell, state: Path,
     assert set(latest.values) == {"x"}
     assert "ignored by pattern 'tmp_*'" in latest.manifest["skipped"]["tmp_a"]
     assert latest.manifest["skipped"]["y"].startswith("untracked")
-    run(shell, "%checkpoint track y tmp_a")
-    run(shell, "x.append(3)")
-    run(shell, "%checkpoint diff")
+    run(shell, "get_ipython().run_line_magic('checkpoint', 'track y tmp_a')\nx.append(3)\n"
+               "get_ipython().run_line_magic('checkpoint', 'diff')")  # before any make-up save
     out = capsys.readouterr().out
     assert "added (2): tmp_a, y" in out and "changed (1): x" in out
     run(shell, "%checkpoint now")
     run(shell, "%checkpoint list")
     out = capsys.readouterr().out
-    assert out.count(" vars ") == 3 and "-1  " in out and "-3  " in out
+    kept = len(snapshots(state))
+    assert kept >= 3 and out.count(" vars ") == kept and "-1  " in out and f"-{kept}  " in out
     first = snapshots(state)[-1]
     run(shell, f"%checkpoint diff {first[:20]}")
     assert "compared with snapshot " + first in capsys.readouterr().out
@@ -197,7 +259,6 @@ def _status(shell: InteractiveShell, capsys: pytest.CaptureFixture[str]) -> str:
     ("%checkpoint ignore", "one glob pattern"),
     ("%checkpoint diff", "no checkpoint yet"),
     ("%checkpoint diff nosuch", "no checkpoint yet"),
-    ("%resume", "no checkpoint"),
     ("%resume --bogus", "unrecognized arguments"),
 ])
 def test_bad_input_is_a_short_usage_error(shell: InteractiveShell, line: str,
@@ -236,8 +297,10 @@ def test_failures_warn_once_and_stay_visible(shell: InteractiveShell, state: Pat
     assert Store(state / "checkpoints").restore().values["a"] == [1]
     m.store.backend._os = types.SimpleNamespace(fsync=os.fsync, replace=os.replace)
     clock.now += 10
-    run(shell, "a.append(9)")
+    run(shell, "a.append(9)")  # the pending change is made up first, then this one waits
     assert m.status["last_failure"] is None
+    assert Store(state / "checkpoints").restore().values["a"] == [1, 0, 1, 2]
+    run(shell, "pass")
     assert Store(state / "checkpoints").restore().values["a"] == [1, 0, 1, 2, 9]
 
 
@@ -347,7 +410,7 @@ def test_sigterm_saves_then_chains_to_the_previous_handler(state: Path) -> None:
         assert restored.manifest["reason"] == "sigterm"
         close_shell(sh)
         assert calls == [signal.SIGTERM]
-        assert signal.getsignal(signal.SIGTERM) not in (m._on_sigterm, None)
+        assert signal.getsignal(signal.SIGTERM) not in (m.triggers.on_sigterm, None)
     finally:
         signal.signal(signal.SIGTERM, original)
 
@@ -426,25 +489,37 @@ def test_checkpoint_enabled_setting_works_at_any_time(shell: InteractiveShell, s
     assert Store(state / "checkpoints").restore().values["a"] == 3
 
 
-def test_status_lists_arrays_without_encoding_them(shell: InteractiveShell,
-                                                   monkeypatch: pytest.MonkeyPatch,
-                                                   capsys: pytest.CaptureFixture[str]) -> None:
-    import kernel_ext.checkpoint.manager as manager_module
-
-    encoded: list[str] = []
-    real = manager_module.encode
-
-    def spy(value: Any, **kwargs: Any) -> Any:
-        encoded.append(type(value).__name__)
-        return real(value, **kwargs)
+def test_status_is_truthful_without_encoding_bulk_data(shell: InteractiveShell,
+                                                      monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """%checkpoint status names what a save would skip, with the save's own reasons (issue 9
+    item 5: categorical columns, tuple column labels), but copies and hashes no array data."""
+    import kernel_ext.checkpoint._codec as codec
 
     manager().enabled = False
-    run(shell, "import numpy as np\nimport torch\nw = np.ones(4)\nt = torch.ones(2)\n"
-               "b = b'x'\nn = [1]\nobj = object()")
-    monkeypatch.setattr(manager_module, "encode", spy)
+    run(shell, "import numpy as np, pandas as pd, torch\nw = np.ones(4)\nt = torch.ones(2)\n"
+               "b = b'x'\nn = [1]\nobj = object()\n"
+               "df = pd.DataFrame({'x': np.arange(3.0), 's': ['a', None, 'c']})\n"
+               "cat = pd.DataFrame({'c': pd.Categorical(['a', 'b'])})\n"
+               "tup = pd.DataFrame({('a', 'b'): [1, 2]})\n"
+               "objcol = pd.DataFrame({'o': [object(), 1]})")
+    touched: list[str] = []
+    for name in ("_array_part", "_blob_part", "_encode_frame"):
+        real = getattr(codec, name)
+        monkeypatch.setattr(codec, name, lambda *a, _n=name, _r=real, **k: (touched.append(_n),
+                                                                           _r(*a, **k))[1])
     out = _status(shell, capsys)
-    assert "tracked (4): b, n, t, w" in out and "obj: object is not a storable kind" in out
-    assert sorted(encoded) == ["list", "object"]
+    assert "tracked (5): b, df, n, t, w" in out and "obj: object is not a storable kind" in out
+    assert "cat: DataFrame column 'c' has extension dtype category" in out
+    assert "tup: DataFrame with non-unique or non-string/int column labels" in out
+    assert "objcol: DataFrame column 'o' of dtype object holds values that are not" in out
+    assert "_array_part" not in touched and "_encode_frame" not in touched
+    monkeypatch.undo()
+    run(shell, "%checkpoint now")
+    saved = Store(manager().location).restore()
+    assert sorted(saved.values) == ["b", "df", "n", "t", "w"]
+    assert set(saved.manifest["skipped"]) >= {"cat", "tup", "objcol", "obj"}
+    assert manager().status["skipped"]["cat"] == saved.manifest["skipped"]["cat"]
 
 
 def test_bad_store_url_leaves_the_extension_loaded_with_checkpoints_off(

@@ -96,7 +96,7 @@ def test_sigkill_mid_loop_then_resume_in_a_fresh_kernel(tmp_path: Path) -> None:
     km, kc = start(tmp_path)
     try:
         banner = execute(kc, "%load_ext kernel_ext")
-        assert "a checkpoint exists for this notebook" in banner
+        assert "the previous kernel of this notebook ended without shutting down" in banner
         assert "task 'squares': 10/40 items done" in banner
         report = execute(kc, "%resume")
         assert "weights" in report and "settings" in report

@@ -579,3 +579,19 @@ def test_progress_updates_are_coalesced_to_whole_percents(session: Session, dash
             bar.observe(lambda change: values.append(change["new"]), "value")
     assert 50 <= len(values) <= 100  # one message per visible percent, not one per tensor
     assert values[-1] == 1.0 and values == sorted(values)
+
+
+def test_checkpoint_panel_shows_the_writer_pending_changes_and_kept_variables() -> None:
+    panel = CheckpointPanel(clock=FakeClock())
+    try:
+        panel.update({"tracked": ["a"], "skipped": {}, "last_time": None, "pending": True,
+                      "writer": "another kernel: kernel pid 7 on vm; this kernel only reads",
+                      "carried": {"w": "DAMAGED in every kept snapshot"}}, "lease_lost")
+        body = html(panel.body)
+        assert "writer: another kernel: kernel pid 7" in body
+        assert "unsaved changes" in body and "data-action='lease_lost'" in body
+        assert "kept from the restored snapshot (1)" in body and "<code>w</code>: DAMAGED" in body
+        panel.update({"tracked": ["a"], "writer": "this kernel (lease taken ...)"}, "committed")
+        assert "writer:" not in html(panel.body) and "unsaved" not in html(panel.body)
+    finally:
+        panel.close()

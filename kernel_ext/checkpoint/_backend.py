@@ -10,13 +10,22 @@ writer at each step.
 
 On an fsspec URL (``memory://``, ``s3://``) single-object writes are atomic by the storage's
 own contract; an array is complete once its ``.ok`` marker exists (written last).
+
+Temporary names carry their writer (``tmp/<host>~<pid>~<uuid>``): cleaning removes only what
+a dead process on this host left (or what is a day old from another host), never a write
+that another live process may still publish. A write can be given a deadline
+(:attr:`Backend.deadline`): past it, the next step raises :class:`CommitAbandoned` and the
+write is undone like any failed one (its temporary files removed, nothing published).
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
+import socket
+import time
 import types
 import uuid
 from collections.abc import Callable
@@ -24,18 +33,53 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Backend", "FsspecBackend", "LocalBackend", "open_backend"]
+from ..errors import CheckpointError
+
+__all__ = ["Backend", "CommitAbandoned", "FsspecBackend", "LocalBackend", "open_backend"]
 
 TMP = "tmp"
+_FOREIGN_TMP_AGE_S = 24 * 3600.0  # leftovers of another host are removed after a day
+_HOST = re.sub(r"[^A-Za-z0-9.-]+", "-", socket.gethostname())[:60] or "host"
+
+
+class CommitAbandoned(CheckpointError):
+    """A write passed its deadline and was undone (nothing published; the store is as before)."""
+
+
+def _tmp_owner() -> str:
+    return f"{_HOST}~{os.getpid()}"
+
+
+def _leftover(name: str, mtime: float) -> bool:
+    """Whether ``tmp/<name>`` is a leftover that no live process may still publish."""
+    parts = name.split("~")
+    if len(parts) != 3 or not parts[1].isdigit():
+        return True  # not ours to interpret: a torn write of an older version
+    host, pid = parts[0], int(parts[1])
+    if host != _HOST:
+        return time.time() - mtime > _FOREIGN_TMP_AGE_S
+    if pid == os.getpid():
+        return False  # this process's own writes clean up after themselves
+    import psutil
+
+    return not psutil.pid_exists(pid)
 
 
 class Backend:
     """The operations the snapshot store needs from its storage."""
 
     url: str
+    deadline: float | None = None  # time.monotonic() after which a write is abandoned
 
-    def put(self, key: str, data: bytes | memoryview) -> None:  # pragma: no cover
-        raise NotImplementedError
+    def check_deadline(self) -> None:
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise CommitAbandoned("the write ran out of time and was abandoned (nothing was "
+                                  "published; the previous snapshot is intact)")
+
+    def put(self, key: str, data: bytes | memoryview, *, durable: bool = True) -> None:
+        """Publish ``data`` at ``key`` atomically; ``durable=False``: without fsync and outside
+        the fault-injection seams (for derived, best-effort files: a lost one is harmless)."""
+        raise NotImplementedError  # pragma: no cover - interface
 
     def get(self, key: str) -> bytes:  # pragma: no cover - interface
         raise NotImplementedError
@@ -54,9 +98,11 @@ class Backend:
     def has_array(self, key: str) -> bool:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def write_arrays(self, items: list[tuple[str, Callable[[Any], None]]]) -> None:
+    def write_arrays(self, items: list[tuple[str, Callable[[Any], None]]],
+                     replace: frozenset[str] = frozenset()) -> None:
         """For each ``(key, write)``, call ``write(zarr_store)`` to write one array at the
-        store's root, then publish it at ``key`` atomically (each all or nothing)."""
+        store's root, then publish it at ``key`` atomically (each all or nothing). Keys in
+        ``replace`` overwrite what is there (a damaged copy); others keep an existing array."""
         raise NotImplementedError  # pragma: no cover - interface
 
     def put_many(self, items: list[tuple[str, bytes | memoryview]]) -> None:
@@ -89,12 +135,13 @@ class LocalBackend(Backend):
     def _step(self, name: str) -> None:
         if self.on_step is not None:
             self.on_step(name)
+        self.check_deadline()
 
     def _path(self, key: str) -> Path:
         return self.root / key
 
     def _tmp_path(self, suffix: str = "") -> Path:
-        return self.root / TMP / f"{uuid.uuid4().hex}{suffix}"
+        return self.root / TMP / f"{_tmp_owner()}~{uuid.uuid4().hex}{suffix}"
 
     def _fsync_dir(self, path: Path) -> None:
         self._fsync_path(str(path), step="fsync_dir")
@@ -154,8 +201,18 @@ class LocalBackend(Backend):
                 _unlink(tmp)
         return tmp
 
-    def put(self, key: str, data: bytes | memoryview) -> None:
-        self.put_many([(key, data)])
+    def put(self, key: str, data: bytes | memoryview, *, durable: bool = True) -> None:
+        if durable:
+            self.put_many([(key, data)])
+            return
+        final = self._path(key)
+        tmp = self._tmp_path(".part")
+        try:
+            tmp.write_bytes(bytes(data))
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, final)
+        finally:
+            _unlink(tmp)
 
     def put_many(self, items: list[tuple[str, bytes | memoryview]]) -> None:
         tmps: list[Path] = []
@@ -201,7 +258,8 @@ class LocalBackend(Backend):
     def has_array(self, key: str) -> bool:
         return (self._path(key) / "zarr.json").exists()
 
-    def write_arrays(self, items: list[tuple[str, Callable[[Any], None]]]) -> None:
+    def write_arrays(self, items: list[tuple[str, Callable[[Any], None]]],
+                     replace: frozenset[str] = frozenset()) -> None:
         from zarr.storage import LocalStore
 
         tmps: list[Path] = []
@@ -218,6 +276,8 @@ class LocalBackend(Backend):
                 final = self._path(key)
                 final.parent.mkdir(parents=True, exist_ok=True)
                 self._step("rename")
+                if key in replace and final.exists():
+                    shutil.rmtree(final)  # a damaged copy: the new one takes its place
                 try:
                     self._os.replace(tmp, final)
                 except OSError as e:
@@ -243,8 +303,13 @@ class LocalBackend(Backend):
         tmp = self.root / TMP
         count = 0
         for name in self.listdir(TMP):
-            self.remove(f"{TMP}/{name}")
-            count += 1
+            try:
+                mtime = (tmp / name).lstat().st_mtime
+            except FileNotFoundError:
+                continue
+            if _leftover(name, mtime):
+                self.remove(f"{TMP}/{name}")
+                count += 1
         tmp.mkdir(exist_ok=True)
         return count
 
@@ -262,7 +327,9 @@ class FsspecBackend(Backend):
     def _p(self, key: str) -> str:
         return f"{self._root}/{key}" if key else self._root
 
-    def put(self, key: str, data: bytes | memoryview) -> None:
+    def put(self, key: str, data: bytes | memoryview, *, durable: bool = True) -> None:
+        if durable:
+            self.check_deadline()
         self.fs.pipe_file(self._p(key), bytes(data))
 
     def get(self, key: str) -> bytes:
@@ -286,11 +353,14 @@ class FsspecBackend(Backend):
     def has_array(self, key: str) -> bool:
         return self.exists(f"{key}.ok")
 
-    def write_arrays(self, items: list[tuple[str, Callable[[Any], None]]]) -> None:
+    def write_arrays(self, items: list[tuple[str, Callable[[Any], None]]],
+                     replace: frozenset[str] = frozenset()) -> None:
         from zarr.storage import FsspecStore
 
         for key, write in items:
-            self.remove(key)  # a torn earlier attempt (no marker) is replaced
+            self.check_deadline()
+            self.remove(f"{key}.ok")
+            self.remove(key)  # a torn earlier attempt (no marker) or a damaged copy is replaced
             write(FsspecStore.from_url(f"{self.url}/{key}"))
             self.put(f"{key}.ok", b"")
 

@@ -7,12 +7,18 @@ Parts are named by their xxh3-128 content hash, which is verified on restore.
 Kinds: ``ndarray`` (numpy arrays and scalars), ``torch`` (tensors, any device, bfloat16
 included; restored on the CPU, with a warning, when the original device does not exist;
 GPU tensors are hashed once per change, see :class:`_DeviceHashes`), ``json`` (nested
-dict/list/str/int/float/bool/None), ``bytes``/``bytearray``, ``dataframe`` (pandas, column
-by column) and ``pickle`` (only for variables the user opted in; restoring runs code).
+dict/list/str/int/float/bool/None), ``plain`` (JSON with kernel_ext's own result objects inside,
+e.g. a ``%%infer -o`` result or an ``--into`` list of them; see :func:`register_plain_type`),
+``bytes``/``bytearray``, ``dataframe`` (pandas, column by column) and ``pickle`` (only for
+variables the user opted in; restoring runs code).
+
+:func:`check` says why a value would be skipped without encoding it (for ``%checkpoint
+status``); it applies the same rules as :func:`encode`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import pickle
@@ -29,16 +35,19 @@ import xxhash
 
 __all__ = [
     "Encoded",
+    "NotRestorable",
     "Part",
     "PickleRefused",
     "Unstorable",
     "array_hash",
     "blob_hash",
+    "check",
     "decode",
     "encode",
     "is_bulk",
     "json_bytes",
     "never_reason",
+    "register_plain_type",
 ]
 
 _ARRAY_KINDS = set("biufc")
@@ -51,6 +60,10 @@ class Unstorable(Exception):
 
 class PickleRefused(Exception):
     """Internal: a pickled value that the caller did not allow to be unpickled."""
+
+
+class NotRestorable(Exception):
+    """Internal: an intact stored value this version cannot rebuild (``str(e)`` says why)."""
 
 
 @dataclass
@@ -176,8 +189,8 @@ def _encode_ndarray(arr: np.ndarray, scalar: bool = False) -> Encoded:
     if kind in _TIME_KINDS:
         stored = np.ascontiguousarray(arr).view(np.int64)
         return Encoded("ndarray", meta, [_array_part(stored)])
-    raise Unstorable(f"numpy array of dtype {arr.dtype} (only numeric, bool and datetime arrays; "
-                     f"use `%checkpoint track NAME --pickle`)")
+    _check_ndarray(arr)
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 _TORCH_INT_BY_SIZE = {1: "int8", 2: "int16", 4: "int32", 8: "int64"}
@@ -310,35 +323,78 @@ def _is_json(value: Any, depth: int = 0) -> bool:
     return False
 
 
-def _encode_column(values: np.ndarray, what: str) -> tuple[dict[str, Any], Part]:
+def _column_kind(values: np.ndarray, what: str) -> str:
+    """How a column (or index) is stored: ``"array"`` or ``"json"``; raises :class:`Unstorable`.
+
+    Object columns are looked at value by value (they are stored as JSON when every value is a
+    number, string, bool or None)."""
     if values.dtype.kind in _ARRAY_KINDS or values.dtype.kind in _TIME_KINDS:
-        enc = _encode_ndarray(values)
-        return {"enc": "array", "dtype": values.dtype.str}, enc.parts[0]
-    items = values.tolist()
-    if values.dtype.kind == "O" and _is_json(items):
-        return {"enc": "json"}, _blob_part(json_bytes(items))
+        return "array"
+    if values.dtype.kind == "O" and _is_json(values.tolist()):
+        return "json"
     raise Unstorable(f"DataFrame {what} of dtype {values.dtype} holds values that are not "
                      "numbers, booleans, datetimes, strings or None")
+
+
+def _encode_column(values: np.ndarray, what: str) -> tuple[dict[str, Any], Part]:
+    if _column_kind(values, what) == "array":
+        enc = _encode_ndarray(values)
+        return {"enc": "array", "dtype": values.dtype.str}, enc.parts[0]
+    return {"enc": "json"}, _blob_part(json_bytes(values.tolist()))
+
+
+def _frame_plan(df: Any) -> list[str]:
+    """The rules :func:`_encode_frame` applies, without copying any data: one entry per column,
+    ``"numpy"`` or ``"string"``; raises :class:`Unstorable` with the reason."""
+    import pandas as pd
+
+    labels = list(df.columns)
+    if not _is_json(labels) or len(set(map(repr, labels))) != len(labels):
+        raise Unstorable("DataFrame with non-unique or non-string/int column labels "
+                         f"({', '.join(repr(x) for x in labels[:3])}{', ...' if len(labels) > 3 else ''}); "
+                         "rename the columns or use --pickle")
+    plan = []
+    for label, dtype in zip(labels, df.dtypes):
+        if isinstance(dtype, np.dtype):
+            plan.append("numpy")
+        elif pd.api.types.is_string_dtype(dtype):
+            plan.append("string")
+        else:
+            raise Unstorable(f"DataFrame column {label!r} has extension dtype {dtype} "
+                             "(use --pickle, or convert the column)")
+    index = df.index
+    if not (isinstance(index, pd.RangeIndex)
+            or (isinstance(index.dtype, np.dtype) and not isinstance(index, pd.MultiIndex))):
+        raise Unstorable(f"DataFrame with index of type {type(index).__name__} "
+                         "(reset_index() it, or use --pickle)")
+    return plan
+
+
+def _check_frame(df: Any) -> None:
+    import pandas as pd
+
+    for i, how in enumerate(_frame_plan(df)):
+        if how == "numpy":
+            _column_kind(df.iloc[:, i].to_numpy(), f"column {df.columns[i]!r}")
+    if not isinstance(df.index, pd.RangeIndex):
+        _column_kind(df.index.to_numpy(), "index")
 
 
 def _encode_frame(df: Any) -> Encoded:
     import pandas as pd
 
+    plan = _frame_plan(df)
     labels = list(df.columns)
-    if not _is_json(labels) or len(set(map(repr, labels))) != len(labels):
-        raise Unstorable("DataFrame with non-unique or non-string/int column labels")
     parts: list[Part] = []
     columns: list[dict[str, Any]] = []
-    for i, label in enumerate(labels):
+    for i, (label, how) in enumerate(zip(labels, plan)):
         col = df.iloc[:, i]
-        if isinstance(col.dtype, np.dtype):
+        if how == "numpy":
             info, part = _encode_column(col.to_numpy(), f"column {label!r}")
-        elif pd.api.types.is_string_dtype(col.dtype):
+        else:
             values = col.astype(object).where(col.notna(), None).tolist()
             info, part = {"enc": "json", "pandas_dtype": str(col.dtype)}, _blob_part(
                 json_bytes(values))
-        else:
-            raise Unstorable(f"DataFrame column {label!r} has extension dtype {col.dtype}")
         columns.append({"label": label, **info})
         parts.append(part)
     index = df.index
@@ -346,13 +402,178 @@ def _encode_frame(df: Any) -> Encoded:
     index_name = index.name if _is_json(index.name) else None
     if isinstance(index, pd.RangeIndex):
         meta["index"] = {"range": [index.start, index.stop, index.step], "name": index_name}
-    elif isinstance(index.dtype, np.dtype) and not isinstance(index, pd.MultiIndex):
+    else:
         info, part = _encode_column(index.to_numpy(), "index")
         meta["index"] = {**info, "name": index_name}
         parts.append(part)
-    else:
-        raise Unstorable(f"DataFrame with index of type {type(index).__name__}")
     return Encoded("dataframe", meta, parts)
+
+
+# --- kernel_ext's own result objects, as plain data ---------------------------------------------
+_TAG = "$kernel_ext"
+_plain_lock = threading.Lock()
+_plain_by_name: dict[str, type] = {}
+_plain_name: dict[type, str] = {}
+_builtins_registered = False
+
+
+def register_plain_type(cls: type, *aliases: str) -> None:
+    """Save instances of the dataclass ``cls`` as plain data and restore them as ``cls``.
+
+    The fields are read with :func:`dataclasses.fields` at save time, so fields added to the
+    class later are saved too; at restore, stored fields the class no longer has are dropped and
+    fields the checkpoint lacks take their defaults. Field values may be JSON values, tuples and
+    other registered dataclasses. Only registered classes are ever rebuilt: a checkpoint cannot
+    make restore construct any other class. ``aliases``: further stored names that mean ``cls``
+    (a class that was renamed).
+    """
+    if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
+        raise TypeError(f"register_plain_type needs a dataclass, got {cls!r}")
+    name = f"{cls.__module__}.{cls.__qualname__}"
+    with _plain_lock:
+        _plain_name[cls] = name
+        for n in (name, *aliases):
+            _plain_by_name[n] = cls
+
+
+def _plain_types() -> dict[type, str]:
+    """The registered classes; registers kernel_ext's generation result on first use."""
+    global _builtins_registered
+    if not _builtins_registered:
+        from ..providers import base
+
+        # One class, whichever of its two names (README: InferenceResult) the module uses.
+        names = ("GenerationResult", "InferenceResult")
+        for cls in {getattr(base, n) for n in names if hasattr(base, n)}:
+            register_plain_type(cls, *(f"{base.__name__}.{n}" for n in names))
+        _builtins_registered = True
+    return _plain_name
+
+
+class _PlainWalk:
+    """Turns a value into a JSON tree, tagging registered dataclasses, tuples and dicts whose
+    keys would collide with the tag. ``found``: whether a registered dataclass was seen."""
+
+    def __init__(self, types: dict[type, str]) -> None:
+        self.types = types
+        self.found: set[str] = set()
+
+    def tree(self, value: Any, depth: int = 0) -> Any:
+        if depth > 200:
+            raise Unstorable("nested more than 200 levels deep")
+        t = type(value)
+        if value is None or t in (str, int, float, bool):
+            return value
+        if t is list:
+            return [self.tree(v, depth + 1) for v in value]
+        if t is tuple:
+            return {_TAG: "tuple", "items": [self.tree(v, depth + 1) for v in value]}
+        if t is dict:
+            if not all(type(k) is str for k in value):
+                raise Unstorable("a dict with keys that are not str")
+            out = {k: self.tree(v, depth + 1) for k, v in value.items()}
+            return {_TAG: "dict", "items": out} if _TAG in value else out
+        name = self.types.get(t)
+        if name is None:
+            raise Unstorable(f"{_type_name(value)} (not plain data)")
+        self.found.add(name)
+        fields = {}
+        for f in dataclasses.fields(value):
+            try:
+                fields[f.name] = self.tree(getattr(value, f.name), depth + 1)
+            except Unstorable as e:
+                raise Unstorable(f"{t.__qualname__}.{f.name} holds {e}") from None
+        return {_TAG: name, "fields": fields}
+
+
+def _encode_plain(value: Any) -> Encoded | None:
+    """``value`` as kind ``plain`` when it is (or holds) a registered dataclass, else None."""
+    types = _plain_types()
+    if type(value) not in types and type(value) not in (list, dict, tuple):
+        return None
+    walk = _PlainWalk(types)
+    try:
+        tree = walk.tree(value)
+    except Unstorable:
+        if type(value) in types:
+            raise
+        return None
+    if not walk.found:
+        return None
+    return Encoded("plain", {"types": sorted(walk.found)}, [_blob_part(json_bytes(tree))])
+
+
+def _from_plain(node: Any) -> Any:
+    if type(node) is list:
+        return [_from_plain(v) for v in node]
+    if type(node) is not dict:
+        return node
+    tag = node.get(_TAG)
+    if tag is None:
+        return {k: _from_plain(v) for k, v in node.items()}
+    if tag == "dict":
+        return {k: _from_plain(v) for k, v in node["items"].items()}
+    if tag == "tuple":
+        return tuple(_from_plain(v) for v in node["items"])
+    _plain_types()
+    cls = _plain_by_name.get(tag)
+    if cls is None:
+        raise NotRestorable(f"{tag} is not a type this version of kernel_ext restores")
+    values = {k: _from_plain(v) for k, v in node["fields"].items()}
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    try:
+        obj = cls(**{k: v for k, v in values.items() if k in known and known[k].init})
+    except TypeError as e:
+        raise NotRestorable(f"{tag} cannot be rebuilt from its stored fields: {e}") from e
+    for k, v in values.items():
+        if k in known and not known[k].init:
+            object.__setattr__(obj, k, v)
+    return obj
+
+
+# --- checking without encoding ------------------------------------------------------------------
+def check(value: Any, *, allow_pickle: bool = False) -> str | None:
+    """Why :func:`encode` would refuse ``value`` (the same rules), or None when it can be saved.
+
+    Bulk values (arrays, tensors, DataFrames, bytes) are judged by their structure without
+    copying or hashing their data; other values are encoded (they are small by nature).
+    """
+    try:
+        if allow_pickle:
+            return None
+        torch = sys.modules.get("torch")
+        pd = sys.modules.get("pandas")
+        if type(value) is np.ndarray:
+            _check_ndarray(value)
+        elif torch is not None and isinstance(value, torch.Tensor):
+            _check_torch(value)
+        elif pd is not None and type(value) is pd.DataFrame:
+            _check_frame(value)
+        elif type(value) not in (bytes, bytearray):
+            encode(value)
+    except Unstorable as e:
+        return str(e)
+    except Exception as e:  # noqa: BLE001 - the same wording as a failed save
+        return f"cannot be saved: {type(e).__name__}: {e}"
+    return None
+
+
+def _check_ndarray(arr: np.ndarray) -> None:
+    if arr.dtype.kind not in _ARRAY_KINDS and arr.dtype.kind not in _TIME_KINDS:
+        raise Unstorable(f"numpy array of dtype {arr.dtype} (only numeric, bool and datetime "
+                         "arrays; use `%checkpoint track NAME --pickle`)")
+
+
+def _check_torch(t: Any) -> None:
+    import torch
+
+    if t.layout != torch.strided or t.is_quantized:
+        raise Unstorable(f"torch tensor with layout {t.layout} (only dense tensors)")
+    if t.device.type == "meta":
+        raise Unstorable("cannot be saved: NotImplementedError: a tensor on the meta device "
+                         "holds no data")
+    if t.element_size() not in _TORCH_INT_BY_SIZE:
+        raise Unstorable(f"torch tensor of dtype {t.dtype}")
 
 
 def encode(value: Any, *, allow_pickle: bool = False) -> Encoded:
@@ -373,6 +594,9 @@ def encode(value: Any, *, allow_pickle: bool = False) -> Encoded:
         return Encoded("bytearray", {}, [_blob_part(bytes(value))])
     if _is_json(value):
         return Encoded("json", {}, [_blob_part(json_bytes(value))])
+    plain = _encode_plain(value)
+    if plain is not None:
+        return plain
     if allow_pickle:
         try:
             data = pickle.dumps(value, protocol=5)
@@ -394,7 +618,8 @@ def encode(value: Any, *, allow_pickle: bool = False) -> Encoded:
 
 def _unsupported(value: Any) -> Encoded:
     raise Unstorable(f"{_type_name(value)} is not a storable kind "
-                     "(arrays, tensors, JSON values, bytes, DataFrames); use --pickle")
+                     "(arrays, tensors, JSON values, bytes, DataFrames, %%infer results); "
+                     "use --pickle")
 
 
 def _type_name(value: Any) -> str:
@@ -429,6 +654,8 @@ def decode(kind: str, meta: dict[str, Any], parts: list[Any], *, allow_pickle: b
         return t
     if kind == "json":
         return json.loads(parts[0])
+    if kind == "plain":
+        return _from_plain(json.loads(parts[0]))
     if kind == "bytes":
         return bytes(parts[0])
     if kind == "bytearray":

@@ -1,6 +1,7 @@
 """``%checkpoint`` and ``%resume``.
 
-``%checkpoint now|status|list|diff [SNAP]|track VAR... [--pickle]|untrack VAR...|ignore PATTERN|off|on``
+``%checkpoint now|status|list|diff [SNAP]|track VAR... [--pickle]|untrack VAR...|ignore PATTERN|
+off|on|verify|takeover``
 ``%resume [SNAP] [--vars a b ...] [--pickle [VAR ...]]``
 """
 
@@ -13,7 +14,8 @@ from typing import Any
 
 from IPython.core.error import UsageError
 
-from ..checkpoint.manager import CheckpointManager, fmt_time
+from ..checkpoint.manager import CheckpointManager
+from ..checkpoint.report import fmt_time, status_lines
 from ..memory import format_bytes
 from ._args import MagicParser, dispatch
 
@@ -40,34 +42,19 @@ def _now(m: CheckpointManager, rest: list[str]) -> None:
     if rest:
         raise UsageError("%checkpoint now takes no arguments")
     result = m.checkpoint("manual", force=True)
-    assert result is not None
+    if result is None:
+        print("nothing to save yet: no variables and no models (no snapshot written)")
+        return
     print(f"snapshot {result.snapshot}: {len(m.status['tracked'])} variable(s), "
           f"{format_bytes(result.total_bytes)} ({format_bytes(result.written_bytes)} written) in "
           f"{result.duration:.3f} s; skipped {len(m.status['skipped'])}")
 
 
 def _status(m: CheckpointManager, rest: list[str]) -> None:
+    if rest:
+        raise UsageError("%checkpoint status takes no arguments")
     m.scan_status()
-    s = m.status
-    state = "off" if not m.enabled else (f"paused ({m.paused})" if m.paused else "on")
-    lines = [
-        (f"checkpoints: {state}, every {m.config.checkpoint_interval:g} s, keep "
-         f"{m.config.checkpoint_keep}, store {m.location}"),
-        (f"last snapshot: {s.get('last_snapshot') or '-'} at {fmt_time(s.get('last_time'))}, "
-         f"size {format_bytes(s.get('size_bytes'))}, took "
-         f"{'-' if s.get('duration_s') is None else format(s['duration_s'], '.3f') + ' s'}"),
-        f"tracked ({len(s.get('tracked') or [])}): {', '.join(s.get('tracked') or []) or '-'}",
-    ]
-    skipped = s.get("skipped") or {}
-    lines.append(f"skipped ({len(skipped)}):" + ("" if skipped else " -"))
-    lines += [f"  {name}: {why}" for name, why in sorted(skipped.items())]
-    if m.pickled:
-        lines.append(f"pickled (restoring runs code): {', '.join(sorted(m.pickled))}")
-    if m.ignored:
-        lines.append(f"ignore patterns: {', '.join(m.ignored)}")
-    if s.get("last_failure"):
-        lines.append(f"last failure ({s.get('failures', 0)} in all): {s['last_failure']}")
-    print("\n".join(lines))
+    print("\n".join(status_lines(m)))
 
 
 def _list(m: CheckpointManager, rest: list[str]) -> None:
@@ -76,12 +63,16 @@ def _list(m: CheckpointManager, rest: list[str]) -> None:
     if not history:
         print(f"no snapshots yet in {m.location} (%checkpoint now writes one)")
         return
+    mine = m.writer_token()
     for i, sid in enumerate(history, 1):
         try:
             man = store.manifest(sid)
             size = sum(int(v.get("nbytes", 0)) for v in man["variables"].values())
+            writer = man.get("writer") or {}
+            other = (f", kernel pid {writer.get('pid')}"
+                     if writer and writer.get("token") != mine else "")
             print(f"-{i}  {sid}  {fmt_time(man['created'])}  {len(man['variables'])} vars  "
-                  f"{format_bytes(size)}  ({man.get('reason', '')})")
+                  f"{format_bytes(size)}  ({man.get('reason', '')}{other})")
         except Exception as e:  # noqa: BLE001 - a damaged manifest is listed, not fatal
             print(f"-{i}  {sid}  unreadable: {e}")
     for t in store.tasks():
@@ -113,6 +104,10 @@ def _track(m: CheckpointManager, rest: list[str]) -> None:
         print(f"warning: {', '.join(names)} will be pickled; restoring a pickle runs code, so "
               "%resume only unpickles with --pickle. Only resume checkpoints you trust.")
     print(f"tracking {', '.join(names)}")
+    undefined = [n for n in names if n not in m.user_variables()]
+    if undefined:
+        print(f"warning: {', '.join(undefined)} {'is' if len(undefined) == 1 else 'are'} not "
+              "defined (yet): saved once defined; %checkpoint status lists it until then")
 
 
 def _untrack(m: CheckpointManager, rest: list[str]) -> None:
@@ -142,12 +137,28 @@ def _on(m: CheckpointManager, rest: list[str]) -> None:
     m.paused = None
     m.status.update(enabled=True, paused=None)
     print(f"automatic checkpoints on (after cells, at most every "
-          f"{m.config.checkpoint_interval:g} s)")
+          f"{m.config.checkpoint_interval:g} s; what waits is saved before the next cell)")
+    if not m.writer:
+        print(f"note: {m.status.get('writer')}; %checkpoint takeover to write from here")
+
+
+def _verify(m: CheckpointManager, rest: list[str]) -> None:
+    if rest:
+        raise UsageError("%checkpoint verify takes no arguments")
+    _report, lines = m.verify()
+    print("\n".join(lines))
+
+
+def _takeover(m: CheckpointManager, rest: list[str]) -> None:
+    if rest:
+        raise UsageError("%checkpoint takeover takes no arguments")
+    print("\n".join(m.takeover()))
 
 
 _TABLE: dict[str, Callable[[CheckpointManager, list[str]], None]] = {
     "now": _now, "status": _status, "list": _list, "diff": _diff, "track": _track,
-    "untrack": _untrack, "ignore": _ignore, "off": _off, "on": _on,
+    "untrack": _untrack, "ignore": _ignore, "off": _off, "on": _on, "verify": _verify,
+    "takeover": _takeover,
 }
 
 _resume_parser = MagicParser("%resume")
