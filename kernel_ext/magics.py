@@ -105,7 +105,7 @@ class KernelExt(Magics, KernelExtConfig):
     @line_magic
     @_user_errors
     def checkpoint(self, line: str) -> Any:
-        """``%checkpoint now|status|list|diff|track|untrack|ignore|off|on``"""
+        """``%checkpoint now|status|list|diff|track|untrack|ignore|off|on|verify|takeover``"""
         return _run(self, "checkpoint", line)
 
     @line_magic

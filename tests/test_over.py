@@ -394,3 +394,17 @@ def test_concurrent_calls_to_llama_cpp_server_equal_one_at_a_time(
     assert one.failed == many.failed == [] and many.mode == "3 concurrent requests"
     assert [r.prompt for r in many] == DEMO_PROMPTS[:6]  # in item order
     assert many.texts == one.texts and all(r.completion_tokens == 8 for r in many)
+
+
+def test_an_over_results_list_is_checkpointed_as_plain_data(tmp_path: Path) -> None:
+    """`--into` holds answers and ItemErrors in a list subclass: a real store keeps both."""
+    from kernel_ext.checkpoint import Store, _codec
+    from kernel_ext.over import OverResults
+    from kernel_ext.providers.base import GenerationResult
+
+    out = OverResults([GenerationResult("Paris", model="m"), ItemError(1, "p", "boom", "ValueError")])
+    store = Store(str(tmp_path / "ckpt"))
+    store.commit({"out": _codec.encode(out)})
+    back = store.restore().values["out"]
+    assert [type(x).__name__ for x in back] == ["GenerationResult", "ItemError"]
+    assert str(back[0]) == "Paris" and back[1].error == "boom"

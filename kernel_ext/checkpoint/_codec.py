@@ -446,6 +446,9 @@ def _plain_types() -> dict[type, str]:
         names = ("GenerationResult", "InferenceResult")
         for cls in {getattr(base, n) for n in names if hasattr(base, n)}:
             register_plain_type(cls, *(f"{base.__name__}.{n}" for n in names))
+        from ..over import ItemError  # an --over item that got no answer, kept in its place
+
+        register_plain_type(ItemError)
         _builtins_registered = True
     return _plain_name
 
@@ -464,7 +467,9 @@ class _PlainWalk:
         t = type(value)
         if value is None or t in (str, int, float, bool):
             return value
-        if t is list:
+        if t is list or (isinstance(value, list) and any(v.__class__ in self.types for v in value)):
+            # also an --over result list (a list subclass with a summary): its items are kept,
+            # and it comes back as a plain list
             return [self.tree(v, depth + 1) for v in value]
         if t is tuple:
             return {_TAG: "tuple", "items": [self.tree(v, depth + 1) for v in value]}
@@ -489,7 +494,7 @@ class _PlainWalk:
 def _encode_plain(value: Any) -> Encoded | None:
     """``value`` as kind ``plain`` when it is (or holds) a registered dataclass, else None."""
     types = _plain_types()
-    if type(value) not in types and type(value) not in (list, dict, tuple):
+    if type(value) not in types and not isinstance(value, (list, dict, tuple)):
         return None
     walk = _PlainWalk(types)
     try:
