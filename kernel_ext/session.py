@@ -61,6 +61,10 @@ class Session:
         cfg = self.config
         # one correlation id per cell (pre_run_cell), stamped on every audit record
         self.trace = CellTrace()
+        if shell is not None:
+            # what the extension's load writes (the lease, a restored breaker...) belongs to the
+            # cell that ran %load_ext: its pre_run_cell came before our hook existed
+            self.trace.begin_cell()
         self.audit = AuditLog(
             self.state_dir / "audit.jsonl", events=self.events, correlation=self.trace.current,
             max_bytes=lambda: int(cfg.audit_max_mb * 1024 * 1024),
