@@ -166,13 +166,15 @@ def test_an_interrupted_infer_over_keeps_the_finished_answers(ip: Any, capsys: A
     # the finished answer is kept in its place, the unanswered items are None (issue 14's
     # result objects: str() is the text)
     answers = ip.user_ns["answers"]
-    assert [str(a) if a is not None else None for a in answers] == ["whole", None, None]
+    texts = [str(a) if a is not None else None for a in answers]
+    # (concurrent workers: owl may have finished beside the interrupted dog, or not)
+    assert texts[:2] == ["whole", None] and texts[2] in ("whole", None)
     out = capsys.readouterr().out
     assert "interrupted" in out and "run the cell again" in out
     before = len(stopper.calls)
     infer(ip, "--model stopper --over words --into answers -q", "say {item}")
     assert [str(a) for a in ip.user_ns["answers"]] == ["whole", "whole", "whole"]
-    assert len(stopper.calls) - before == 2  # the finished answer was not asked again
+    assert len(stopper.calls) - before == texts.count(None)  # finished answers are not asked again
 
 
 # --- rate limits -------------------------------------------------------------------------------
