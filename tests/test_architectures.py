@@ -388,3 +388,102 @@ def _with_architecture(tmp: Path, arch: str) -> Path:
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+# --- RoPE scaling stock Transformers ignores ----------------------------------------------------
+def _llama3_factors() -> np.ndarray:
+    from kernel_ext.gguf.arch.llama import llama3_rope_factors
+
+    # head size 16, base 10000: the three regimes (unscaled, smoothed, divided by 8) all occur
+    return llama3_rope_factors(10000.0, 16, 8.0, 1.0, 4.0, 8192)
+
+
+_LONG = np.linspace(1.0, 3.0, 8, dtype=np.float32)
+_SHORT = np.linspace(1.0, 1.5, 8, dtype=np.float32)
+ROPE_CASES: dict[str, dict[str, Any]] = {
+    # Llama 3.1-3.3: the scaling exists only as the rope_freqs tensor
+    "llama": {
+        "tensors": lambda: {"rope_freqs.weight": _llama3_factors()},
+        "rope": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                 "high_freq_factor": 4.0, "original_max_position_embeddings": 8192,
+                 "rope_theta": 10000.0},
+    },
+    # Gemma 3 4B+: linear scaling of the global layers only (the sixth layer is the first)
+    "gemma3": {
+        "keys": {"gemma3.rope.scaling.type": "linear", "gemma3.rope.scaling.factor": 8.0},
+        "dims": Dims(layers=6),
+        "rope": {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 10000.0},
+                 "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
+    },
+    # YaRN-extended Qwen2.5
+    "qwen2": {
+        "keys": {"qwen2.rope.scaling.type": "yarn", "qwen2.rope.scaling.factor": 4.0,
+                 "qwen2.rope.scaling.original_context_length": 64},
+        "rope": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
+                 "rope_theta": 10000.0},
+    },
+    # Phi-3.5-mini / Phi-4-mini: LongRoPE factors as tensors
+    "phi3": {
+        "tensors": lambda: {"rope_factors_long.weight": _LONG, "rope_factors_short.weight": _SHORT},
+        "keys": {"phi3.rope.scaling.original_context_length": 64},
+        "rope": {"rope_type": "longrope", "long_factor": _LONG.tolist(),
+                 "short_factor": _SHORT.tolist(), "factor": 4.0, "rope_theta": 10000.0},
+        "extra": {"original_max_position_embeddings": 64},
+    },
+}
+
+
+@pytest.mark.parametrize("arch", sorted(ROPE_CASES))
+def test_rope_scaling_of_the_file_is_kept(arch: str, tmp_path: Path) -> None:
+    """Ours equals stock *given the file's rope scaling* and differs from plain stock, which
+    drops it (stock reads neither these keys nor these tensors)."""
+    from transformers import AutoModelForCausalLM
+
+    case = ROPE_CASES[arch]
+    tensors = case["tensors"]() if "tensors" in case else None
+    path = write_tiny(tmp_path / f"{arch}.gguf", arch, dims=case.get("dims"),
+                      extra_tensors=tensors, extra_keys=case.get("keys"))
+    ours = load_transformers(path)
+    folder, name = str(path.parent), path.name
+    scaled = AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=name, dtype=torch.float32, rope_parameters=case["rope"],
+        **case.get("extra", {}))
+    plain = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    ids = torch.tensor([list(range(300, 340)) * 3])  # 120 positions: past the original 64
+    with torch.no_grad():
+        got = ours.model(ids).logits
+        assert (got - scaled(ids).logits).abs().max().item() <= 1e-4
+        assert (got - plain(ids).logits).abs().max().item() > 1e-3
+
+
+def test_unknown_rope_freqs_are_ignored_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    factors = np.linspace(1.0, 5.0, 8, dtype=np.float32)  # no Llama 3 parameters give these
+    path = write_tiny(tmp_path / "l.gguf", "llama", extra_tensors={"rope_freqs.weight": factors})
+    art = load_transformers(path)
+    assert art.config.rope_parameters["rope_type"] == "default"
+    assert "matches no known Llama 3 rope scaling" in caplog.text
+
+
+@pytest.mark.parametrize("arch", ["bloom", "falcon", "gpt2"])
+def test_an_output_head_that_repeats_the_embeddings_is_held_once(arch: str, tmp_path: Path) -> None:
+    path = write_tiny(tmp_path / f"{arch}.gguf", arch, quant="Q8_0", output_copy=True)
+    art = load_transformers(path)
+    head, emb = art.model.get_output_embeddings().weight, art.model.get_input_embeddings().weight
+    assert head.data_ptr() == emb.data_ptr()  # one copy, as stock ties two equal tensors
+    tied = [s for s in art.weight_sources.values() if s.tied_to is not None]
+    assert len(tied) == 1 and tied[0].tensors == ("token_embd.weight",)
+    _assert_same_logits(art, *_stock(path, arch, Dims()))
+
+
+def test_readme_table_lists_every_architecture_with_its_path() -> None:
+    import re
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Architectures", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| (`[^|]+`) \| [^|]+ \| (fast|Transformers[^|]*) \|", section, re.MULTILINE)
+    listed = {name.strip("`"): path for cell, path in rows
+              for name in re.findall(r"`([^`]+)`", cell)}
+    assert {a for a, p in listed.items() if p == "fast"} == set(ADAPTERS)
+    assert {a for a, p in listed.items() if p != "fast"} == set(TRANSFORMERS_ARCHITECTURES)

@@ -160,6 +160,8 @@ class _Builder:
     d: Dims
     n_vocab: int
     drop: frozenset[str] = field(default_factory=frozenset)
+    output_copy: bool = False
+    written: dict[str, tuple[np.ndarray, GGMLQuantizationType]] = field(default_factory=dict)
 
     def _type_for(self, ne0: int) -> GGMLQuantizationType:
         for name in (self.quant, "Q8_0", "F32"):
@@ -188,23 +190,29 @@ class _Builder:
             qtype = self._type_for(cols)
             n = int(np.prod(shape))
             if qtype == GGMLQuantizationType.F32:
-                self.w.add_tensor(full, w)
+                data = w
             elif qtype == GGMLQuantizationType.F16:
-                self.w.add_tensor(full, w.astype(np.float16))
+                data = w.astype(np.float16)
             elif qtype.name in _K_QUANTS:
-                raw = _random_k_blocks(self.rng, qtype, n).reshape(*lead, rows, -1)
-                self.w.add_tensor(full, raw, raw_dtype=qtype)
+                data = _random_k_blocks(self.rng, qtype, n).reshape(*lead, rows, -1)
             else:
-                q = quants.quantize(w, qtype)
-                self.w.add_tensor(full, q, raw_dtype=qtype)
+                data = quants.quantize(w, qtype)
+            self.add(full, data, qtype)
         if bias:
             self.vector(f"{name}.bias", rows)
+
+    def add(self, name: str, data: np.ndarray, qtype: GGMLQuantizationType) -> None:
+        raw = None if qtype in (GGMLQuantizationType.F32, GGMLQuantizationType.F16) else qtype
+        self.w.add_tensor(name, data, raw_dtype=raw)
+        self.written[name] = (data, qtype)
 
     def embeddings(self, *, output: bool, position: int = 0) -> None:
         self.matrix("token_embd", self.n_vocab, self.d.hidden)
         if position:
             self.matrix("position_embd", position, self.d.hidden)
-        if output:
+        if output and self.output_copy and "token_embd.weight" in self.written:
+            self.add("output.weight", *self.written["token_embd.weight"])
+        elif output:
             self.matrix("output", self.n_vocab, self.d.hidden)
 
 
@@ -643,10 +651,15 @@ def write_tiny(
     seed: int = 0,
     drop: Sequence[str] = (),
     extra_tensors: Mapping[str, np.ndarray] | None = None,
+    extra_keys: Mapping[str, str | int | float] | None = None,
+    output_copy: bool = False,
 ) -> Path:
     """Write a tiny ``arch`` GGUF to ``path``; returns the path (see the module docstring).
 
-    ``drop``: tensor names to leave out; ``extra_tensors``: tensors to add (name -> array)."""
+    ``drop``: tensor names to leave out; ``extra_tensors``: tensors to add (name -> array);
+    ``extra_keys``: metadata to add (strings, uint32 or float32 values); ``output_copy``: write
+    ``output.weight`` as a byte copy of ``token_embd.weight``, as llama.cpp's converters write
+    tied Bloom, Falcon and GPT-2 models."""
     if arch not in _ARCHS:
         raise ValueError(f"no tiny writer for {arch!r}; known: {', '.join(_ARCHS)}")
     d = dims or Dims()
@@ -658,10 +671,17 @@ def write_tiny(
                            pad=arch in ("phi3", "llama", "gemma2", "gemma3", "mamba", "lfm2"))
     if arch in ("gpt2", "bloom", "llama"):
         w.add_vocab_size(n_vocab)
-    b = _Builder(w, quant, np.random.default_rng(seed), d, n_vocab, frozenset(drop))
+    b = _Builder(w, quant, np.random.default_rng(seed), d, n_vocab, frozenset(drop), output_copy)
     _ARCHS[arch](b)
     for tname, data in (extra_tensors or {}).items():
         w.add_tensor(tname, data)
+    for key, value in (extra_keys or {}).items():
+        if isinstance(value, str):
+            w.add_string(key, value)
+        elif isinstance(value, float):
+            w.add_float32(key, value)
+        else:
+            w.add_uint32(key, value)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -219,7 +219,7 @@ class Stage:
 
 def _check(job: LoadJob) -> None:
     """Route the file (fast / Transformers / refuse), from the metadata alone."""
-    job.route = route(job.gf.metadata, job.gf.tensors)
+    job.route = route(job.gf.metadata, job.gf.tensors, job.gf.tensor_bytes)
 
 
 def _hash(job: LoadJob) -> None:
@@ -625,11 +625,19 @@ def _decode(
     dtype: torch.dtype,
     device: str,
     whole: bool = False,
+    order: tuple[int, ...] | None = None,
 ) -> torch.Tensor:
     """GGUF rows ``[start, stop)`` of ``info`` decoded in ``dtype`` on ``device``: a
     ``(stop - start, ne0)`` tensor, or (``whole``, or all its rows) the tensor in its own
-    PyTorch shape."""
+    PyTorch shape.
+
+    With ``order``, output row ``i`` is row ``start + order[i]``: the rows' quantised bytes
+    are reordered before decoding (a row is whole blocks), which moves several times less data
+    than reordering the decoded values."""
     raw = _read_bytes(fh, info, start, stop)
+    if order is not None:
+        index = torch.tensor(order, dtype=torch.long)
+        raw = raw.view(stop - start, -1).index_select(0, index).reshape(-1)
     ne0 = info.shape[0] if info.shape else 1
     whole = whole or (start == 0 and stop == n_rows(info))
     shape = info.shape if whole else (ne0, stop - start)
@@ -671,9 +679,7 @@ def _pieces(
             )
         work = _work_dtype(info, r.count * ne0, dtype)
         if r.permutation is not None:
-            t = _decode(fh, info, r.start, r.stop, work, device)
-            index = torch.tensor(r.permutation, dtype=torch.long, device=t.device)
-            yield t.index_select(0, index).to(dtype)
+            yield _decode(fh, info, r.start, r.stop, work, device, order=r.permutation).to(dtype)
             continue
         step = max(1, _CHUNK_ELEMENTS // max(1, ne0))
         for r0 in range(r.start, r.stop, step):

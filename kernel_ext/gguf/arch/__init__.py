@@ -17,7 +17,7 @@ Adding an architecture to the fast path is one module here (a subclass of
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -137,10 +137,16 @@ def _transformers_types(loader: str) -> frozenset[int]:
     )
 
 
-def route(metadata: Mapping[str, Any], tensors: Mapping[str, TensorInfo]) -> Route:
+def route(
+    metadata: Mapping[str, Any],
+    tensors: Mapping[str, TensorInfo],
+    read: Callable[[str], Any] | None = None,
+) -> Route:
     """Which path loads this file, and why; raises ``GGUFUnsupportedError`` for a file that no
     path can load (with what is supported) and ``GGUFFormatError`` for one without an
-    architecture. Reads only the metadata and the tensor table."""
+    architecture. Reads only the metadata and the tensor table; ``read`` (a tensor's raw bytes,
+    ``GGUFFile.tensor_bytes``) lets the adapter read the few small tensors that carry
+    configuration (rope factors) when it builds the config."""
     arch = _architecture(metadata)
     adapter_cls = ADAPTERS.get(arch)
     loader = TRANSFORMERS_ARCHITECTURES.get(arch)
@@ -154,7 +160,7 @@ def route(metadata: Mapping[str, Any], tensors: Mapping[str, TensorInfo]) -> Rou
     if adapter_cls is not None:
         from ..dequant import SUPPORTED_TYPES
 
-        adapter = adapter_cls(metadata, tensors)
+        adapter = adapter_cls(metadata, tensors, read)
         adapter.check()
         _check_types(tensors, SUPPORTED_TYPES, "kernel_ext")
         return Route(

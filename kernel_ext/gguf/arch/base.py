@@ -13,11 +13,12 @@ loader needs, without reading any tensor data:
   ``get_gguf_hf_weights_map`` uses); an adapter says what happens to the values
   (:meth:`Adapter.fill`): nothing, a row permutation, an offset, a transpose, experts stacked.
 
-Transforms run as torch operations in the loader (``index_select`` for row permutations, an add
-for offsets, ``.t()``), on the target device. Where Transformers has a numpy processor for the
-same job (``TENSOR_PROCESSORS`` in ``modeling_gguf_pytorch_utils``), the row order is computed
-*by that processor* on an index vector, so both agree by construction; only the data movement
-is ours (``benchmarks/bench_load.py --processors`` times the two).
+Transforms run as torch operations in the loader, on the target device: a row permutation
+reorders the rows' *quantised bytes* before decoding (a GGUF row is whole blocks: ~5x faster
+than Transformers' numpy processor on the decoded values, ``benchmarks/bench_load.py
+--processors``), an offset is an add, a transpose ``.t()``. Where Transformers has a processor
+for the same job (``TENSOR_PROCESSORS`` in ``modeling_gguf_pytorch_utils``), the row order is
+computed *by that processor* on an index vector, so both agree by construction.
 """
 
 from __future__ import annotations
@@ -93,9 +94,17 @@ class Adapter:
     config_arch: ClassVar[str | None] = None
     verified: ClassVar[str] = "tiny files (F32, Q8_0, K-quants) against stock Transformers"
 
-    def __init__(self, metadata: Mapping[str, Any], tensors: Mapping[str, TensorInfo]) -> None:
+    def __init__(
+        self,
+        metadata: Mapping[str, Any],
+        tensors: Mapping[str, TensorInfo],
+        read: Callable[[str], Any] | None = None,
+    ) -> None:
+        """``read(name)``: the raw bytes of a tensor (``GGUFFile.tensor_bytes``), for the few
+        small tensors that carry configuration (rope factors); None: they are not read."""
         self.metadata = metadata
         self.tensors = tensors
+        self._read = read
         self._config: dict[str, Any] | None = None
 
     # --- before any work -----------------------------------------------------------------------
@@ -107,6 +116,13 @@ class Adapter:
         """Metadata ``<architecture>.<name>``, as a plain value."""
         return plain(self.metadata.get(f"{self.architecture}.{name}", default))
 
+    def f32_vector(self, name: str) -> np.ndarray | None:
+        """A small F32 tensor's values (rope factors), or None when absent or unreadable."""
+        info = self.tensors.get(name)
+        if info is None or self._read is None or info.ggml_type != 0 or len(info.shape) != 1:
+            return None
+        return np.asarray(self._read(name)).view(np.float32).astype(np.float64)
+
     # --- config --------------------------------------------------------------------------------
     def transformers_arch(self) -> str:
         """The name Transformers' GGUF tables know this file under (its ``updated_architecture``)."""
@@ -116,12 +132,36 @@ class Adapter:
         """The Transformers config dict (``model_type`` included); computed once."""
         if self._config is None:
             cfg = self._base_config()
+            scaling = self.rope_scaling()
+            if scaling is not None:
+                self.apply_rope_scaling(cfg, scaling)
             self.adjust_config(cfg)
             self._config = cfg
         return dict(self._config)
 
     def adjust_config(self, config: dict[str, Any]) -> None:
         """Architecture-specific changes to the config built from Transformers' tables."""
+
+    def apply_rope_scaling(self, config: dict[str, Any], scaling: dict[str, Any]) -> None:
+        """Set ``scaling`` (from :meth:`rope_scaling`) as the config's ``rope_parameters``, with
+        the file's ``rope_theta`` (llama.cpp's default, 10000, when the file has none)."""
+        theta = config.pop("rope_theta", None)
+        config["rope_parameters"] = {**scaling, "rope_theta": float(theta or 10000.0)}
+
+    def rope_scaling(self) -> dict[str, Any] | None:
+        """The file's RoPE scaling (``<arch>.rope.scaling.type`` linear or yarn, with its factor
+        and original context) as Transformers' rope parameters (without ``rope_theta``). Stock
+        Transformers 5.24 reads none of these keys, so it runs such a model (Gemma 3 4B and
+        larger, YaRN-extended Qwen) with unscaled rotary frequencies."""
+        kind = self.key("rope.scaling.type")
+        factor = self.key("rope.scaling.factor")
+        if kind not in ("linear", "yarn") or not isinstance(factor, (int, float)) or factor <= 1:
+            return None
+        out: dict[str, Any] = {"rope_type": kind, "factor": float(factor)}
+        original = self.key("rope.scaling.original_context_length")
+        if kind == "yarn" and isinstance(original, int) and original > 0:
+            out["original_max_position_embeddings"] = original
+        return out
 
     def _base_config(self) -> dict[str, Any]:
         """``load_gguf_checkpoint``'s config part, on our metadata."""
@@ -132,7 +172,10 @@ class Adapter:
 
         arch = self.architecture
         updated = self.transformers_arch()
-        config: dict[str, Any] = {"tie_word_embeddings": "output.weight" not in self.tensors}
+        config: dict[str, Any] = {
+            "tie_word_embeddings": "output.weight" not in self.tensors
+            or self._output_repeats_embeddings()
+        }
         defaults: Any = GGUF_CONFIG_DEFAULTS_MAPPING.get(updated, {})
         for k, default in defaults.items():
             config.setdefault(k, default)
@@ -157,6 +200,17 @@ class Adapter:
             if isinstance(tokens, list):
                 config["vocab_size"] = len(tokens)
         return config
+
+    def _output_repeats_embeddings(self) -> bool:
+        """Whether ``output.weight`` is ``token_embd.weight`` again, byte for byte (llama.cpp's
+        converters write the embeddings twice for tied Bloom, Falcon and GPT-2 models): then the
+        head is tied, as stock Transformers ties two equal tensors, and held once."""
+        out, emb = self.tensors.get("output.weight"), self.tensors.get("token_embd.weight")
+        if self._read is None or out is None or emb is None:
+            return False
+        if (out.ggml_type, out.shape, out.nbytes) != (emb.ggml_type, emb.shape, emb.nbytes):
+            return False
+        return bool(np.array_equal(self._read(out.name), self._read(emb.name)))
 
     # --- tensors -------------------------------------------------------------------------------
     def name_map(self, parameters: list[str], n_layers: int) -> dict[str, list[str]]:
