@@ -272,9 +272,12 @@ def _qwen2(b: _Builder) -> None:
     b.norm("output_norm", d.hidden)
 
 
-def _qwen3(b: _Builder) -> None:
+def _qwen3(b: _Builder, *, moe: bool = False) -> None:
+    """Qwen3 (dense), or with ``moe`` Qwen3 MoE (experts in place of the dense FFN)."""
     d = b.d
     _common_keys(b.w, d)
+    if moe:
+        _moe_keys(b.w, d, shared=False)
     b.w.add_key_length(d.hd)
     b.w.add_value_length(d.hd)
     b.embeddings(output=True)
@@ -284,7 +287,10 @@ def _qwen3(b: _Builder) -> None:
         b.norm(f"blk.{i}.attn_q_norm", d.hd)
         b.norm(f"blk.{i}.attn_k_norm", d.hd)
         b.norm(f"blk.{i}.ffn_norm", d.hidden)
-        _gated_ffn(b, i)
+        if moe:
+            _experts(b, i)
+        else:
+            _gated_ffn(b, i)
     b.norm("output_norm", d.hidden)
 
 
@@ -453,23 +459,6 @@ def _qwen2moe(b: _Builder) -> None:
     b.norm("output_norm", d.hidden)
 
 
-def _qwen3moe(b: _Builder) -> None:
-    d = b.d
-    _common_keys(b.w, d)
-    _moe_keys(b.w, d, shared=False)
-    b.w.add_key_length(d.hd)
-    b.w.add_value_length(d.hd)
-    b.embeddings(output=True)
-    for i in range(d.layers):
-        b.norm(f"blk.{i}.attn_norm", d.hidden)
-        _attention(b, i)
-        b.norm(f"blk.{i}.attn_q_norm", d.hd)
-        b.norm(f"blk.{i}.attn_k_norm", d.hd)
-        b.norm(f"blk.{i}.ffn_norm", d.hidden)
-        _experts(b, i)
-    b.norm("output_norm", d.hidden)
-
-
 def _mamba(b: _Builder) -> None:
     d = b.d
     w = b.w
@@ -627,7 +616,7 @@ _ARCHS: dict[str, Callable[[_Builder], None]] = {
     "gpt2": _gpt2,
     "bloom": _bloom,
     "qwen2moe": _qwen2moe,
-    "qwen3moe": _qwen3moe,
+    "qwen3moe": lambda b: _qwen3(b, moe=True),
     "mamba": _mamba,
     "minimax-m2": _minimax_m2,
     "lfm2": _lfm2,

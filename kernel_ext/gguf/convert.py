@@ -28,8 +28,9 @@ import re
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+import numpy as np
+
 from ..errors import GGUFFormatError, GGUFUnsupportedError
-from .arch.base import plain
 
 __all__ = [
     "PATCHES_CHECKED",
@@ -37,6 +38,7 @@ __all__ = [
     "build_tokenizer",
     "chat_template",
     "check_tokenizer",
+    "plain",
     "tokenizer_class",
     "tokenizer_inputs",
 ]
@@ -45,6 +47,15 @@ log = logging.getLogger(__name__)
 
 # Transformers (major, minor) versions the scoped patches of this module were checked against.
 PATCHES_CHECKED: tuple[tuple[int, int], tuple[int, int]] = ((5, 24), (5, 24))
+
+
+def plain(value: Any) -> Any:
+    """A metadata value as Transformers' own parser returns it (lists, not arrays)."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
 
 
 @functools.cache

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ...errors import GGUFFormatError, GGUFUnsupportedError
+from ..convert import check_tokenizer
 from ..reader import TensorInfo
 from .base import Adapter, Fill, WeightPlan
 from .bloom import Bloom
@@ -101,15 +102,6 @@ def _architecture(metadata: Mapping[str, Any]) -> str:
     return arch
 
 
-def _check_vocabulary(metadata: Mapping[str, Any]) -> None:
-    tokens = metadata.get("tokenizer.ggml.tokens")
-    if not isinstance(tokens, list) or not tokens:
-        raise GGUFUnsupportedError(
-            "the file has no tokenizer (no 'tokenizer.ggml.tokens' list in its metadata); "
-            "use a GGUF that embeds its vocabulary"
-        )
-
-
 def _check_types(tensors: Mapping[str, TensorInfo], decodable: frozenset[int], who: str) -> None:
     from ..dequant import type_name
 
@@ -156,7 +148,7 @@ def route(
             "Use a model of one of these architectures, or a remote provider (an "
             "OpenAI-compatible server such as llama.cpp's) for this one."
         )
-    _check_vocabulary(metadata)
+    check_tokenizer(metadata)
     if adapter_cls is not None:
         from ..dequant import SUPPORTED_TYPES
 

@@ -31,21 +31,13 @@ import numpy as np
 import torch
 
 from ...errors import GGUFFormatError, GGUFUnsupportedError
+from ..convert import plain
 from ..reader import TensorInfo
 from ..sources import RowRange, WeightSource
 
 __all__ = ["Adapter", "Fill", "WeightPlan", "n_rows", "plain"]
 
 ValueOp = Callable[[Any], Any]  # torch.Tensor -> torch.Tensor, on the whole decoded tensor
-
-
-def plain(value: Any) -> Any:
-    """A metadata value as Transformers' own parser returns it (lists, not arrays)."""
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
 
 
 def n_rows(info: TensorInfo) -> int:
