@@ -21,6 +21,7 @@ detected here.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -37,19 +38,31 @@ Progress = Callable[[int, int, str], None]
 PEAK_FACTOR = 2.5
 
 
+_OFFLINE_LOCK = threading.Lock()
+_offline_holders = 0
+_offline_before: bool | None = None
+
+
 @contextlib.contextmanager
 def hub_offline() -> Iterator[None]:
     """Hold ``huggingface_hub``'s offline switch on (``constants.HF_HUB_OFFLINE``, which its HTTP
-    layer checks on every request), restoring it afterwards. Process-wide while held: any other
-    thread's hub request fails meanwhile, which is the point."""
+    layer checks on every request); the last of overlapping holders restores it. Process-wide
+    while held: any other thread's hub request fails meanwhile, which is the point."""
+    global _offline_holders, _offline_before
     from huggingface_hub import constants
 
-    before = constants.HF_HUB_OFFLINE
-    constants.HF_HUB_OFFLINE = True
+    with _OFFLINE_LOCK:
+        if _offline_holders == 0:
+            _offline_before = constants.HF_HUB_OFFLINE
+            constants.HF_HUB_OFFLINE = True
+        _offline_holders += 1
     try:
         yield
     finally:
-        constants.HF_HUB_OFFLINE = before
+        with _OFFLINE_LOCK:
+            _offline_holders -= 1
+            if _offline_holders == 0:
+                constants.HF_HUB_OFFLINE = bool(_offline_before)
 
 
 def load_with_transformers(

@@ -58,7 +58,7 @@ import torch
 from ..errors import GGUFFormatError, GGUFUnsupportedError, KernelExtError, ModelLoadError
 from . import cache as _cache
 from . import convert
-from .arch import Route, WeightPlan, route
+from .arch import Adapter, Route, WeightPlan, route
 from .arch.base import Fill, n_rows
 from .dequant import dequantize
 from .reader import GGUFFile, TensorInfo, read_gguf
@@ -199,11 +199,11 @@ class LoadJob:
     hits: dict[str, bool] = field(default_factory=dict)
 
     @property
-    def fast(self) -> Route:
-        """The route, which stages of the fast path may rely on having an adapter."""
+    def adapter(self) -> Adapter:
+        """The architecture adapter (fast-path stages only)."""
         if self.route is None or self.route.adapter is None:
             raise RuntimeError("internal: a fast-path stage ran without an adapter")
-        return self.route
+        return self.route.adapter
 
 
 @dataclass(frozen=True)
@@ -231,9 +231,7 @@ def _build_config(job: LoadJob) -> None:
     entry's config.json is there to be inspected and shipped with the tokenizer; it is checked
     and rewritten when it is missing or not for this model type."""
     opts = job.options
-    adapter = job.fast.adapter
-    assert adapter is not None
-    job.config = convert.build_config(adapter.config_dict(), dtype=opts.dtype)
+    job.config = convert.build_config(job.adapter.config_dict(), dtype=opts.dtype)
     if opts.cache_dir is not None and job.sha256 is not None:
         job.entry = _cache.entry_dir(opts.cache_dir, job.sha256)
     job.hits["config"] = job.entry is not None and _cached_config_ok(
@@ -261,8 +259,7 @@ def _build_model(job: LoadJob) -> None:
 
 def _plan_weights(job: LoadJob) -> None:
     """Which GGUF rows fill which parameter (the adapter's plan); refuse an incomplete file."""
-    adapter = job.fast.adapter
-    assert adapter is not None
+    adapter = job.adapter
     model = job.model if job.model is not None else _new_model(job.config, job.options.dtype)
     plan = adapter.plan(model)
     if plan.missing:
@@ -342,6 +339,20 @@ def _with_transformers(job: LoadJob) -> None:
     job.hits.update(config=False, tokenizer=False, weights=False)
 
 
+# Each stage reads what the ones before it left on the job and adds its own part:
+#   check          -> route (adapter, or the Transformers loader to use)
+#   hash           -> sha256 (only with a cache and no digest given)
+#   config         -> config, entry (the cache entry dir); config.json checked/written
+#   tokenizer      -> tokenizer (cached), or tokenizer_job (converting on a thread)
+#   model_init     -> model, on the meta device (not for the plan ladder's rungs)
+#   plan           -> plan: WeightPlan, every parameter's Fill / WeightSource
+#   weights        -> model's parameters: from the cache's safetensors file, or decoded from
+#                     the GGUF (and streamed into the cache), or placed by Transformers
+#   finish         -> model tied, on its device, in eval mode
+#   tokenizer_wait -> tokenizer (the thread joined)
+#   cache          -> the cache entry's use recorded (LRU)
+# A new step (verifying a cache entry, a GPU-specific decode) is a function of the job and
+# one Stage here, with its own `doing` for error messages and `key` for the timings.
 CHECK = Stage("check", "checking the metadata", _check)
 FAST_STAGES: tuple[Stage, ...] = (
     Stage(
@@ -354,7 +365,7 @@ FAST_STAGES: tuple[Stage, ...] = (
     Stage("tokenizer", "reading the cached tokenizer", _start_tokenizer),
     Stage("model_init", "building the model", _build_model),
     Stage("plan", "mapping the tensors", _plan_weights),
-    Stage("weights", "building the model and loading its weights", _fill_weights),
+    Stage("weights", "loading the weights", _fill_weights),
     Stage("finish", "finishing the model", _finish_model),
     Stage("tokenizer_wait", "converting the tokenizer", _join_tokenizer),
     Stage("cache", "finishing the load", _record_use),

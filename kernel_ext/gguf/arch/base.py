@@ -262,7 +262,11 @@ class Adapter:
         its rows as they are (a reshape that keeps the row length, e.g. ``(H,)`` -> ``(1, H)``,
         is still an identity of rows); adapters override this for their transforms."""
         info = self.single(name, infos)
-        return Fill(self.source(name, shape, info, self.row_kind(shape, info)))
+        kind = self.row_kind(shape, info)
+        if kind == "identity":
+            return Fill(self.source(name, shape, info, kind))
+        # same values, other rows: decoded whole, then reshaped by the loader
+        return Fill(self.source(name, shape, info, kind), op=lambda t: t)
 
     # --- helpers for fill() ----------------------------------------------------------------------
     @staticmethod
