@@ -487,3 +487,11 @@ def test_readme_table_lists_every_architecture_with_its_path() -> None:
               for name in re.findall(r"`([^`]+)`", cell)}
     assert {a for a, p in listed.items() if p == "fast"} == set(ADAPTERS)
     assert {a for a, p in listed.items() if p != "fast"} == set(TRANSFORMERS_ARCHITECTURES)
+
+
+def test_weight_sources_are_reported_for_a_load_from_the_weights_cache(tmp_path: Path) -> None:
+    path = _write(tmp_path, "qwen2moe", "Q8_0", "gpt2")
+    cold = load_transformers(path, cache_dir=tmp_path / "cache")
+    warm = load_transformers(path, cache_dir=tmp_path / "cache", sha256=cold.sha256)
+    assert warm.cache_hits["weights"] and not cold.cache_hits["weights"]
+    assert warm.weight_sources == cold.weight_sources and len(warm.weight_sources) > 10

@@ -30,6 +30,17 @@ Example, llama's query projection (rows un-permuted per head)::
 Qwen MoE experts ``mlp.experts.gate_up_proj`` (``E x 2F x H``) are ``2E`` ranges alternating
 ``blk.N.ffn_gate_exps.weight`` rows ``[e*F, (e+1)*F)`` and ``blk.N.ffn_up_exps.weight`` rows
 ``[e*F, (e+1)*F)``, transform ``"expert_stack"``.
+
+The quantised bytes of GGUF row ``g`` of a tensor, from the file's tensor table
+(:class:`kernel_ext.gguf.TensorInfo`, e.g. ``read_gguf(path).tensors[name]``)::
+
+    rows = info.n_elements // info.shape[0]         # info.shape[0] is ne0, the row length
+    row_nbytes = info.nbytes // rows
+    start = info.offset + g * row_nbytes            # absolute file offset
+
+Every parameter of a fast-path model has an entry, also after a load from the weights cache (the
+sources come from the file's metadata, not from decoding). A tied parameter (an output head that
+shares the embeddings) has ``tied_to`` set and its target's rows.
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ computed *by that processor* on an index vector, so both agree by construction.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -43,6 +44,20 @@ ValueOp = Callable[[Any], Any]  # torch.Tensor -> torch.Tensor, on the whole dec
 def n_rows(info: TensorInfo) -> int:
     """GGUF rows of a tensor: ``n_elements // ne0`` (each row is whole quantisation blocks)."""
     return info.n_elements // info.shape[0] if info.shape and info.shape[0] else 1
+
+
+@functools.lru_cache(maxsize=64)
+def _permutation(key: bytes) -> tuple[int, ...]:
+    order = np.frombuffer(key, dtype=np.int64)
+    if not np.array_equal(np.sort(order), np.arange(len(order))):
+        raise GGUFFormatError("internal: a row order that is not a permutation")
+    return tuple(order.tolist())
+
+
+def _as_permutation(order: np.ndarray) -> tuple[int, ...]:
+    """``order`` as a checked tuple, one shared object per distinct order (every layer's q
+    projection has the same one)."""
+    return _permutation(np.ascontiguousarray(order, dtype=np.int64).reshape(-1).tobytes())
 
 
 @dataclass(frozen=True)
@@ -307,16 +322,16 @@ class Adapter:
     ) -> Fill:
         """The tensor's rows reordered: parameter row ``i`` is GGUF row ``order[i]``. A vector
         (a bias: one row) has its values reordered the same way, which is not a row operation."""
-        perm = tuple(int(i) for i in np.asarray(order).reshape(-1))
+        perm = _as_permutation(order)
         if len(info.shape) <= 1:
-            if sorted(perm) != list(range(info.n_elements)):
+            if len(perm) != info.n_elements:
                 raise GGUFFormatError(f"internal: bad value order for {info.name}")
             index = torch.tensor(perm, dtype=torch.long)
             return Fill(
                 self.source(name, shape, info, "other"),
                 op=lambda t: t.index_select(0, index.to(t.device)),
             )
-        if sorted(perm) != list(range(n_rows(info))):
+        if len(perm) != n_rows(info):
             raise GGUFFormatError(f"internal: bad row order for {info.name}")
         return Fill(self.source(name, shape, info, "row_permutation", perm))
 
