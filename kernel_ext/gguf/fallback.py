@@ -25,7 +25,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from ..errors import GGUFUnsupportedError, ModelLoadError
+from ..errors import GGUFUnsupportedError, KernelExtError, ModelLoadError
 from .reader import GGUFFile
 
 __all__ = ["PEAK_FACTOR", "hub_offline", "load_with_transformers"]
@@ -103,6 +103,8 @@ def load_with_transformers(
             if progress is not None:
                 progress(total, total, "weights (Transformers)")
             tokenizer = AutoTokenizer.from_pretrained(folder, **common)
+    except KernelExtError:
+        raise  # e.g. the caller's load timeout, raised from the progress callback
     except (OSError, ValueError, KeyError, RuntimeError, NotImplementedError) as e:
         raise ModelLoadError(
             f"Transformers could not load {name} ({gf.architecture}, its {loader} GGUF "
