@@ -1,7 +1,9 @@
 """What every architecture adapter shares: config from metadata, tensor names, weight plans.
 
 An :class:`Adapter` turns one GGUF file (its parsed metadata and tensor table) into what the
-loader needs, without reading any tensor data:
+loader needs. It reads no tensor data except, when given a reader, a few small tensors that
+carry configuration (rope factors) and, to tell a repeated output head, the bytes of the two
+embedding matrices:
 
 * :meth:`Adapter.config_dict` - the Transformers config. Built the way Transformers'
   ``load_gguf_checkpoint`` builds it, from its own tables (``GGUF_CONFIG_MAPPING``,
@@ -36,7 +38,7 @@ from ..convert import plain
 from ..reader import TensorInfo
 from ..sources import RowRange, WeightSource
 
-__all__ = ["Adapter", "Fill", "WeightPlan", "n_rows", "plain"]
+__all__ = ["Adapter", "Fill", "WeightPlan", "n_rows"]
 
 ValueOp = Callable[[Any], Any]  # torch.Tensor -> torch.Tensor, on the whole decoded tensor
 
