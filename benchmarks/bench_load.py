@@ -148,7 +148,7 @@ import kernel_ext
 _entry = kernel_ext.current_session().models.get("bench")
 _local = _entry.provider.local
 _evaluate(_local.model, _local.tokenizer, __import__("pathlib").Path({out!r}), load_s=_load_s,
-          peak_rss=_vm_hwm(), timings=_entry.timings, loader=_entry.loader)
+          peak_rss=_vm_hwm(), timings=_entry.timings, loader=getattr(_entry, "loader", None))
 """
 _KERNEL_STOCK = """
 _t0 = time.perf_counter()
