@@ -75,9 +75,10 @@ class AttentionLayout:
             config = getter()
         layers = int(_attr(config, "num_hidden_layers", "n_layer", "num_layers"))
         hidden = int(_attr(config, "hidden_size", "n_embd", "d_model"))
-        heads = int(_attr(config, "num_attention_heads", "n_head"))
+        # a model without attention (Mamba: a fixed-size state, no KV cache) has no heads
+        heads = int(_attr(config, "num_attention_heads", "n_head", default=0) or 0)
         kv_heads = int(_attr(config, "num_key_value_heads", default=heads) or heads)
-        head_dim = int(_attr(config, "head_dim", default=0) or hidden // heads)
+        head_dim = int(_attr(config, "head_dim", default=0) or (hidden // heads if heads else 0))
         intermediate = int(_attr(config, "intermediate_size", "n_inner", default=4 * hidden) or 4 * hidden)
         vocab = int(_attr(config, "vocab_size", default=0) or 0)
         ctx = _attr(config, "max_position_embeddings", "n_positions", "max_sequence_length", default=None)

@@ -1,10 +1,13 @@
 """The model registry: load GGUF files safely into Transformers, list, describe, unload.
 
-A load is: resolve the file -> validate it with our bounded reader -> check its SHA-256 against
-the pin (given, or known for the file) -> estimate the footprint and choose a plan that fits
-the memory budget (:mod:`kernel_ext.memory`) -> dequantise into Transformers
-(:mod:`kernel_ext.gguf.loader`) with a progress bar -> register a provider. Every step that
-can fail raises a typed error; every load is written to the audit log.
+A load is: resolve the file -> validate it with our bounded reader -> route it (which path can
+load its architecture: kernel_ext's fast path, stock Transformers, or a refusal that lists what
+is supported, all before the file is hashed; :func:`kernel_ext.gguf.arch.route`) -> check its
+SHA-256 against the pin (given, or known for the file) -> estimate the footprint and choose a
+plan that fits the memory budget (:mod:`kernel_ext.memory`; the Transformers path peaks higher)
+-> load into Transformers (:mod:`kernel_ext.gguf.loader`) with a progress bar -> register a
+provider. Every step that can fail raises a typed error; every load is written to the audit log,
+with the path that loaded it.
 """
 
 from __future__ import annotations
@@ -83,6 +86,8 @@ class ModelEntry:
     notes: list[str] = field(default_factory=list)  # what the load did besides loading (evictions)
     parked: LocalModel | None = None  # while evicted: what reloading needs, without the weights
     freed: int = 0  # set by unload: measured bytes given back
+    loader: str = "fast"  # "fast" (kernel_ext's adapter) or "transformers" (stock)
+    loader_reason: str = ""  # why that path, in words
 
     def info(self) -> dict[str, Any]:
         s = self.summary
@@ -101,6 +106,8 @@ class ModelEntry:
             "plan": self.plan.describe(),
             "load_s": round(self.load_s, 3),
             "chat_template": bool(self.provider.local and self.provider.local.chat_template),
+            "loader": self.loader,
+            "loader_reason": self.loader_reason,
         }
 
 
@@ -187,6 +194,8 @@ class ModelRegistry:
     ) -> ModelEntry:
         """Load a GGUF model (see the module docstring); returns its registry entry."""
         from .gguf import cache as conversion_cache
+        from .gguf.arch import route
+        from .gguf.fallback import PEAK_FACTOR
         from .gguf.integrity import check_pin
         from .gguf.reader import read_gguf
 
@@ -212,6 +221,8 @@ class ModelRegistry:
                 summary = gf.summary()
                 chat_template = gf.metadata.get("tokenizer.chat_template")
                 hidden = gf.metadata.get(f"{summary['architecture']}.embedding_length")
+                # refuses what no path can load, before the whole file is hashed
+                path_to = route(gf.metadata, gf.tensors)
                 # the bytes parsed, through the same open file: a swapped path cannot pass
                 digest = gf.sha256(progress=lambda done, total: session.events.emit(
                     "load_progress", name=name, done=done, total=total, stage="sha256"))
@@ -220,21 +231,28 @@ class ModelRegistry:
                 deadline.check("checking the file")
                 shared = self.residency.find(digest, dt, dev)
                 if shared is not None:  # the same file, dtype and device: share its weights
-                    plan = self._entries[shared.users[0]].plan
+                    first = self._entries[shared.users[0]]
+                    plan = first.plan
+                    loader, loader_reason = first.loader, first.loader_reason
                     artifacts = shared
                     notes.append(f"shares the weights of {', '.join(shared.users)} (same file, "
                                  f"dtype and device): no extra memory")
                 else:
+                    # the Transformers path peaks at several times the model while loading
+                    extra: dict[str, Any] = (
+                        {"overhead": PEAK_FACTOR} if path_to.path == "transformers" else {})
                     plan = choose_plan(int(summary["n_params"]), device=dev, dtype=dt,
                                        fraction=cfg.memory_fraction,
                                        float32_copies=_decode_copies(cfg.decode_mode, dev,
                                                                      summary, hidden),
-                                       footprints=_gpu_footprints(gf, dev))
+                                       footprints=_gpu_footprints(gf, dev, path_to.path),
+                                       **extra)
                     notes += self._make_room(plan.estimate_bytes, name)
                     session.audit.write("model.plan", name=name, path=path, sha256=digest,
-                                        plan=plan.describe())
+                                        plan=plan.describe(), loader=path_to.path)
                     anon0 = process_anonymous_bytes()
                     artifacts = self._load_weights(gf, digest, plan, name, progress, deadline)
+                    loader, loader_reason = artifacts.loader, artifacts.loader_reason
         except KeyboardInterrupt:
             self._load_failed(name, path, "interrupted by the user")
             raise
@@ -267,6 +285,7 @@ class ModelRegistry:
                 guard=RequestGuard(lambda: RequestLimits.from_config(cfg)), on_use=self._on_use),
             summary=summary, load_s=load_s, footprint=tensor_bytes(artifacts.model),
             timings=dict(getattr(artifacts, "timings", {}) or {}), notes=notes,
+            loader=loader, loader_reason=loader_reason,
         )
         if shared is not None:
             self.residency.share(name, shared)
@@ -275,7 +294,8 @@ class ModelRegistry:
         self._entries[name] = entry
         self.active = name
         session.audit.write("model.load", name=name, path=path, sha256=digest, plan=plan.describe(),
-                            duration_s=round(load_s, 3), footprint=entry.footprint)
+                            duration_s=round(load_s, 3), footprint=entry.footprint,
+                            loader=loader, loader_reason=loader_reason)
         session.events.emit("model", action="loaded", name=name, info=entry.info())
         return entry
 
@@ -533,8 +553,12 @@ class ModelRegistry:
             f"  memory    {self.memory_text(entry.name)} "
             f"(estimated {format_bytes(i['estimated_memory'])})\n"
             f"  placement {i['plan']}\n"
+            f"  loader    {_LOADER_NAMES.get(i['loader'], i['loader'])}: {i['loader_reason']}\n"
             f"  loaded in {i['load_s']:.2f} s; chat template: {'yes' if i['chat_template'] else 'no'}"
         )
+
+
+_LOADER_NAMES = {"fast": "fast path", "transformers": "Transformers"}
 
 
 def _decode_copies(mode: str, device: str, summary: dict[str, Any], hidden: Any) -> int:
@@ -573,11 +597,12 @@ class _Deadline:
             )
 
 
-def _gpu_footprints(gf: Any, device: str) -> dict[str, int] | None:
+def _gpu_footprints(gf: Any, device: str, path: str = "fast") -> dict[str, int] | None:
     """The weights' bytes per GPU plan kind, from the model built on the meta device (so the
     8/4-bit estimates keep embeddings and the output head 16-bit); None off the GPU, where
-    every parameter has the plan's dtype."""
-    if not device.startswith("cuda"):
+    every parameter has the plan's dtype, and for the Transformers path (no adapter builds its
+    meta model; the plan counts every parameter in the plan's dtype)."""
+    if not device.startswith("cuda") or path != "fast":
         return None
     import torch
 

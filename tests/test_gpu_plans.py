@@ -56,11 +56,13 @@ def reference(gguf_path: Path) -> torch.Tensor:
 def _placed(path: Path, device: str = "cpu", **kwargs: Any) -> Any:
     from kernel_ext.gguf.gpu_plans import load_placed
 
+    from kernel_ext.gguf.arch import route
+
     with read_gguf(path) as gf:
+        adapter = route(gf.metadata, gf.tensors, gf.tensor_bytes).adapter
         return load_placed(
-            gf, arch=convert.check_architecture(gf.metadata),
-            cfg_dict=convert.config_dict(gf.metadata, frozenset(gf.tensors)),
-            config=convert.build_config(gf.metadata, frozenset(gf.tensors), dtype=torch.bfloat16),
+            gf, adapter=adapter,
+            config=convert.build_config(adapter.config_dict(), dtype=torch.bfloat16),
             dtype=torch.bfloat16, device=device, **kwargs,
         )
 

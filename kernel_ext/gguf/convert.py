@@ -1,27 +1,31 @@
-"""GGUF -> Transformers: config, tokenizer and tensor-name mapping, from a parsed :class:`GGUFFile`.
+"""GGUF -> Transformers: the config object and the tokenizer, from a parsed :class:`GGUFFile`.
 
 Everything here works on the metadata our bounded reader already parsed: the file is never
-opened again. What is reused from Transformers, and what is ours:
+opened again. Architecture-specific work (config keys, tensor names and transforms) lives in
+the adapters of :mod:`kernel_ext.gguf.arch`; this module is architecture-agnostic:
 
-* config: ``GGUF_CONFIG_MAPPING`` / ``GGUF_CONFIG_DEFAULTS_MAPPING``
-  (``transformers.integrations.ggml``)
-  and the rules of ``load_gguf_checkpoint`` (tied embeddings when there is no ``output.weight``,
-  gemma3 -> ``gemma3_text``, vocab size from the token list) are applied to our metadata dict.
+* config: :func:`build_config` turns an adapter's config dict into a ``PretrainedConfig``.
 * tokenizer: ``GGUF_TOKENIZER_MAPPING`` and Transformers' builders (``convert_gguf_tokenizer``:
-  the gemma / llama sentencepiece, byte-level BPE and unigram converters) are fed our metadata
-  instead of their own reader (which re-parses the file); the final tokenizer adopts the built
-  backend instead of deep-copying it (a ~3 s JSON round trip for Gemma's 262k tokens), and the
-  merges of a vocabulary without them are derived in one pass when its scores are distinct.
-* tensors: ``get_gguf_hf_weights_map`` (gguf-py's name tables) and ``TENSOR_PROCESSORS``
-  (llama q/k un-permutation, gemma ``norm - 1``) are reused; the processors receive torch tensors.
+  the gemma / llama / phi3 sentencepiece, byte-level BPE and unigram converters) are fed our
+  metadata instead of their own reader (which re-parses the file); the final tokenizer adopts the
+  built backend instead of deep-copying it (a ~3 s JSON round trip for Gemma's 262k tokens), and
+  the merges of a vocabulary without them are derived in one pass when its scores are distinct.
+
+Two of those speed-ups replace a private attribute of Transformers for the duration of one call
+(:func:`_fast_merges`, :func:`_handed_over`). Both are scoped (a context manager that restores
+the original), transparent (a concurrent caller gets the same results it would without them:
+the merges are equal, and only the one backend object built here is adopted instead of copied),
+and pinned to the Transformers versions they were checked against (:data:`PATCHES_CHECKED`):
+with any other version they are skipped and the stock, slower code runs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+import re
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -29,49 +33,24 @@ import numpy as np
 from ..errors import GGUFFormatError, GGUFUnsupportedError
 
 __all__ = [
-    "SUPPORTED_ARCHITECTURES",
-    "check_architecture",
-    "config_dict",
+    "PATCHES_CHECKED",
     "build_config",
-    "check_tokenizer",
-    "tokenizer_inputs",
     "build_tokenizer",
-    "tokenizer_class",
     "chat_template",
-    "tensor_processor",
-    "TensorPlan",
-    "tensor_plan",
+    "check_tokenizer",
+    "plain",
+    "tokenizer_class",
+    "tokenizer_inputs",
 ]
 
 log = logging.getLogger(__name__)
 
-# GGUF architectures we load, each checked against stock Transformers on real files (tests).
-# Transformers' legacy table has more; adding one here needs such a test first (several of
-# their tensor processors expect numpy arrays, e.g. MoE expert splitting and bloom's qkv).
-SUPPORTED_ARCHITECTURES: tuple[str, ...] = ("llama", "gemma3")
-
-# model_type a GGUF architecture becomes (Transformers' legacy loader renames these)
-_MODEL_TYPE = {"gemma3": "gemma3_text"}
+# Transformers (major, minor) versions the scoped patches of this module were checked against.
+PATCHES_CHECKED: tuple[tuple[int, int], tuple[int, int]] = ((5, 24), (5, 24))
 
 
-def check_architecture(metadata: Mapping[str, Any]) -> str:
-    arch = metadata.get("general.architecture")
-    if not isinstance(arch, str) or not arch:
-        raise GGUFFormatError(
-            "the file has no 'general.architecture'; cannot tell what model it is",
-            field="general.architecture",
-        )
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise GGUFUnsupportedError(
-            f"GGUF architecture {arch!r} is not supported; supported: "
-            f"{', '.join(SUPPORTED_ARCHITECTURES)}. Use a model of one of these architectures, or "
-            "a remote provider (an OpenAI-compatible server such as llama.cpp's) for this one."
-        )
-    return arch
-
-
-def _plain(value: Any) -> Any:
-    """Metadata value as Transformers' own parser returns it (lists, not arrays)."""
+def plain(value: Any) -> Any:
+    """A metadata value as Transformers' own parser returns it (lists, not arrays)."""
     if isinstance(value, np.ndarray):
         return value.tolist()
     if isinstance(value, np.generic):
@@ -79,75 +58,39 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def config_dict(
-    metadata: Mapping[str, Any], tensor_names: set[str] | frozenset[str]
-) -> dict[str, Any]:
-    """The ``config`` part of Transformers' ``load_gguf_checkpoint``, from our metadata."""
-    from transformers.integrations.ggml import GGUF_CONFIG_DEFAULTS_MAPPING, GGUF_CONFIG_MAPPING
+@functools.cache
+def _patches_apply() -> bool:
+    """Whether the installed Transformers is one the patches were checked against (logged
+    once when it is not)."""
+    import transformers
 
-    arch = check_architecture(metadata)
-    name = metadata.get("general.name")
-    updated = (
-        "mistral"
-        if arch == "llama" and isinstance(name, str) and "mistral" in name.lower()
-        else arch
-    )
-    config: dict[str, Any] = {"tie_word_embeddings": "output.weight" not in tensor_names}
-    defaults: Any = GGUF_CONFIG_DEFAULTS_MAPPING.get(updated, {})
-    for key, default in defaults.items():
-        config.setdefault(key, default)
-    for key, raw in metadata.items():
-        key = key.replace(arch, updated, 1) if key.startswith(arch + ".") else key
-        prefix, _, rest = key.partition(".")
-        renames: Any = GGUF_CONFIG_MAPPING.get(prefix) or {}
-        if rest not in renames:
-            continue
-        target = renames[rest]
-        if target is None or target == -1:
-            continue
-        value = _plain(raw)
-        if isinstance(value, list) and len(value) == 1:
-            value = value[0]
-        if isinstance(value, str) and arch in value:
-            value = value.replace(arch, updated)
-        config[target] = value
-    config["model_type"] = _MODEL_TYPE.get(
-        config.get("model_type", updated), config.get("model_type", updated)
-    )
-    if "vocab_size" not in config:
-        tokens = metadata.get("tokenizer.ggml.tokens")
-        if isinstance(tokens, list):
-            config["vocab_size"] = len(tokens)
-    for key, special in (
-        ("bos_token_id", "bos"),
-        ("eos_token_id", "eos"),
-        ("pad_token_id", "padding"),
-        ("unk_token_id", "unknown"),
-    ):
-        # Transformers' PretrainedConfig reads these from the tokenizer part; keep them alike.
-        value = metadata.get(f"tokenizer.ggml.{special}_token_id")
-        if value is not None:
-            config.setdefault(key, int(value))
-    return config
+    parts = [int(p) for p in re.findall(r"\d+", transformers.__version__)[:2]]
+    version = (parts + [0, 0])[:2]
+    ok = PATCHES_CHECKED[0] <= (version[0], version[1]) <= PATCHES_CHECKED[1]
+    if not ok:
+        log.info(
+            "kernel_ext: Transformers %s is not one its tokenizer speed-ups were checked "
+            "against (%s); using Transformers' own code", transformers.__version__,
+            PATCHES_CHECKED,
+        )
+    return ok
 
 
-def build_config(
-    metadata: Mapping[str, Any], tensor_names: set[str] | frozenset[str], dtype: Any = None
-) -> Any:
-    """A Transformers ``PretrainedConfig`` for the file."""
+def build_config(config: Mapping[str, Any], dtype: Any = None) -> Any:
+    """A Transformers ``PretrainedConfig`` from an adapter's config dict (``model_type`` in it)."""
     from transformers import AutoConfig
 
-    cfg = dict(config_dict(metadata, tensor_names))
+    cfg = dict(config)
     model_type = cfg.pop("model_type")
     try:
-        config = AutoConfig.for_model(model_type, **cfg)
+        result = AutoConfig.for_model(model_type, **cfg)
     except (ValueError, KeyError) as e:
         raise GGUFUnsupportedError(
             f"Transformers cannot build a {model_type!r} config from this file: {e}"
         ) from e
     if dtype is not None:
-        config.dtype = dtype
-    return config
+        result.dtype = dtype
+    return result
 
 
 # --- tokenizer -----------------------------------------------------------------------------------
@@ -174,11 +117,15 @@ def tokenizer_inputs(metadata: Mapping[str, Any]) -> tuple[str, dict[str, Any], 
     returns them, from our metadata."""
     from transformers.integrations.gguf import GGUF_TOKENIZER_MAPPING
 
-    arch = check_architecture(metadata)
+    arch = metadata.get("general.architecture")
+    if not isinstance(arch, str) or not arch:
+        raise GGUFFormatError(
+            "the file has no 'general.architecture'", field="general.architecture"
+        )
     check_tokenizer(metadata)
     grouped = {
         group: {
-            name: _plain(metadata[f"tokenizer.{key}"])
+            name: plain(metadata[f"tokenizer.{key}"])
             for key, name in renames.items()
             if f"tokenizer.{key}" in metadata
         }
@@ -243,6 +190,9 @@ def _fast_merges() -> Iterator[None]:
     """Use :func:`_generate_merges` inside Transformers' GGUF tokenizer builders."""
     from transformers.integrations.gguf import gguf_tokenizer_mapping as mapping
 
+    if not (_patches_apply() and hasattr(mapping, "generate_merges")):
+        yield
+        return
     original = mapping.generate_merges
     mapping.generate_merges = _generate_merges
     try:
@@ -298,6 +248,10 @@ def _handed_over(backend: Any) -> Iterator[None]:
 
     from transformers import tokenization_utils_tokenizers as module
 
+    if not (_patches_apply() and hasattr(module, "copy")):
+        yield
+        return
+
     def deepcopy(obj: Any, memo: Any = None) -> Any:
         return obj if obj is backend else _copy.deepcopy(obj, memo)
 
@@ -313,58 +267,3 @@ def chat_template(metadata: Mapping[str, Any]) -> str | None:
     """The file's ``tokenizer.chat_template`` (not rendered here), or None."""
     value = metadata.get("tokenizer.chat_template")
     return value if isinstance(value, str) and value else None
-
-
-# --- tensors -------------------------------------------------------------------------------------
-def tensor_processor(arch: str, config: Mapping[str, Any]) -> Any:
-    """Transformers' per-architecture tensor processor (llama q/k un-permute, gemma norm - 1)."""
-    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
-
-    return TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=dict(config))
-
-
-@contextlib.contextmanager
-def _cached_name_tables() -> Iterator[None]:
-    """Build gguf-py's tensor-name table once per call instead of once per submodule.
-
-    ``get_gguf_hf_weights_map`` recurses into every child module and rebuilds the same
-    ``TensorNameMap`` each time (313 times, ~7 s, for Gemma 3 270M); the table depends only on
-    (architecture, layer count), so one build serves them all.
-    """
-    import functools
-
-    import gguf
-
-    original = gguf.get_tensor_name_map
-    gguf.get_tensor_name_map = functools.cache(original)
-    try:
-        yield
-    finally:
-        gguf.get_tensor_name_map = original
-
-
-@dataclass(frozen=True)
-class TensorPlan:
-    """Which GGUF tensor fills which Transformers parameter."""
-
-    gguf_to_hf: dict[str, str]
-    unused: tuple[str, ...]  # GGUF tensors with no parameter (e.g. rope_freqs)
-    missing: tuple[str, ...]  # parameters no GGUF tensor fills (tied ones excluded)
-
-
-def tensor_plan(model: Any, arch: str, processor: Any, tensor_names: list[str]) -> TensorPlan:
-    """Map GGUF tensor names to the model's state-dict keys (the model may live on ``meta``)."""
-    from transformers.modeling_gguf_pytorch_utils import get_gguf_hf_weights_map
-
-    try:
-        with _cached_name_tables():
-            mapping = get_gguf_hf_weights_map(model, processor)
-    except NotImplementedError as e:
-        raise GGUFUnsupportedError(f"gguf-py has no tensor-name table for {arch!r}: {e}") from e
-    gguf_to_hf = {name: mapping[name] for name in tensor_names if name in mapping}
-    unused = tuple(name for name in tensor_names if name not in mapping)
-    filled = set(gguf_to_hf.values())
-    tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
-    params = [n for n, _ in model.named_parameters(remove_duplicate=False)]
-    missing = tuple(n for n in params if n not in filled and n not in tied)
-    return TensorPlan(gguf_to_hf, unused, missing)

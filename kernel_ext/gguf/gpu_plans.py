@@ -27,8 +27,9 @@ from typing import Any
 
 import torch
 
-from ..errors import GGUFFormatError, ModelLoadError
+from ..errors import GGUFFormatError, GGUFUnsupportedError, ModelLoadError
 from . import convert
+from .arch import Adapter
 from .reader import GGUFFile
 
 __all__ = [
@@ -59,10 +60,19 @@ class Offload:
 
 
 def meta_model(gf: GGUFFile, dtype: torch.dtype) -> Any:
-    """The Transformers model of ``gf`` on the ``meta`` device (weights tied), in ``dtype``."""
+    """The Transformers model of ``gf`` on the ``meta`` device (weights tied), in ``dtype``.
+
+    Fast-path architectures only (their adapter builds the config); raises
+    ``GGUFUnsupportedError`` for the others."""
+    from .arch import route
     from .loader import _new_model
 
-    config = convert.build_config(gf.metadata, frozenset(gf.tensors), dtype=dtype)
+    adapter = route(gf.metadata, gf.tensors, gf.tensor_bytes).adapter
+    if adapter is None:
+        raise GGUFUnsupportedError(
+            f"{gf.architecture} loads through Transformers: no meta model is built for it here"
+        )
+    config = convert.build_config(adapter.config_dict(), dtype=dtype)
     model = _new_model(config, dtype)
     model.tie_weights()
     return model
@@ -175,8 +185,7 @@ def _quantise(module: Any, value: torch.Tensor) -> Any:
 def load_placed(
     gf: GGUFFile,
     *,
-    arch: str,
-    cfg_dict: dict[str, Any],
+    adapter: Adapter,
     config: Any,
     dtype: torch.dtype,
     device: str,
@@ -189,21 +198,22 @@ def load_placed(
     Each tensor is dequantised on the device it will live on (``device``, or the CPU for the
     layers an offload plan keeps in host RAM or on disk), quantised there for a bitsandbytes
     plan, and assigned; layers mapped to disk are written to the offload folder, and accelerate
-    hooks move the offloaded layers in at forward time. ``offload``: the plan's budgets
-    (:class:`Offload`), or an explicit accelerate device map."""
-    from .loader import _decode, _expected, _new_model, _set_tensor
+    hooks move the offloaded layers in at forward time. ``adapter``: the file's architecture
+    adapter (:func:`kernel_ext.gguf.arch.route`), which says which GGUF rows fill which
+    parameter. ``offload``: the plan's budgets (:class:`Offload`), or an explicit accelerate
+    device map."""
+    from .loader import _materialize, _new_model, _set_tensor
 
     model = _new_model(config, dtype)
     model.tie_weights()
-    processor = convert.tensor_processor(arch, cfg_dict)
-    plan = convert.tensor_plan(model, arch, processor, list(gf.tensors))
+    plan = adapter.plan(model)
     if plan.missing:
         raise GGUFFormatError(
             f"the file has no tensors for {len(plan.missing)} model parameters "
-            f"(e.g. {', '.join(plan.missing[:3])}); it is incomplete or not a {arch} model",
+            f"(e.g. {', '.join(plan.missing[:3])}); it is incomplete or not a "
+            f"{adapter.architecture} model",
             field="tensors",
         )
-    expected = _expected(model, list(plan.gguf_to_hf.values()))
     device_map: dict[str, int | str] | None = None
     folder: Path | None = None
     if isinstance(offload, Offload):
@@ -227,14 +237,12 @@ def load_placed(
                                 quantization_config=_bnb_config(quantization, dtype))
     disk_index: dict[str, Any] = {}
     tied = dict(getattr(model, "all_tied_weights_keys", None) or {})  # target -> source
-    names = list(plan.gguf_to_hf)
+    total = len(plan.fills)
     with gf.open_data() as fh:  # the pinned, parsed file (issue 12), not the path again
-        for done, name in enumerate(names, 1):
-            hf_name = plan.gguf_to_hf[name]
+        for done, (hf_name, fill) in enumerate(plan.fills.items(), 1):
             where = _placement(device_map, hf_name) if device_map is not None else device
             on = f"cuda:{where}" if isinstance(where, int) else str(where)
-            value = _decode(fh, gf.tensors[name], processor, dtype,
-                            "cpu" if on == "disk" else on, expected[hf_name][0])
+            value = _materialize(fh, gf, fill, dtype, "cpu" if on == "disk" else on)
             module_name, _, leaf = hf_name.rpartition(".")
             if on == "disk":
                 from accelerate.utils import offload_weight
@@ -250,7 +258,7 @@ def load_placed(
                 _set_tensor(model, hf_name, value)
             del value
             if progress is not None:
-                progress(done, len(names), "weights")
+                progress(done, total, "weights")
     model.tie_weights()
     leftover = [n for n, p in model.named_parameters() if p.device.type == "meta"
                 and (device_map is None or _placement(device_map, n) != "disk")]

@@ -1,17 +1,36 @@
 """Load a GGUF file into a Transformers model + tokenizer, fast and lean.
 
-One parse of the file (our bounded reader), the model built on the ``meta`` device and filled
-tensor by tensor (read the quantised bytes -> dequantise on the target device in the target
-dtype -> per-architecture fix-up -> assign), so peak memory stays near the final model size.
-The converted tokenizer and config (and optionally the dequantised weights) go to a conversion
-cache keyed by the file's SHA-256 (:mod:`kernel_ext.gguf.cache`).
+:func:`load_transformers` runs a load as a sequence of named **stages**, each a function of one
+:class:`LoadJob` (the caller's :class:`LoadOptions` plus what earlier stages produced). The
+stage's ``doing`` names it in errors ("loading x.gguf failed while hashing the file: ..."),
+its ``key`` in :attr:`LoadedArtifacts.timings`.
 
-Cold load (empty cache): the tokenizer is converted on a worker thread (mostly Python) while
-the main thread decodes (mostly GIL-free torch), so the load takes about as long as the
-tokenizer conversion. With a cache on the CPU, decoded tensors are streamed into the cache's
-safetensors file and the model then maps that file copy-on-write: the weights are never held
-twice, and peak RSS stays a few hundred MB above the interpreter's. Warm load (cache filled):
-tokenizer.json and the mapped weights, no decoding at all.
+Which stages run depends on the file's :class:`~kernel_ext.gguf.arch.Route`, decided first from
+the metadata alone (:data:`CHECK`):
+
+* the **fast path** (:data:`FAST_STAGES`: an architecture adapter of :mod:`kernel_ext.gguf.arch`)::
+
+      check -> hash -> config -> tokenizer -> model_init -> plan -> weights -> finish
+            -> tokenizer_wait -> cache
+
+  One parse of the file (our bounded reader; a caller may hand in the file it already opened),
+  the model built on the ``meta`` device, then filled parameter by parameter: the GGUF rows its
+  :class:`~kernel_ext.gguf.sources.WeightSource` names are read, dequantised on the target
+  device in the target dtype, transformed (row permutation, offset, ...) and written into the
+  parameter, so peak memory stays near the final model size. The tokenizer is converted on a
+  worker thread (mostly Python) while the weights decode (mostly GIL-free torch).
+* the **Transformers path** (:data:`TRANSFORMERS_STAGES`: an architecture stock Transformers
+  loads and we have no adapter for): ``check -> transformers`` (:mod:`kernel_ext.gguf.fallback`).
+
+Conversion cache (:mod:`kernel_ext.gguf.cache`, keyed by the file's SHA-256; fast path only):
+config.json and the converted tokenizer always, the dequantised weights within a size cap. With
+a cache on the CPU, decoded tensors are streamed into the cache's safetensors file and the model
+then maps that file copy-on-write: the weights are never held twice. Warm load: tokenizer.json
+and the mapped weights, no decoding at all.
+
+Where later work plugs in: verifying a cache entry before use belongs in ``_fill_weights`` (the
+``_fill_from_cache`` branch) and ``_start_tokenizer``; per-tensor dequantisation on a GPU in
+:func:`_pieces` (it already decodes on ``options.device``).
 
 ``device_map`` / ``quantization`` are the memory-plan ladder's GPU rungs (an offload plan, a
 bitsandbytes plan): :func:`kernel_ext.gguf.gpu_plans.load_placed` fills the meta model tensor
@@ -39,10 +58,24 @@ import torch
 from ..errors import GGUFFormatError, GGUFUnsupportedError, KernelExtError, ModelLoadError
 from . import cache as _cache
 from . import convert
+from .arch import Adapter, Route, WeightPlan, route
+from .arch.base import Fill, n_rows
 from .dequant import dequantize
 from .reader import GGUFFile, TensorInfo, read_gguf
+from .sources import WeightSource
 
-__all__ = ["LoadError", "LoadedArtifacts", "estimate_bytes", "load_transformers", "resolve_dtype"]
+__all__ = [
+    "FAST_STAGES",
+    "TRANSFORMERS_STAGES",
+    "LoadError",
+    "LoadJob",
+    "LoadOptions",
+    "LoadedArtifacts",
+    "Stage",
+    "estimate_bytes",
+    "load_transformers",
+    "to_torch_dtype",
+]
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +90,18 @@ _DTYPES = {
     "bfloat16": torch.bfloat16,
     "bf16": torch.bfloat16,
 }
-# Tensors stored in a float format, or this small, are decoded in fp32 and cast afterwards, so
-# fix-ups such as gemma's ``norm - 1`` round once, as in Transformers' own loader.
+# Tensors stored in a float format, this small, or transformed by value (an offset) are decoded
+# in fp32 and cast afterwards, so fix-ups such as gemma's ``norm - 1`` round once, as in
+# Transformers' own loader.
 _FP32_WORK_MAX = 1 << 20
 _FLOAT_TYPES = frozenset({0, 1, 30})  # F32, F16, BF16
+# Row ranges larger than this are decoded a few rows at a time (into the parameter or the cache
+# file), bounding the decoder's temporaries.
+_CHUNK_ELEMENTS = 1 << 24
+# Vocabularies from this size on leave enough conversion garbage to be worth a full collection
+# and a heap trim (~0.3-0.7 s with torch and Transformers loaded, holding the GIL: most of a
+# tiny file's load time otherwise).
+_TRIM_VOCAB = 32768
 # GIL hand-over interval while the tokenizer thread runs beside the decoding one (default 5 ms)
 _SWITCH_INTERVAL = 5e-4
 
@@ -70,7 +111,13 @@ LoadError = ModelLoadError  # a later stage of a load failed; the message names 
 
 @dataclass
 class LoadedArtifacts:
-    """What :func:`load_transformers` returns."""
+    """What :func:`load_transformers` returns.
+
+    ``loader`` is ``"fast"`` or ``"transformers"`` and ``loader_reason`` says why (see
+    :func:`kernel_ext.gguf.arch.route`). ``weight_sources`` maps every parameter of the model
+    to the GGUF rows that filled it (:class:`~kernel_ext.gguf.sources.WeightSource`; fast path
+    only, empty on the Transformers path), also after a load from the weights cache.
+    """
 
     model: Any  # a Transformers causal LM in eval mode
     tokenizer: Any  # a PreTrainedTokenizerFast subclass
@@ -84,9 +131,13 @@ class LoadedArtifacts:
     timings: dict[str, float] = field(default_factory=dict)
     cache_hits: dict[str, bool] = field(default_factory=dict)  # config/tokenizer/weights
     peak_rss: int | None = None  # bytes, the process's peak so far (ru_maxrss)
+    loader: str = "fast"
+    loader_reason: str = ""
+    weight_sources: dict[str, WeightSource] = field(default_factory=dict)
 
 
-def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
+def to_torch_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """``"bfloat16"``, ``"bf16"``, ``torch.bfloat16``... as a torch dtype (float types only)."""
     if isinstance(dtype, torch.dtype):
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
@@ -100,10 +151,338 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
 def estimate_bytes(gf: GGUFFile, dtype: torch.dtype | str = torch.float32) -> int:
     """Dequantised footprint: parameters x dtype size, plus 2 % (at least 16 MiB) for buffers
     and allocator slack. Reads only the tensor table."""
-    size = torch.tensor([], dtype=resolve_dtype(dtype)).element_size()
+    size = torch.tensor([], dtype=to_torch_dtype(dtype)).element_size()
     n = sum(t.n_elements for t in gf.tensors.values())
     raw = n * size
     return raw + max(16 << 20, raw // 50)
+
+
+# --- the job and its stages ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class LoadOptions:
+    """What a load was asked to do (the arguments of :func:`load_transformers`, checked)."""
+
+    dtype: torch.dtype = torch.float32
+    device: str = "cpu"
+    sha256: str | None = None  # trusted, not re-checked: pin checks are the caller's
+    cache_dir: Path | None = None  # conversion cache root; None: no cache
+    progress: Progress | None = None  # progress(done, total, stage), once per parameter
+    device_map: Any = None  # a gpu_plans.Offload or an accelerate device map
+    quantization: str | None = None  # None, "8bit" or "4bit" (bitsandbytes, CUDA only)
+    cache_weights: bool = True
+    cache_max_bytes: int = 4 << 30
+    decode_threads: int | None = 1  # torch intra-op threads while decoding (None: leave it)
+
+    @property
+    def via_transformers(self) -> bool:
+        """Whether the plan ladder's GPU rungs place/quantise the weights (gpu_plans)."""
+        return self.quantization is not None or self.device_map is not None
+
+
+@dataclass
+class LoadJob:
+    """One load in progress: the options, the open file, and what the stages produced so far."""
+
+    options: LoadOptions
+    gf: GGUFFile
+    stack: contextlib.ExitStack  # undone when the load ends, however it ends
+    stage: str = "checking the metadata"
+    route: Route | None = None
+    sha256: str | None = None
+    entry: Path | None = None  # conversion-cache entry directory; None: no cache
+    config: Any = None
+    tokenizer: Any = None
+    tokenizer_job: _TokenizerJob | None = None
+    model: Any = None
+    plan: WeightPlan | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    hits: dict[str, bool] = field(default_factory=dict)
+
+    @property
+    def adapter(self) -> Adapter:
+        """The architecture adapter (fast-path stages only)."""
+        if self.route is None or self.route.adapter is None:
+            raise RuntimeError("internal: a fast-path stage ran without an adapter")
+        return self.route.adapter
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A step of a load: ``key`` in the timings, ``doing`` in error messages, ``run`` the work;
+    ``when`` (default: always) decides whether it runs for this job."""
+
+    key: str
+    doing: str
+    run: Callable[[LoadJob], None]
+    when: Callable[[LoadJob], bool] = lambda job: True
+
+
+def _check(job: LoadJob) -> None:
+    """Route the file (fast / Transformers / refuse), from the metadata alone."""
+    job.route = route(job.gf.metadata, job.gf.tensors, job.gf.tensor_bytes)
+
+
+def _hash(job: LoadJob) -> None:
+    job.sha256 = job.gf.sha256()
+
+
+def _build_config(job: LoadJob) -> None:
+    """The Transformers config (rebuilt from the metadata every time: milliseconds). The cache
+    entry's config.json is there to be inspected and shipped with the tokenizer; it is checked
+    and rewritten when it is missing or not for this model type."""
+    opts = job.options
+    job.config = convert.build_config(job.adapter.config_dict(), dtype=opts.dtype)
+    if opts.cache_dir is not None and job.sha256 is not None:
+        job.entry = _cache.entry_dir(opts.cache_dir, job.sha256)
+    job.hits["config"] = job.entry is not None and _cached_config_ok(
+        job.entry, job.config.model_type
+    )
+    if job.entry is not None and not job.hits["config"]:
+        _cache.write_json(job.entry / "config.json", job.config.to_dict())
+
+
+def _start_tokenizer(job: LoadJob) -> None:
+    """The cached tokenizer, or its conversion started on a worker thread."""
+    model_type = job.config.model_type
+    job.tokenizer = _cached_tokenizer(job.entry, model_type) if job.entry is not None else None
+    job.hits["tokenizer"] = job.tokenizer is not None
+    if job.tokenizer is None:
+        # converting is mostly Python, decoding mostly GIL-free torch: do both at once
+        job.tokenizer_job = _TokenizerJob(job.gf.metadata, model_type, job.entry)
+        job.stack.enter_context(_switch_interval(True))
+
+
+def _build_model(job: LoadJob) -> None:
+    if not job.options.via_transformers:
+        job.model = _new_model(job.config, job.options.dtype)
+
+
+def _plan_weights(job: LoadJob) -> None:
+    """Which GGUF rows fill which parameter (the adapter's plan); refuse an incomplete file."""
+    adapter = job.adapter
+    model = job.model if job.model is not None else _new_model(job.config, job.options.dtype)
+    plan = adapter.plan(model)
+    if plan.missing:
+        raise GGUFFormatError(
+            f"the file has no tensors for {len(plan.missing)} model parameters "
+            f"(e.g. {', '.join(plan.missing[:3])}); it is incomplete or not a "
+            f"{adapter.architecture} model",
+            field="tensors",
+        )
+    job.plan = plan
+
+
+def _fill_weights(job: LoadJob) -> None:
+    """Every parameter's values: from the weights cache, or decoded from the file (and
+    written to the cache); via Transformers' placement when the plan ladder asked for it."""
+    opts, plan = job.options, job.plan
+    assert plan is not None
+    if opts.via_transformers:
+        from .gpu_plans import load_placed
+
+        job.model = load_placed(job.gf, adapter=job.adapter, config=job.config, dtype=opts.dtype,
+                                device=opts.device, quantization=opts.quantization,
+                                offload=opts.device_map, progress=opts.progress)
+        job.hits["weights"] = False
+        return
+    wpath = _cache.weights_path(job.entry, opts.dtype) if job.entry is not None else None
+    job.hits["weights"] = wpath is not None and _fill_from_cache(
+        job.model, plan, wpath, opts.device, opts.progress
+    )
+    if job.hits["weights"]:
+        return
+    writer = None
+    if wpath is not None and job.entry is not None and opts.cache_dir and opts.cache_weights:
+        writer = _weights_writer(
+            job.entry, wpath, job.model, plan, opts.cache_dir, opts.cache_max_bytes
+        )
+    _decode_all(job, writer)
+
+
+def _finish_model(job: LoadJob) -> None:
+    model = job.model
+    if not job.options.via_transformers:
+        model.tie_weights()
+        leftover = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+        if leftover:
+            raise GGUFFormatError(f"no data for parameters {', '.join(leftover[:5])}")
+        model.to(job.options.device)
+    model.eval()
+
+
+def _join_tokenizer(job: LoadJob) -> None:
+    if job.tokenizer_job is None:
+        return
+    job.tokenizer = job.tokenizer_job.result()
+    job.timings["tokenizer"] = job.timings.get("tokenizer", 0.0) + job.tokenizer_job.seconds
+
+
+def _record_use(job: LoadJob) -> None:
+    if job.entry is not None:
+        _cache.touch(job.entry, source=Path(job.gf.path).name)
+
+
+def _with_transformers(job: LoadJob) -> None:
+    from .fallback import load_with_transformers
+
+    opts = job.options
+    assert job.route is not None and job.route.loader is not None
+    job.model, job.tokenizer, job.config = load_with_transformers(
+        job.gf,
+        job.route.loader,
+        dtype=opts.dtype,
+        device=opts.device,
+        device_map=opts.device_map,
+        quantization=opts.quantization,
+        progress=opts.progress,
+    )
+    job.hits.update(config=False, tokenizer=False, weights=False)
+
+
+# Each stage reads what the ones before it left on the job and adds its own part:
+#   check          -> route (adapter, or the Transformers loader to use)
+#   hash           -> sha256 (only with a cache and no digest given)
+#   config         -> config, entry (the cache entry dir); config.json checked/written
+#   tokenizer      -> tokenizer (cached), or tokenizer_job (converting on a thread)
+#   model_init     -> model, on the meta device (not for the plan ladder's rungs)
+#   plan           -> plan: WeightPlan, every parameter's Fill / WeightSource
+#   weights        -> model's parameters: from the cache's safetensors file, or decoded from
+#                     the GGUF (and streamed into the cache), or placed by Transformers
+#   finish         -> model tied, on its device, in eval mode
+#   tokenizer_wait -> tokenizer (the thread joined)
+#   cache          -> the cache entry's use recorded (LRU)
+# A new step (verifying a cache entry, a GPU-specific decode) is a function of the job and
+# one Stage here, with its own `doing` for error messages and `key` for the timings.
+CHECK = Stage("check", "checking the metadata", _check)
+FAST_STAGES: tuple[Stage, ...] = (
+    Stage(
+        "hash",
+        "hashing the file",
+        _hash,
+        when=lambda job: job.options.cache_dir is not None and job.sha256 is None,
+    ),
+    Stage("config", "building the model config", _build_config),
+    Stage("tokenizer", "reading the cached tokenizer", _start_tokenizer),
+    Stage("model_init", "building the model", _build_model),
+    Stage("plan", "mapping the tensors", _plan_weights),
+    Stage("weights", "loading the weights", _fill_weights),
+    Stage("finish", "finishing the model", _finish_model),
+    Stage("tokenizer_wait", "converting the tokenizer", _join_tokenizer),
+    Stage("cache", "finishing the load", _record_use),
+)
+TRANSFORMERS_STAGES: tuple[Stage, ...] = (
+    Stage("transformers", "loading it with Transformers", _with_transformers),
+)
+
+
+def _run(job: LoadJob, stages: tuple[Stage, ...]) -> None:
+    for stage in stages:
+        if not stage.when(job):
+            continue
+        job.stage = stage.doing
+        t0 = time.perf_counter()
+        stage.run(job)
+        job.timings[stage.key] = job.timings.get(stage.key, 0.0) + time.perf_counter() - t0
+
+
+# --- the loader ----------------------------------------------------------------------------------
+def load_transformers(
+    path: str | os.PathLike[str] | GGUFFile,
+    *,
+    dtype: torch.dtype | str = torch.float32,
+    device: str = "cpu",
+    sha256: str | None = None,
+    cache_dir: Path | str | None = None,
+    progress: Progress | None = None,
+    device_map: Any = None,
+    quantization: str | None = None,
+    cache_weights: bool = True,
+    cache_max_bytes: int = 4 << 30,
+    decode_threads: int | None = 1,
+) -> LoadedArtifacts:
+    """Load the GGUF at ``path`` as a Transformers model and tokenizer.
+
+    ``path`` may also be a :class:`GGUFFile` the caller already opened (and validated): it is
+    used as it is, not parsed again, and the caller closes it.
+
+    ``sha256``: the file's digest if already known (it keys the cache; computed when a cache is
+    used and it is not given; it is trusted, not re-checked: pin checks live in
+    :mod:`kernel_ext.gguf.integrity`). ``cache_dir``: conversion cache root (None: no cache).
+    ``cache_weights``: also keep the dequantised weights there (safetensors, memory-mapped on
+    the next load), within ``cache_max_bytes`` (least recently used entries are evicted). They
+    are written while decoding; on the CPU the model then maps that file (copy-on-write)
+    instead of keeping a second, anonymous copy, so a cold load's peak RSS stays near one
+    tensor above the baseline.
+    ``progress(done, total, stage)`` is called once per parameter. ``device_map`` (a
+    :class:`kernel_ext.gguf.gpu_plans.Offload`, or an explicit accelerate device map) and
+    ``quantization`` ("8bit" / "4bit", bitsandbytes, CUDA only) load through
+    :mod:`kernel_ext.gguf.gpu_plans`. ``decode_threads``: torch intra-op threads while decoding
+    (None: leave torch's setting).
+
+    Raises ``GGUFUnsupportedError`` (before hashing) for a file no path can load,
+    ``GGUFFormatError`` for a malformed or incomplete one, :data:`LoadError` naming the stage
+    for any other failure (out-of-memory errors pass through as they are).
+    """
+    device = str(device)
+    if quantization not in (None, "8bit", "4bit"):
+        raise ValueError(f"quantization must be None, '8bit' or '4bit', got {quantization!r}")
+    if quantization and not device.startswith("cuda"):
+        raise GGUFUnsupportedError(
+            f"{quantization} quantization (bitsandbytes) needs a CUDA device; load in "
+            "float32/bfloat16 on the CPU instead"
+        )
+    options = LoadOptions(
+        dtype=to_torch_dtype(dtype),
+        device=device,
+        sha256=sha256,
+        cache_dir=Path(cache_dir) if cache_dir is not None else None,
+        progress=progress,
+        device_map=device_map,
+        quantization=quantization,
+        cache_weights=cache_weights,
+        cache_max_bytes=cache_max_bytes,
+        decode_threads=decode_threads,
+    )
+    name = path.path.name if isinstance(path, GGUFFile) else Path(path).name
+    t_start = time.perf_counter()
+    job: LoadJob | None = None
+    try:
+        opened = path if isinstance(path, GGUFFile) else None
+        with (
+            contextlib.nullcontext(opened) if opened is not None else read_gguf(path) as gf,
+            contextlib.ExitStack() as stack,
+        ):
+            job = LoadJob(options, gf, stack, sha256=sha256)
+            job.timings["parse"] = time.perf_counter() - t_start
+            _run(job, (CHECK,))
+            assert job.route is not None
+            _run(job, FAST_STAGES if job.route.path == "fast" else TRANSFORMERS_STAGES)
+            summary = gf.summary()
+            template = convert.chat_template(gf.metadata)
+    except (KernelExtError, torch.OutOfMemoryError, MemoryError):
+        raise
+    except Exception as e:
+        doing = job.stage if job is not None else "opening the file"
+        raise LoadError(f"loading {name} failed while {doing}: {type(e).__name__}: {e}") from e
+    load_s = time.perf_counter() - t_start
+    job.timings["total"] = load_s
+    return LoadedArtifacts(
+        model=job.model,
+        tokenizer=job.tokenizer,
+        config=job.config,
+        summary=summary,
+        chat_template=template,
+        sha256=job.sha256,
+        dtype=options.dtype,
+        device=device,
+        load_s=load_s,
+        timings=job.timings,
+        cache_hits=job.hits,
+        peak_rss=_peak_rss(),
+        loader=job.route.path,
+        loader_reason=job.route.reason,
+        weight_sources=job.plan.sources if job.plan is not None else {},
+    )
 
 
 # --- helpers -------------------------------------------------------------------------------------
@@ -142,7 +521,9 @@ class _TokenizerJob:
         metadata, model_type, entry = self._args
         try:
             self._value = convert.build_tokenizer(metadata, model_type)
-            _trim_heap()
+            tokens = metadata.get("tokenizer.ggml.tokens")
+            if isinstance(tokens, list) and len(tokens) >= _TRIM_VOCAB:
+                _trim_heap()
             if entry is not None:
                 _store_tokenizer(entry, self._value)
         except Exception as e:  # noqa: BLE001 - handed to the caller by result()
@@ -188,66 +569,6 @@ def _peak_rss() -> int | None:
         return None
 
 
-def _read_bytes(fh: Any, info: TensorInfo) -> torch.Tensor:
-    """The tensor's raw bytes, read into a fresh buffer.
-
-    Reading (instead of viewing the file's memory map) keeps the file's pages out of this
-    process's RSS once a tensor is decoded; the buffer is freed right after."""
-    buf = torch.empty(info.nbytes, dtype=torch.uint8)
-    view = buf.numpy().data
-    fh.seek(info.offset)
-    got = 0
-    while got < info.nbytes:
-        n = fh.readinto(view[got:])
-        if not n:
-            raise GGUFFormatError(
-                f"the file ended while reading tensor {info.name!r}; it was "
-                "truncated after it was opened",
-                field=info.name,
-                offset=info.offset + got,
-            )
-        got += n
-    return buf
-
-
-def _set_tensor(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
-    module_name, _, leaf = name.rpartition(".")
-    module = model.get_submodule(module_name) if module_name else model
-    if leaf in module._parameters:
-        module._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
-    elif leaf in module._buffers:
-        module._buffers[leaf] = value
-    else:
-        raise GGUFFormatError(f"the model has no parameter {name!r}")
-
-
-def _decode(
-    fh: Any,
-    info: TensorInfo,
-    processor: Any,
-    dtype: torch.dtype,
-    device: str,
-    target_shape: tuple[int, ...],
-) -> torch.Tensor:
-    raw = _read_bytes(fh, info)
-    small = info.ggml_type in _FLOAT_TYPES or info.n_elements <= _FP32_WORK_MAX
-    work = torch.float32 if small else dtype
-    t = dequantize(raw, info.ggml_type, info.shape, dtype=work, device=device)
-    del raw
-    t = processor.process(weights=t, name=info.name).weights
-    if tuple(t.shape) != target_shape:
-        if t.numel() != int(torch.Size(target_shape).numel()):
-            raise GGUFFormatError(
-                f"tensor {info.name!r} has shape {tuple(t.shape)}, the model "
-                f"expects {target_shape}",
-                field=info.name,
-            )
-        t = t.reshape(target_shape)
-    if t.dtype != dtype:
-        t = t.to(dtype)
-    return t.contiguous()
-
-
 def _new_model(config: Any, dtype: torch.dtype) -> Any:
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
@@ -268,232 +589,170 @@ def _expected(model: Any, hf_names: list[str]) -> dict[str, tuple[tuple[int, ...
     return {n: (tuple(state[n].shape), state[n].dtype) for n in hf_names}
 
 
-# --- the loader ----------------------------------------------------------------------------------
-def load_transformers(
-    path: str | os.PathLike[str] | GGUFFile,
-    *,
-    dtype: torch.dtype | str = torch.float32,
-    device: str = "cpu",
-    sha256: str | None = None,
-    cache_dir: Path | str | None = None,
-    progress: Progress | None = None,
-    device_map: Any = None,
-    quantization: str | None = None,
-    cache_weights: bool = True,
-    cache_max_bytes: int = 4 << 30,
-    decode_threads: int | None = 1,
-) -> LoadedArtifacts:
-    """Load the GGUF at ``path`` as a Transformers model and tokenizer.
-
-    ``path`` may also be a :class:`GGUFFile` the caller already opened (and validated): it is
-    used as it is, not parsed again, and the caller closes it.
-
-    ``sha256``: the file's digest if already known (it keys the cache; computed when a cache is
-    used and it is not given; it is trusted, not re-checked: pin checks live in
-    :mod:`kernel_ext.gguf.integrity`). ``cache_dir``: conversion cache root (None: no cache).
-    ``cache_weights``: also keep the dequantised weights there (safetensors, memory-mapped on
-    the next load), within ``cache_max_bytes`` (least recently used entries are evicted). They
-    are written while decoding; on the CPU the model then maps that file (copy-on-write)
-    instead of keeping a second, anonymous copy, so a cold load's peak RSS stays near one
-    tensor above the baseline.
-    ``progress(done, total, stage)`` is called once per tensor. ``device_map`` (a
-    :class:`kernel_ext.gguf.gpu_plans.Offload`, or an explicit accelerate device map) and
-    ``quantization`` ("8bit" / "4bit", bitsandbytes, CUDA only) load through
-    :mod:`kernel_ext.gguf.gpu_plans`. ``decode_threads``: torch
-    intra-op threads while decoding (None: leave torch's setting).
-    """
-    dt = resolve_dtype(dtype)
-    device = str(device)
-    if quantization not in (None, "8bit", "4bit"):
-        raise ValueError(f"quantization must be None, '8bit' or '4bit', got {quantization!r}")
-    if quantization and not device.startswith("cuda"):
-        raise GGUFUnsupportedError(
-            f"{quantization} quantization (bitsandbytes) needs a CUDA device; load in "
-            "float32/bfloat16 on the CPU instead"
-        )
-    stage = ["opening the file"]
-    try:
-        return _load(
-            path, dt, device, sha256, cache_dir, progress, device_map, quantization,
-            cache_weights, cache_max_bytes, decode_threads, stage,
-        )
-    except (KernelExtError, torch.OutOfMemoryError, MemoryError):
-        raise
-    except Exception as e:
-        name = path.path.name if isinstance(path, GGUFFile) else Path(path).name
-        raise LoadError(f"loading {name} failed while {stage[0]}: {type(e).__name__}: {e}") from e
+def _set_tensor(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
+    module_name, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    if leaf in module._parameters:
+        module._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
+    elif leaf in module._buffers:
+        module._buffers[leaf] = value
+    else:
+        raise GGUFFormatError(f"the model has no parameter {name!r}")
 
 
-def _load(
-    path: str | os.PathLike[str] | GGUFFile,
-    dt: torch.dtype,
-    device: str,
-    sha256: str | None,
-    cache_dir: Path | str | None,
-    progress: Progress | None,
-    device_map: Any,
-    quantization: str | None,
-    cache_weights: bool,
-    cache_max_bytes: int,
-    decode_threads: int | None,
-    stage: list[str],
-) -> LoadedArtifacts:
-    """:func:`load_transformers` after its argument checks; ``stage[0]`` says what it is doing."""
-    t_start = time.perf_counter()
-    timings: dict[str, float] = {}
-    hits: dict[str, bool] = {}
+# --- decoding ------------------------------------------------------------------------------------
+def _read_bytes(fh: Any, info: TensorInfo, start: int = 0, stop: int | None = None) -> torch.Tensor:
+    """The raw bytes of GGUF rows ``[start, stop)`` of ``info``, read into a fresh buffer.
 
-    def mark(name: str, since: float) -> float:
-        now = time.perf_counter()
-        timings[name] = timings.get(name, 0.0) + now - since
-        return now
-
-    t = time.perf_counter()
-    opened = path if isinstance(path, GGUFFile) else None
-    with contextlib.nullcontext(opened) if opened is not None else read_gguf(path) as gf:
-        path = gf.path
-        t = mark("parse", t)
-        stage[0] = "checking the metadata"
-        summary = gf.summary()
-        arch = convert.check_architecture(gf.metadata)
-        convert.check_tokenizer(gf.metadata)
-        entry: Path | None = None
-        if cache_dir is not None:
-            if sha256 is None:
-                stage[0] = "hashing the file"
-                sha256 = gf.sha256()
-                t = mark("hash", t)
-            entry = _cache.entry_dir(cache_dir, sha256)
-
-        # config --------------------------------------------------------------------------------
-        stage[0] = "building the model config"
-        cfg_dict = convert.config_dict(gf.metadata, frozenset(gf.tensors))
-        config = convert.build_config(gf.metadata, frozenset(gf.tensors), dtype=dt)
-        hits["config"] = entry is not None and _cached_config_ok(entry, config.model_type)
-        if entry is not None and not hits["config"]:
-            _cache.write_json(entry / "config.json", config.to_dict())
-        t = mark("config", t)
-
-        # tokenizer -----------------------------------------------------------------------------
-        stage[0] = "reading the cached tokenizer"
-        tokenizer = _cached_tokenizer(entry, config.model_type) if entry is not None else None
-        hits["tokenizer"] = tokenizer is not None
-        job = None
-        if tokenizer is None:
-            # converting is mostly Python, decoding mostly GIL-free torch: do both at once
-            job = _TokenizerJob(gf.metadata, config.model_type, entry)
-        t = mark("tokenizer", t)
-
-        # model ---------------------------------------------------------------------------------
-        stage[0] = "building the model and loading its weights"
-        with _switch_interval(job is not None):
-            if quantization or device_map is not None:
-                from .gpu_plans import load_placed
-
-                model = load_placed(gf, arch=arch, cfg_dict=cfg_dict, config=config, dtype=dt,
-                                    device=device, quantization=quantization, offload=device_map,
-                                    progress=progress)
-                hits["weights"] = False
-                t = mark("weights", t)
-            else:
-                model = _new_model(config, dt)
-                t = mark("model_init", t)
-                processor = convert.tensor_processor(arch, cfg_dict)
-                plan = convert.tensor_plan(model, arch, processor, list(gf.tensors))
-                if plan.missing:
-                    raise GGUFFormatError(
-                        f"the file has no tensors for {len(plan.missing)} model parameters "
-                        f"(e.g. {', '.join(plan.missing[:3])}); it is incomplete or not a "
-                        f"{arch} model",
-                        field="tensors",
-                    )
-                wpath = _cache.weights_path(entry, dt) if entry is not None else None
-                hits["weights"] = wpath is not None and _fill_from_cache(
-                    model, plan, wpath, device, progress
-                )
-                if not hits["weights"]:
-                    writer = None
-                    if wpath is not None and entry is not None and cache_dir and cache_weights:
-                        writer = _weights_writer(
-                            entry, wpath, model, plan, cache_dir, cache_max_bytes
-                        )
-                    _fill_weights(
-                        model, gf, plan, processor, dt, device, progress, decode_threads, writer
-                    )
-                t = mark("weights", t)
-                model.tie_weights()
-                leftover = [n for n, p in model.named_parameters() if p.device.type == "meta"]
-                if leftover:
-                    raise GGUFFormatError(f"no data for parameters {', '.join(leftover[:5])}")
-                model.to(device)
-        model.eval()
-        if job is not None:
-            stage[0] = "converting the tokenizer"
-            tokenizer = job.result()
-            timings["tokenizer"] += job.seconds
-            t = mark("tokenizer_wait", t)
-        stage[0] = "finishing the load"
-        if entry is not None:
-            _cache.touch(entry, source=Path(path).name)
-        template = convert.chat_template(gf.metadata)
-    load_s = time.perf_counter() - t_start
-    timings["total"] = load_s
-    return LoadedArtifacts(
-        model=model,
-        tokenizer=tokenizer,
-        config=config,
-        summary=summary,
-        chat_template=template,
-        sha256=sha256,
-        dtype=dt,
-        device=device,
-        load_s=load_s,
-        timings=timings,
-        cache_hits=hits,
-        peak_rss=_peak_rss(),
-    )
+    Reading (instead of viewing the file's memory map) keeps the file's pages out of this
+    process's RSS once a tensor is decoded; the buffer is freed right after."""
+    rows = n_rows(info)
+    stop = rows if stop is None else stop
+    row_bytes = info.nbytes // rows
+    nbytes = (stop - start) * row_bytes
+    buf = torch.empty(nbytes, dtype=torch.uint8)
+    view = buf.numpy().data
+    offset = info.offset + start * row_bytes
+    fh.seek(offset)
+    got = 0
+    while got < nbytes:
+        n = fh.readinto(view[got:])
+        if not n:
+            raise GGUFFormatError(
+                f"the file ended while reading tensor {info.name!r}; it was "
+                "truncated after it was opened",
+                field=info.name,
+                offset=offset + got,
+            )
+        got += n
+    return buf
 
 
-# Tensors decoded in row chunks when they go straight to the cache file: the big ones that no
-# tensor processor of a supported architecture touches (the embedding and output matrices).
-_CHUNKABLE = frozenset({"token_embd.weight", "output.weight"})
-_CHUNK_ELEMENTS = 1 << 24
-
-
-def _fill_weights(
-    model: Any,
-    gf: GGUFFile,
-    plan: convert.TensorPlan,
-    processor: Any,
+def _decode(
+    fh: Any,
+    info: TensorInfo,
+    start: int,
+    stop: int,
     dtype: torch.dtype,
     device: str,
-    progress: Progress | None,
-    decode_threads: int | None,
-    writer: _cache.WeightsWriter | None,
-) -> None:
-    """Decode every tensor into ``model``; with a ``writer``, also into the cache file.
+    whole: bool = False,
+    order: tuple[int, ...] | None = None,
+) -> torch.Tensor:
+    """GGUF rows ``[start, stop)`` of ``info`` decoded in ``dtype`` on ``device``: a
+    ``(stop - start, ne0)`` tensor, or (``whole``, or all its rows) the tensor in its own
+    PyTorch shape.
 
-    On the CPU with a writer the decoded tensors go to the file only, and the model then maps
+    With ``order``, output row ``i`` is row ``start + order[i]``: the rows' quantised bytes
+    are reordered before decoding (a row is whole blocks), which moves several times less data
+    than reordering the decoded values."""
+    raw = _read_bytes(fh, info, start, stop)
+    if order is not None:
+        index = torch.tensor(order, dtype=torch.long)
+        raw = raw.view(stop - start, -1).index_select(0, index).reshape(-1)
+    ne0 = info.shape[0] if info.shape else 1
+    whole = whole or (start == 0 and stop == n_rows(info))
+    shape = info.shape if whole else (ne0, stop - start)
+    return dequantize(raw, info.ggml_type, shape, dtype=dtype, device=device)
+
+
+def _work_dtype(info: TensorInfo, elements: int, dtype: torch.dtype) -> torch.dtype:
+    small = info.ggml_type in _FLOAT_TYPES or elements <= _FP32_WORK_MAX
+    return torch.float32 if small else dtype
+
+
+def _pieces(
+    fh: Any, gf: GGUFFile, fill: Fill, dtype: torch.dtype, device: str
+) -> Iterator[torch.Tensor]:
+    """The parameter's values in ``dtype`` on ``device``, in parameter-row order, as
+    ``(rows, cols)`` chunks whose rows add up to the parameter's (one chunk, in the parameter's
+    own shape, for a value transform)."""
+    src = fill.source
+    if fill.op is not None:
+        info = gf.tensors[src.rows[0].tensor]
+        t = fill.op(_decode(fh, info, 0, n_rows(info), torch.float32, device, whole=True))
+        if t.numel() != _numel(src.shape):
+            raise GGUFFormatError(
+                f"tensor {info.name!r} has {t.numel()} values, the model expects "
+                f"{src.shape} for {src.parameter}",
+                field=info.name,
+            )
+        yield t.reshape(src.shape).to(dtype).contiguous()
+        return
+    cols = src.shape[-1] if src.shape else 1
+    for r in src.rows:
+        info = gf.tensors[r.tensor]
+        ne0 = info.shape[0] if info.shape else 1
+        if ne0 != cols:
+            raise GGUFFormatError(
+                f"tensor {info.name!r} has rows of {ne0} values, the model expects {cols} "
+                f"for {src.parameter} {src.shape}",
+                field=info.name,
+            )
+        work = _work_dtype(info, r.count * ne0, dtype)
+        if r.permutation is not None:
+            yield _decode(fh, info, r.start, r.stop, work, device, order=r.permutation).to(dtype)
+            continue
+        step = max(1, _CHUNK_ELEMENTS // max(1, ne0))
+        for r0 in range(r.start, r.stop, step):
+            yield _decode(fh, info, r0, min(r0 + step, r.stop), work, device).to(dtype)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    return int(torch.Size(shape).numel())
+
+
+def _materialize(fh: Any, gf: GGUFFile, fill: Fill, dtype: torch.dtype, device: str,
+                 sink: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+    """The whole parameter (its own shape), its pieces also handed to ``sink`` as they come."""
+    shape = fill.source.shape
+    rows = _numel(shape) // (shape[-1] if shape else 1) if shape else 1
+    out: torch.Tensor | None = None
+    at = 0
+    for piece in _pieces(fh, gf, fill, dtype, device):
+        if sink is not None:
+            sink(piece)
+        n = piece.numel() // (shape[-1] if shape else 1)
+        if out is None and n == rows:
+            return piece.reshape(shape).contiguous()  # one piece: it is the parameter
+        if out is None:
+            out = torch.empty(shape, dtype=dtype, device=piece.device)
+        out.view(rows, -1)[at : at + n] = piece.reshape(n, -1)
+        at += n
+    if out is None or at != rows:
+        raise GGUFFormatError(f"internal: {fill.source.parameter} was not filled completely")
+    return out
+
+
+def _stream(fh: Any, gf: GGUFFile, fill: Fill, dtype: torch.dtype, device: str,
+            writer: _cache.WeightsWriter) -> None:
+    """The parameter's pieces straight into the cache file, never whole in memory."""
+    name = fill.source.parameter
+    for piece in _pieces(fh, gf, fill, dtype, device):
+        writer.put(name, piece)
+
+
+def _decode_all(job: LoadJob, writer: _cache.WeightsWriter | None) -> None:
+    """Decode every parameter into the model; with a ``writer``, also into the cache file.
+
+    On the CPU with a writer the decoded values go to the file only, and the model then maps
     the finished file; if the file cannot be written or read back, decode into memory instead.
     """
-    via_file = writer is not None and device == "cpu"
+    opts, plan = job.options, job.plan
+    assert plan is not None
+    via_file = writer is not None and opts.device == "cpu"
     committed = False
     try:
-        with _intra_op_threads(decode_threads if device == "cpu" else None):
-            _fill_from_gguf(
-                model, gf, plan, processor, dtype, device, progress, writer, assign=not via_file
-            )
+        with _intra_op_threads(opts.decode_threads if opts.device == "cpu" else None):
+            _decode_into(job, writer, assign=not via_file)
             if writer is None:
                 return
             stored = writer.commit() is not None  # None: it logged why the cache was skipped
             committed = True
             if via_file and not (
-                stored and _fill_from_cache(model, plan, writer.path, device, None)
+                stored and _fill_from_cache(job.model, plan, writer.path, opts.device, None)
             ):
                 log.warning("kernel_ext: decoding the weights again, into memory")
-                _fill_from_gguf(
-                    model, gf, plan, processor, dtype, device, progress, None, assign=True
-                )
+                _decode_into(job, None, assign=True)
     finally:
         # on any exit before the commit (an error, KeyboardInterrupt): stop the thread, close
         # and delete the temporary file
@@ -501,77 +760,28 @@ def _fill_weights(
             writer.abort()
 
 
-def _fill_from_gguf(
-    model: Any,
-    gf: GGUFFile,
-    plan: convert.TensorPlan,
-    processor: Any,
-    dtype: torch.dtype,
-    device: str,
-    progress: Progress | None,
-    writer: _cache.WeightsWriter | None,
-    *,
-    assign: bool,
-) -> None:
-    expected = _expected(model, list(plan.gguf_to_hf.values()))
-    names = list(plan.gguf_to_hf)
-    total = len(names)
+def _decode_into(job: LoadJob, writer: _cache.WeightsWriter | None, *, assign: bool) -> None:
+    opts, plan, gf = job.options, job.plan, job.gf
+    assert plan is not None
+    total = len(plan.fills)
     with gf.open_data() as fh:
-        for done, name in enumerate(names, 1):
-            hf_name = plan.gguf_to_hf[name]
-            shape, _ = expected[hf_name]
-            info = gf.tensors[name]
-            if (
-                not assign
-                and writer is not None
-                and name in _CHUNKABLE
-                and info.n_elements > _CHUNK_ELEMENTS
-                and len(info.shape) == 2
-            ):
-                for part in _decode_rows(fh, info, processor, dtype, device, shape):
-                    writer.put(hf_name, part)
-            else:
-                value = _decode(fh, info, processor, dtype, device, shape)
-                if assign:
-                    _set_tensor(model, hf_name, value)
-                if writer is not None:
-                    writer.put(hf_name, value)
-                del value
-            if progress is not None:
-                progress(done, total, "weights")
+        for done, (name, fill) in enumerate(plan.fills.items(), 1):
+            if assign:
+                sink = (lambda t, n=name: writer.put(n, t)) if writer is not None else None
+                _set_tensor(job.model, name, _materialize(fh, gf, fill, opts.dtype, opts.device,
+                                                          sink))
+            elif writer is not None:
+                _stream(fh, gf, fill, opts.dtype, opts.device, writer)
+            if opts.progress is not None:
+                opts.progress(done, total, "weights")
             if not assign and writer is not None and writer.error is not None:
                 return  # the file will not be published: the caller decodes into memory
 
 
-def _decode_rows(
-    fh: Any,
-    info: TensorInfo,
-    processor: Any,
-    dtype: torch.dtype,
-    device: str,
-    target_shape: tuple[int, ...],
-) -> Iterator[torch.Tensor]:
-    """A 2-D tensor decoded a few rows at a time (GGUF rows are whole blocks)."""
-    ne0, rows = info.shape
-    row_bytes = info.nbytes // rows
-    step = max(1, _CHUNK_ELEMENTS // ne0)
-    for r0 in range(0, rows, step):
-        n = min(step, rows - r0)
-        part = TensorInfo(
-            name=info.name,
-            shape=(ne0, n),
-            ggml_type=info.ggml_type,
-            offset=info.offset + r0 * row_bytes,
-            nbytes=n * row_bytes,
-            n_elements=ne0 * n,
-        )
-        yield _decode(fh, part, processor, dtype, device, (n, *target_shape[1:]))
-
-
 def _fill_from_cache(
-    model: Any, plan: convert.TensorPlan, wpath: Path, device: str, progress: Progress | None
+    model: Any, plan: WeightPlan, wpath: Path, device: str, progress: Progress | None
 ) -> bool:
-    hf_names = list(dict.fromkeys(plan.gguf_to_hf.values()))
+    hf_names = list(plan.fills)
     try:
         tensors = _cache.load_weights(wpath, _expected(model, hf_names))
     except FileNotFoundError:
@@ -591,10 +801,7 @@ def _fill_from_cache(
 
 
 def _cached_config_ok(entry: Path, model_type: str) -> bool:
-    """Whether the entry's config.json is readable and for this model type.
-
-    The config itself is rebuilt from the metadata every time (milliseconds); the cached copy is
-    there to be inspected and shipped with the tokenizer, so it is only checked here."""
+    """Whether the entry's config.json is readable and for this model type."""
     path = entry / "config.json"
     try:
         cached = _cache.read_json(path)
@@ -609,6 +816,11 @@ def _cached_config_ok(entry: Path, model_type: str) -> bool:
     return True
 
 
+_TOKENIZER_CONFIG_SKIP = frozenset(
+    {"backend", "tokenizer_class", "is_local", "local_files_only", "name_or_path", "auto_map"}
+)
+
+
 def _cached_tokenizer(entry: Path, model_type: str) -> Any:
     tdir = entry / "tokenizer"
     if not (tdir / "tokenizer.json").is_file():
@@ -618,19 +830,7 @@ def _cached_tokenizer(entry: Path, model_type: str) -> Any:
         config = _cache.read_json(tdir / "tokenizer_config.json")
         if not isinstance(config, dict):
             raise _cache.CorruptEntryError("tokenizer_config.json is not an object")
-        kwargs = {
-            k: v
-            for k, v in config.items()
-            if k
-            not in (
-                "backend",
-                "tokenizer_class",
-                "is_local",
-                "local_files_only",
-                "name_or_path",
-                "auto_map",
-            )
-        }
+        kwargs = {k: v for k, v in config.items() if k not in _TOKENIZER_CONFIG_SKIP}
         template = tdir / "chat_template.jinja"
         if template.is_file():
             kwargs["chat_template"] = template.read_text(encoding="utf-8")
@@ -654,15 +854,14 @@ def _store_tokenizer(entry: Path, tokenizer: Any) -> None:
 
 
 def _weights_writer(
-    entry: Path, wpath: Path, model: Any, plan: convert.TensorPlan, cache_dir: Path | str, cap: int
+    entry: Path, wpath: Path, model: Any, plan: WeightPlan, cache_dir: Path, cap: int
 ) -> _cache.WeightsWriter | None:
     """A writer for the weights entry (None when it would not fit the cap or cannot start)."""
-    names = list(plan.gguf_to_hf.values())
+    names = list(plan.fills)
     expected = _expected(model, names)
     specs = [(n, expected[n][0], expected[n][1]) for n in names]
     need = sum(
-        int(torch.Size(shape).numel()) * torch.tensor([], dtype=dt).element_size()
-        for _, shape, dt in specs
+        _numel(shape) * torch.tensor([], dtype=dt).element_size() for _, shape, dt in specs
     )
     if need > cap:
         log.info("not caching %d bytes of weights: over the %d byte cap", need, cap)
