@@ -37,6 +37,7 @@ from typing import Any
 
 from .errors import BreakerOpenError, KernelExtError, ProviderOutOfMemoryError
 from .providers.base import GenerationParams, GenerationResult
+from .trace import new_id
 
 __all__ = ["ItemError", "OverResults", "batch_size_for", "item_keys", "run_over"]
 
@@ -290,8 +291,6 @@ def _run_batched(session: Any, target: str | None, provider: Any, prompts: Seque
                  todo: list[int], params: GenerationParams, batch_size: int | None,
                  finish: Callable[[int, Any], None], bar: _Progress, out: OverResults) -> list[int]:
     """Answer what the batch engine can; returns the items left to run one at a time."""
-    import uuid
-
     import torch
 
     from .providers.batch import BatchEngine, BatchOutput, BatchRequest
@@ -354,7 +353,7 @@ def _run_batched(session: Any, target: str | None, provider: Any, prompts: Seque
             text=o.text, prompt=prompts[i], model=provider.name, provider=provider.name,
             prompt_tokens=o.prompt_tokens, completion_tokens=len(o.tokens),
             finish_reason=o.finish_reason, time_to_first_token_s=o.first_token_s,
-            total_s=o.total_s, correlation_id=uuid.uuid4().hex[:12],
+            total_s=o.total_s, correlation_id=new_id(),
         )
         state = None
         if breaker is not None:

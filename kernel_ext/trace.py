@@ -25,8 +25,11 @@ _request: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 
 
 def new_id() -> str:
-    """A fresh correlation id: 16 lowercase hex digits."""
-    return uuid.uuid4().hex[:16]
+    """A fresh correlation id: a UUID in its canonical text form.
+
+    A UUID because servers validate the header: llama.cpp's server (llama-cpp-python, through
+    starlette-context) answers HTTP 400 to any ``X-Request-ID`` that is not one."""
+    return str(uuid.uuid4())
 
 
 def current_request_id() -> str | None:

@@ -8,6 +8,7 @@ import errno
 import json
 import os
 import types
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -64,7 +65,7 @@ def test_correlation_id_reaches_the_server_and_every_record_of_the_cell(
     run(shell, f"%model remote stub --url {stub.url}")
     run(shell, "%%infer --model stub --max-new-tokens 3\nWhat is the capital of France?")
     cid = session().trace.cell_id
-    assert cid and len(cid) == 16
+    assert cid and str(uuid.UUID(cid)) == cid  # a UUID: servers validate X-Request-ID
     assert stub.requests[-1]["request_id"] == cid  # the real HTTP request carried it
     [rec] = session().audit.read("infer")
     assert rec["correlation_id"] == cid and rec["v"] == 1

@@ -8,6 +8,7 @@ test uses the real demo model.
 
 from __future__ import annotations
 
+import uuid
 from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
@@ -182,7 +183,7 @@ def test_primary_answers_and_is_audited(session: Session, hub: Resilience, clock
     assert r.attempts == [
         {"provider": "a", "outcome": "ok", "error": None, "breaker_state": "closed"}
     ]
-    assert len(r.correlation_id) == 12 and not r.cached
+    assert str(uuid.UUID(r.correlation_id)) == r.correlation_id and not r.cached
     (line,) = infer_lines(session)
     assert line["correlation_id"] == r.correlation_id and line["outcome"] == "ok"
     assert line["providers_tried"] == ["a"] and line["breakers"] == {"a": "closed"}

@@ -22,7 +22,6 @@ only writer).
 from __future__ import annotations
 
 import logging
-import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -35,7 +34,7 @@ from ..errors import (
     RateLimitedError,
 )
 from ..providers.base import GenerationParams, GenerationResult, Provider, TokenCallback
-from ..trace import request_scope
+from ..trace import new_id, request_scope
 from .hub import Resilience
 
 __all__ = ["FallbackChain"]
@@ -173,7 +172,7 @@ class FallbackChain:
     ) -> GenerationResult:
         params = params or GenerationParams()
         trace = getattr(self.session, "trace", None)
-        cid = (trace.current() if trace is not None else None) or uuid.uuid4().hex[:12]
+        cid = (trace.current() if trace is not None else None) or new_id()
         with request_scope(cid):  # the cell's id: on every record, and remote X-Request-ID
             return self._run(prompt, params, model, on_token, cid)
 
