@@ -1,0 +1,361 @@
+"""Decoding copies of a loaded model, built once and kept in the conversion cache.
+
+* :func:`repack_model` (``decode_mode='quantized'``): every ``nn.Linear`` whose weight came from
+  a GGUF tensor with a faithful int4 form (:mod:`kernel_ext.gguf.qlinear`) is repacked from the
+  file's own blocks, the LM head included. Each repacked weight is checked against the model's
+  dense weight (:func:`_mismatch`), so a wrong tensor mapping stays dense instead of giving
+  wrong answers.
+* :func:`head_screen`: the int4/int8 screen of the LM head that the exact default certifies
+  (:mod:`kernel_ext.providers.head`).
+
+Both are stored as ``decode-*.safetensors`` in the model's conversion-cache entry (keyed by the
+file's SHA-256, like the rest of the cache), with an xxh3 digest per tensor and the packing
+layout of this machine's torch (the int4 layout depends on the CPU's vector width): a file
+from another layout, torch or mapping is rebuilt, a damaged one discarded.
+
+Which GGUF tensor (and which row order) filled each parameter is :func:`weight_sources`, the one
+place that knows the loader's mapping (``convert.tensor_plan`` plus the architecture's tensor
+processor, e.g. llama's q/k row un-permutation, found by running the processor on row indices).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import xxhash
+
+from ..gguf import cache as _cache
+from ..gguf import qlinear
+from ..gguf.reader import GGUFFile, read_gguf
+from .head import Screen, build_screen, screen_from_tensors
+
+__all__ = [
+    "QuantizedLinears",
+    "WeightSource",
+    "head_screen",
+    "repack_model",
+    "weight_sources",
+]
+
+log = logging.getLogger(__name__)
+
+_FORMAT = "1"
+
+
+@dataclass(frozen=True)
+class WeightSource:
+    """The GGUF tensor that filled a parameter: row ``i`` of the parameter is row
+    ``row_order[i]`` of the tensor (``None``: the same order)."""
+
+    tensor: str
+    row_order: torch.Tensor | None = None
+
+
+def weight_sources(model: Any, gf: GGUFFile) -> dict[str, WeightSource]:
+    """Parameter name -> its GGUF source, for the 2-D tensors the loader fills with pure row
+    transforms (tensors it transforms otherwise are left out).
+
+    Derived from today's loader (``convert.tensor_plan`` and the architecture's tensor
+    processor); the loader rework is to expose this mapping itself, and this function is the one
+    place to rewire to it.
+    """
+    from ..gguf import convert
+
+    arch = convert.check_architecture(gf.metadata)
+    cfg = convert.config_dict(gf.metadata, frozenset(gf.tensors))
+    processor = convert.tensor_processor(arch, cfg)
+    plan = convert.tensor_plan(model, arch, processor, list(gf.tensors))
+    sources: dict[str, WeightSource] = {}
+    for gguf_name, hf_name in plan.gguf_to_hf.items():
+        info = gf.tensors[gguf_name]
+        if len(info.shape) != 2:
+            continue
+        n = int(info.shape[1])
+        index = torch.arange(n, dtype=torch.float64).reshape(n, 1)
+        try:
+            moved = processor.process(weights=index, name=gguf_name).weights
+        except Exception as e:  # noqa: BLE001 - a processor that cannot run on indices
+            log.debug("kernel_ext: %s is not a pure row transform (%s)", gguf_name, e)
+            continue
+        if not isinstance(moved, torch.Tensor) or tuple(moved.shape) != (n, 1):
+            continue
+        order = moved.reshape(n)
+        if not torch.equal(torch.sort(order).values, index.reshape(n)):
+            continue  # values changed, not only moved: not a pure row transform
+        same = torch.equal(order, index.reshape(n))
+        sources[hf_name] = WeightSource(gguf_name, None if same else order.long())
+    return sources
+
+
+# --- the quantised linears -----------------------------------------------------------------------
+@dataclass
+class QuantizedLinears:
+    """What :func:`repack_model` produced: parameter name -> int4 weight, and what stays dense."""
+
+    weights: dict[str, qlinear.Int4Weight]
+    dense: dict[str, str]  # parameter name -> why it stays dense
+    seconds: float = 0.0
+    from_cache: bool = False
+    sources: dict[str, WeightSource] = field(default_factory=dict)  # of the repacked weights
+
+    @property
+    def nbytes(self) -> int:
+        return sum(w.nbytes for w in self.weights.values())
+
+    def summary(self) -> str:
+        by_type = Counter(w.source for w in self.weights.values())
+        why = Counter(self.dense.values())
+        text = (f"{len(self.weights)} weights int4 from the file's blocks ("
+                + ", ".join(f"{t} {c}" for t, c in sorted(by_type.items())) + ")")
+        if self.dense:
+            text += f"; {len(self.dense)} dense (" + "; ".join(
+                f"{c} x {w}" for w, c in why.most_common()) + ")"
+        return text
+
+
+def _linear_params(model: Any) -> dict[str, tuple[torch.nn.Linear, tuple[str, ...]]]:
+    """``"<module>.weight"`` of each linear layer (the LM head included; a weight shared by two
+    linears counted once) -> the module and every parameter name of its weight (a tied head is
+    also ``model.embed_tokens.weight``)."""
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    out: dict[str, tuple[torch.nn.Linear, tuple[str, ...]]] = {}
+    seen: set[int] = set()
+    for mname, module in model.named_modules():
+        if type(module) is not torch.nn.Linear or id(module.weight) in seen:
+            continue
+        seen.add(id(module.weight))
+        key = f"{mname}.weight"
+        out[key] = (module, tuple(names.get(id(module.weight), [key])))
+    return out
+
+
+def _reader(fh: Any, offset: int, row_bytes: int) -> Callable[[int, int], torch.Tensor]:
+    def read(first: int, rows: int) -> torch.Tensor:
+        buf = torch.empty(rows * row_bytes, dtype=torch.uint8)
+        view = buf.numpy().data
+        fh.seek(offset + first * row_bytes)
+        got = 0
+        while got < len(view):
+            n = fh.readinto(view[got:])
+            if not n:
+                raise OSError(f"the GGUF file ended early (offset {offset + first * row_bytes + got})")
+            got += n
+        return buf
+    return read
+
+
+def _mismatch(weight: qlinear.Int4Weight | Screen, dense: torch.Tensor) -> str | None:
+    """Why the copy does not compute what the dense weight does, or None when it does.
+
+    Probe: four of the dense weight's own (non-zero) rows ``v``, multiplied by the copy: the
+    product ``copy(v)[i, r_i]`` must be ``|v_i|^2`` within 3 % of ``|v_i| |W_r|``. A faithful
+    copy is off by about the bf16 rounding (~0.4 %); another tensor or row order is off by
+    about 100 %. Only those rows of the dense weight are read.
+    """
+    n = int(dense.shape[0])
+    gen = torch.Generator().manual_seed(n)
+    pick = torch.randperm(n, generator=gen)[:32]
+    norms = dense[pick].float().norm(dim=1)
+    rows = pick[norms > 0][:4]
+    if rows.numel() == 0:
+        rows = pick[:1]
+    v = dense[rows].float()
+    matmul = weight.matmul if isinstance(weight, Screen) else weight
+    got = matmul(v)[torch.arange(rows.numel()), rows].double()
+    vb = v.to(torch.bfloat16).double()
+    want = (vb * v.double()).sum(dim=1)
+    tol = 2.0**-5 * vb.norm(dim=1) * v.double().norm(dim=1) + 1e-30
+    bad = ~((got - want).abs() <= tol)
+    if bool(bad.any()):
+        i = int(torch.nonzero(bad)[0])
+        return (f"row {int(rows[i])} computes {float(got[i]):.6g}, the model's weight "
+                f"{float(want[i]):.6g}")
+    return None
+
+
+def _layout() -> str:
+    """A fingerprint of torch's int4 packing on this machine (the layout is CPU-dependent)."""
+    if qlinear.available() is not None:
+        return "none"
+    probe = (torch.arange(128 * 64, dtype=torch.int32).reshape(128, 64) * 7 + 3) % 16
+    packed = torch._convert_weight_to_int4pack_for_cpu(probe, 1)
+    return f"{torch.__version__}:{xxhash.xxh3_64_hexdigest(packed.numpy().tobytes())}"
+
+
+def _digest(t: torch.Tensor) -> str:
+    return xxhash.xxh3_64_hexdigest(t.contiguous().view(torch.uint8).reshape(-1).numpy().data)
+
+
+def _order_digest(order: torch.Tensor | None) -> str | None:
+    return None if order is None else _digest(order.to(torch.int64))
+
+
+def _save(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    meta = dict(meta, format=_FORMAT, layout=_layout(),
+                digests={k: _digest(v) for k, v in tensors.items()})
+    try:
+        _cache.save_weights(path, tensors, {"kernel_ext": json.dumps(meta, sort_keys=True)})
+    except OSError as e:
+        log.warning("kernel_ext conversion cache: could not store %s: %s", path, e)
+
+
+def _load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    """Tensors and metadata of a cached decode file, or None (missing, stale or damaged)."""
+    try:
+        raw = _cache.weights_metadata(path).get("kernel_ext", "")
+        meta = json.loads(raw)
+        if not isinstance(meta, dict):
+            raise _cache.CorruptEntryError("metadata is not an object")
+        if meta.get("format") != _FORMAT or meta.get("layout") != _layout():
+            path.unlink(missing_ok=True)  # another torch or CPU layout: rebuilt by the caller
+            return None
+        tensors = _cache.load_weights(path)
+        digests = meta.get("digests", {})
+        if set(digests) != set(tensors) or any(_digest(t) != digests[k] for k, t in tensors.items()):
+            raise _cache.CorruptEntryError("a tensor does not match its digest")
+        return tensors, meta
+    except FileNotFoundError:
+        return None
+    except (_cache.CorruptEntryError, json.JSONDecodeError, ValueError) as e:
+        _cache.discard(path, str(e))
+        return None
+
+
+def repack_model(model: Any, gguf_path: str | Path, *, entry: Path | None = None) -> QuantizedLinears:
+    """Int4 copies of ``model``'s linear weights from the file's own blocks (see the module
+    docstring). ``entry``: the model's conversion-cache entry (None: no cache)."""
+    t0 = time.perf_counter()
+    params = _linear_params(model)
+    path = _cache.decode_path(entry, "int4-v" + _FORMAT) if entry is not None else None
+    with read_gguf(gguf_path) as gf:
+        sources = weight_sources(model, gf)
+        cached = _load(path) if path is not None else None
+        result = _from_cache(params, sources, cached) if cached is not None else None
+        if result is None:
+            result = _build(params, sources, gf)
+            if path is not None and result.weights:
+                tensors: dict[str, torch.Tensor] = {}
+                for name, w in result.weights.items():
+                    tensors.update(w.tensors(name))
+                _save(path, tensors, _describe(result))
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _describe(result: QuantizedLinears) -> dict[str, Any]:
+    src = result.sources
+    return {
+        "weights": {
+            name: {"type": w.source, "parts": len(w.parts), "out": w.out_features,
+                   "in": w.in_features, "tensor": src[name].tensor,
+                   "order": _order_digest(src[name].row_order)}
+            for name, w in result.weights.items()
+        },
+        "dense": result.dense,
+    }
+
+
+def _from_cache(params: dict[str, tuple[torch.nn.Linear, tuple[str, ...]]], sources: dict[str, WeightSource],
+                cached: tuple[dict[str, torch.Tensor], dict[str, Any]]) -> QuantizedLinears | None:
+    tensors, meta = cached
+    weights: dict[str, qlinear.Int4Weight] = {}
+    used: dict[str, WeightSource] = {}
+    dense = dict(meta.get("dense", {}))
+    try:
+        for name, spec in meta["weights"].items():
+            module, aliases = params[name]
+            src = next((sources[a] for a in aliases if a in sources), None)
+            if (src is None or spec["tensor"] != src.tensor
+                    or spec["order"] != _order_digest(src.row_order)
+                    or (spec["out"], spec["in"]) != tuple(module.weight.shape)):
+                return None  # the mapping changed since: rebuild
+            w = qlinear.Int4Weight.from_tensors(tensors, name, int(spec["parts"]), int(spec["out"]),
+                                                int(spec["in"]), str(spec["type"]))
+            why = _mismatch(w, module.weight.detach())
+            if why is not None:
+                return None
+            weights[name] = w
+            used[name] = src
+    except (KeyError, TypeError, ValueError):
+        return None
+    if set(weights) | set(dense) != set(params):
+        return None
+    return QuantizedLinears(weights, dense, from_cache=True, sources=used)
+
+
+def _build(params: dict[str, tuple[torch.nn.Linear, tuple[str, ...]]],
+           sources: dict[str, WeightSource], gf: GGUFFile) -> QuantizedLinears:
+    weights: dict[str, qlinear.Int4Weight] = {}
+    dense: dict[str, str] = {}
+    used: dict[str, WeightSource] = {}
+    with open(gf.path, "rb", buffering=0) as fh:
+        for name, (module, aliases) in params.items():
+            src = next((sources[a] for a in aliases if a in sources), None)
+            if src is None:
+                dense[name] = "no GGUF tensor maps onto it by rows"
+                continue
+            info = gf.tensors[src.tensor]
+            k, n = (int(d) for d in info.shape)
+            if (n, k) != tuple(module.weight.shape):
+                dense[name] = f"GGUF shape {info.shape} does not fit {tuple(module.weight.shape)}"
+                continue
+            try:
+                w = qlinear.repack(_reader(fh, info.offset, info.nbytes // n), info.ggml_type,
+                                   (k, n), src.row_order)
+            except qlinear.NotRepackable as e:
+                dense[name] = str(e)
+                continue
+            why = _mismatch(w, module.weight.detach())
+            if why is not None:
+                log.warning("kernel_ext: the int4 copy of %s does not match the model (%s); "
+                            "it stays dense", name, why)
+                dense[name] = f"repacked {src.tensor} does not match the model's weight ({why})"
+                continue
+            weights[name] = w
+            used[name] = src
+    return QuantizedLinears(weights, dense, sources=used)
+
+
+# --- the LM head's screen -----------------------------------------------------------------------------
+def head_screen(kind: str, weight: torch.Tensor, *, entry: Path | None = None) -> Screen:
+    """The ``kind`` screen of the head ``weight``, from the cache entry when it holds one that
+    fits this weight, else built (and stored there)."""
+    n, k = (int(d) for d in weight.shape)
+    path = _cache.decode_path(entry, f"screen-{kind}-v{_FORMAT}") if entry is not None else None
+    cached = _load(path) if path is not None else None
+    if cached is not None:
+        tensors, meta = cached
+        try:
+            if (meta.get("rows"), meta.get("cols")) != (n, k):
+                raise ValueError("another head")
+            screen = screen_from_tensors(kind, tensors, n, k)
+            if _norms_fit(screen, weight) and _mismatch(screen, weight) is None:
+                return screen
+        except (KeyError, ValueError):
+            pass
+        log.info("kernel_ext: the cached %s screen does not fit this head; rebuilding", kind)
+    screen = build_screen(kind, weight)
+    if path is not None:
+        tensors = dict(screen.tensors)
+        tensors["screen.w_norm"], tensors["screen.err_norm"] = screen.w_norm, screen.err_norm
+        _save(path, tensors, {"rows": n, "cols": k, "kind": kind})
+    return screen
+
+
+def _norms_fit(screen: Screen, weight: torch.Tensor) -> bool:
+    """The stored row norms bound this weight's rows (a sample of 64 rows, recomputed)."""
+    n = int(weight.shape[0])
+    rows = torch.randperm(n, generator=torch.Generator().manual_seed(1))[:64]
+    norms = weight[rows].double().norm(dim=1)
+    stored = screen.w_norm[rows].double()
+    return bool(((norms <= stored) & (stored <= norms * (1 + 1e-5) + 1e-20)).all())
