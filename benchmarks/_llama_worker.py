@@ -47,8 +47,9 @@ def main(argv: list[str]) -> int:
                      "cpu": time.process_time() - c0}
         elif op == "logits":
             llm.reset()
-            llm.eval(req["ids"])
-            np.save(req["out"], np.asarray(llm.scores[llm.n_tokens - 1], dtype=np.float32))
+            llm.eval(req["ids"])  # without logits_all only the last position has logits
+            logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
+            np.save(req["out"], np.array(logits, dtype=np.float32))
             reply = {"ok": True}
         else:
             reply = {"error": f"unknown op {op!r}"}

@@ -186,7 +186,12 @@ def test_quantized_logits_stay_close_to_the_float32_model(tiny_q8: tuple[Any, An
         with step.weights():
             step.feed(ids)
             quant = ready.head.sample_logits(step.last)[0]  # type: ignore[union-attr]
-    assert ready.head is not None and ready.head.fast is not None  # the Q8_0 head is int4 too
+    assert ready.head is not None and ready.head.fast is not None
+    assert ready.head.fast() is not None  # the Q8_0 head has an int4 form too, built on demand
+    # greedy tokens are certified against rows dequantised from the file, equal to the model's
+    assert ready.head.rows is not None
+    index = torch.tensor([0, 5, 300])
+    assert torch.equal(ready.head.rows(index), model.lm_head.weight[index])
     diff = float((quant - exact).abs().max())
     assert diff < 0.02 * float(exact.std()) * 10, diff
     assert int(quant.argmax()) == int(exact.argmax())

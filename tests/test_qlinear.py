@@ -147,11 +147,13 @@ def q8_llama(tmp_path: Path) -> tuple[Any, Path]:
 def test_every_linear_is_repacked_and_computes_like_the_model(q8_llama: tuple[Any, Path]) -> None:
     model, path = q8_llama
     q = quantized.repack_model(model, path)
+    head = quantized.repack_model(model, path, part="head")
     linears = {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    assert set(q.weights) == set(linears) and q.dense == {}
+    assert set(q.weights) == set(linears) - {"lm_head.weight"} and q.dense == {}
+    assert set(head.weights) == {"lm_head.weight"}
     assert "Q8_0" in q.summary() and q.nbytes > 0 and not q.from_cache
     x = torch.randn(2, model.config.hidden_size)
-    for name, w in q.weights.items():
+    for name, w in {**q.weights, **head.weights}.items():
         if w.in_features != x.shape[1]:
             continue
         ref = torch.nn.functional.linear(x, linears[name].weight.detach())
@@ -183,12 +185,12 @@ def test_the_copies_are_cached_checked_and_rebuilt(q8_llama: tuple[Any, Path], t
     model, path = q8_llama
     entry = tmp_path / "entry"
     first = quantized.repack_model(model, path, entry=entry)
-    file = decode_path(entry, "int4-v1")
+    file = decode_path(entry, "body-int4-v1")
     assert file.is_file() and not first.from_cache
     again = quantized.repack_model(model, path, entry=entry)
     assert again.from_cache and set(again.weights) == set(first.weights)
     x = torch.randn(1, model.config.hidden_size)
-    name = "lm_head.weight"
+    name = "model.layers.1.self_attn.o_proj.weight"
     torch.testing.assert_close(again.weights[name](x), first.weights[name](x))
     data = bytearray(file.read_bytes())  # one flipped byte near the end (tensor data)
     data[-5] ^= 0xFF
@@ -221,5 +223,10 @@ def test_gemma_ties_its_head_to_the_embedding(tmp_path: Path) -> None:
     """A tied head is found through the embedding's GGUF tensor and repacked once."""
     path = write_tiny_gemma3(tmp_path / "g.gguf", seed=4, quant="Q4_0")
     model = _model(path)
-    q = quantized.repack_model(model, path)
-    assert "lm_head.weight" in q.weights and q.sources["lm_head.weight"].tensor == "token_embd.weight"
+    q = quantized.repack_model(model, path, part="head")
+    assert set(q.weights) == {"lm_head.weight"}
+    assert q.sources["lm_head.weight"].tensor == "token_embd.weight"
+    rows = quantized.head_rows(model, path)
+    assert rows is not None
+    index = torch.tensor([3, 400, 7])
+    assert torch.equal(rows(index), model.lm_head.weight[index])

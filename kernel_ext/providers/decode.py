@@ -221,7 +221,8 @@ def _build(model: Any, mode: str, source: Source | None, screen: str) -> Prepare
                         [f"{mode} decoding needs a plain LM head; decoded with the model's own"])
     notes: list[str] = []
     linears: dict[Any, Any] = {}
-    fast = None
+    fast: Callable[[], Any] | None = None
+    rows = None
     summary = ""
     nbytes = 0
     if mode == "quantized":
@@ -232,27 +233,26 @@ def _build(model: Any, mode: str, source: Source | None, screen: str) -> Prepare
         else:
             assert source is not None
             from ..errors import KernelExtError
-            from .quantized import repack_model
+            from .quantized import head_rows, repack_model
 
             try:
-                q = repack_model(model, source.path, entry=source.entry)
+                q = repack_model(model, source.path, entry=source.entry, part="body")
+                rows = head_rows(model, source.path)
             except (KernelExtError, OSError) as e:
                 notes.append(f"quantized decoding unavailable ({e}); decoded exactly")
                 return _build(model, "exact", source, screen)._with_notes(notes)
             summary = q.summary()
             nbytes += q.nbytes
-            modules = {name: module for name, module in _named_linears(model)}
+            modules = dict(_named_linears(model))
             for name, w in q.weights.items():
                 module = modules.get(name)
-                if module is None:
-                    continue
-                if module is model.get_output_embeddings():
-                    fast = w
-                elif "forward" not in vars(module):  # accelerate hooks keep their own forward
-                    linears[module] = w
+                if module is not None and "forward" not in vars(module):  # accelerate hooks
+                    linears[module] = w  # keep their own forward
             if not q.weights:
                 notes.append("no layer of this file has an int4 form; decoded exactly")
                 mode = "exact"
+            else:
+                fast = _head_int4(model, source)
     screen_obj = None
     record = source.entry.parent / "decode-screens.json" if source and source.entry else None
     kind = _screen_kind(weight, screen, record)
@@ -261,9 +261,29 @@ def _build(model: Any, mode: str, source: Source | None, screen: str) -> Prepare
 
         screen_obj = head_screen(kind, weight, entry=source.entry if source is not None else None)
         nbytes += screen_obj.nbytes + 8 * int(weight.shape[0])
-    head = Head(weight, softcap, screen_obj, fast)
+    head = Head(weight, softcap, screen_obj, fast=fast, rows=rows)
     summary = "; ".join(p for p in (summary, f"LM head screen: {kind or 'none'}") if p)
     return Prepared(mode, head, linears, notes, summary, nbytes)
+
+
+def _head_int4(model: Any, source: Source) -> Callable[[], Any]:
+    """The LM head's int4 copy from the file's blocks, built (or read from the cache) the
+    first time sampling or an uncertified greedy token needs it; None when it has no int4 form."""
+    built: list[Any] = []
+    ref = weakref.ref(model)  # the copies must not keep the model alive
+
+    def get() -> Any:
+        if not built:
+            from .quantized import repack_model
+
+            owner = ref()
+            if owner is None:
+                return None
+            q = repack_model(owner, source.path, entry=source.entry, part="head")
+            built.append(next(iter(q.weights.values()), None))
+        return built[0]
+
+    return get
 
 
 def _screen_kind(weight: Any, screen: str, record: Path | None) -> str | None:
@@ -448,17 +468,16 @@ class _Stepper:
         head, hidden = self.head, self.last
         if head is None:
             return _choose(hidden, sampling)
-        if not sampling.greedy:
-            logits = head.sample_logits(hidden) if self.mode == "quantized" else head.logits(hidden)
-            return _choose(logits, sampling)
-        if not head.can_screen:
-            return _choose(head.logits(hidden), sampling)
+        # the full logits: the int4 head in quantized mode (when the file's head has that form)
+        full_logits = head.sample_logits if self.mode == "quantized" else head.logits
+        if not sampling.greedy or not head.can_screen:
+            return _choose(full_logits(hidden), sampling)
         picks = head.screened_argmax(hidden)
         missing = [i for i, t in enumerate(picks) if t is None]
         self.screened += len(picks) - len(missing)
         self.fallbacks += len(missing)
         if missing:
-            full = _choose(head.logits(hidden[missing]), sampling)
+            full = _choose(full_logits(hidden[missing]), sampling)
             for i, t in zip(missing, full):
                 picks[i] = t
         return [int(t) for t in picks if t is not None]

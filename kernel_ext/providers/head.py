@@ -244,18 +244,22 @@ def _time_screens(dense: torch.Tensor, kinds: list[str]) -> dict[str, float]:
 class Head:
     """The model's LM head (a bias-free linear, optionally soft-capped), recomputed here.
 
-    ``screen`` certifies greedy tokens (see the module docstring); ``fast`` (an int4 copy made
-    from the file's own blocks, ``decode_mode='quantized'``) gives the logits of sampled
-    tokens. Works on a batch of hidden states ``(B, K)``; each row is certified on its own.
+    ``screen`` certifies greedy tokens (see the module docstring) against exact rows: the
+    model's own, or ``rows(index)`` (float32 rows equal to them, e.g. dequantised from the
+    file's blocks, which keeps the float32 head out of memory). ``fast()`` (built on first use)
+    gives an int4 head for the logits of ``decode_mode='quantized'``, or None. Works on a
+    batch of hidden states ``(B, K)``; each row is certified on its own.
     """
 
     def __init__(self, weight: torch.Tensor, softcap: float | None, screen: Screen | None = None,
-                 fast: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+                 *, fast: Callable[[], Callable[[torch.Tensor], torch.Tensor] | None] | None = None,
+                 rows: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         self.weight = weight
         self.key = self.key_of(weight)
         self.softcap = softcap
         self.screen = screen
         self.fast = fast
+        self.rows = rows
         n, k = weight.shape
         self.gamma = 1.1 * int(k) * 2.0**-24
         self.max_exact = max(64, int(int(n) * MAX_EXACT_SHARE))
@@ -285,10 +289,11 @@ class Head:
         return peek[0] if peek else None
 
     def sample_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits for sampling: the quantised head when there is one, else the exact head."""
-        if self.fast is None:
+        """All logits from the int4 head when there is one, else the exact ones."""
+        fast = self.fast() if self.fast is not None else None
+        if fast is None:
             return self.logits(hidden)
-        return self.cap(self.fast(hidden.float()))
+        return self.cap(fast(hidden.float()))
 
     def screened_argmax(self, hidden: torch.Tensor) -> list[int | None]:
         """Per row of ``hidden``, the exact greedy token, or None where it cannot be certified."""
@@ -345,4 +350,5 @@ class Head:
         return int(rows[i0])
 
     def _exact(self, h: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        return F.linear(h, self.weight.index_select(0, rows))[0].float()
+        w = self.rows(rows) if self.rows is not None else self.weight.index_select(0, rows)
+        return F.linear(h, w)[0].float()

@@ -157,14 +157,12 @@ def _reader(fh: Any, offset: int, row_bytes: int) -> Callable[[int, int], torch.
 def _mismatch(weight: qlinear.Int4Weight | Screen, dense: torch.Tensor) -> str | None:
     """Why the copy does not compute what the dense weight does, or None when it does.
 
-    Probe: four of the dense weight's own (non-zero) rows ``v``, multiplied by the copy: the
-    product ``copy(v)[i, r_i]`` must be ``|v_i|^2`` within 3 % of ``|v_i| |W_r|``. A faithful
-    copy is off by about the bf16 rounding (~0.4 %); another tensor or row order is off by
-    about 100 %. Only those rows of the dense weight are read.
+    Probe: up to four of the dense weight's own (non-zero) rows ``v``, multiplied by the copy:
+    the product ``copy(v)[i, r_i]`` must be ``|v_i|^2`` within 3 % of ``|v_i| |W_r|``. A
+    faithful copy is off by about the bf16 rounding (~0.4 %); another tensor or row order is
+    off by about 100 %. Only those rows of the dense weight are read.
     """
-    n = int(dense.shape[0])
-    gen = torch.Generator().manual_seed(n)
-    pick = torch.randperm(n, generator=gen)[:32]
+    pick = _probe_rows(int(dense.shape[0]), 16)
     norms = dense[pick].float().norm(dim=1)
     rows = pick[norms > 0][:4]
     if rows.numel() == 0:
@@ -181,6 +179,15 @@ def _mismatch(weight: qlinear.Int4Weight | Screen, dense: torch.Tensor) -> str |
         return (f"row {int(rows[i])} computes {float(got[i]):.6g}, the model's weight "
                 f"{float(want[i]):.6g}")
     return None
+
+
+def _probe_rows(n: int, count: int) -> torch.Tensor:
+    """``count`` rows to check, in two runs of neighbours (at a seeded place, and at the end):
+    a memory-mapped weight then maps a few pages, not one page range per row."""
+    half = max(1, count // 2)
+    start = int(torch.randint(0, max(1, n - half), (1,), generator=torch.Generator().manual_seed(n)))
+    rows = torch.cat([torch.arange(start, min(n, start + half)), torch.arange(max(0, n - half), n)])
+    return torch.unique(rows)
 
 
 def _layout() -> str:
@@ -231,12 +238,18 @@ def _load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
         return None
 
 
-def repack_model(model: Any, gguf_path: str | Path, *, entry: Path | None = None) -> QuantizedLinears:
+def repack_model(model: Any, gguf_path: str | Path, *, entry: Path | None = None,
+                 part: str = "body") -> QuantizedLinears:
     """Int4 copies of ``model``'s linear weights from the file's own blocks (see the module
-    docstring). ``entry``: the model's conversion-cache entry (None: no cache)."""
+    docstring): ``part`` ``"body"`` (every linear but the LM head) or ``"head"`` (the LM head
+    only: it is large and only sampling needs it, so it is built on demand). ``entry``: the
+    model's conversion-cache entry (None: no cache)."""
+    if part not in ("body", "head"):
+        raise ValueError(f"part must be 'body' or 'head', got {part!r}")
     t0 = time.perf_counter()
-    params = _linear_params(model)
-    path = _cache.decode_path(entry, "int4-v" + _FORMAT) if entry is not None else None
+    head = model.get_output_embeddings()
+    params = {k: v for k, v in _linear_params(model).items() if (v[0] is head) == (part == "head")}
+    path = _cache.decode_path(entry, f"{part}-int4-v{_FORMAT}") if entry is not None else None
     with read_gguf(gguf_path) as gf:
         sources = weight_sources(model, gf)
         cached = _load(path) if path is not None else None
@@ -250,6 +263,45 @@ def repack_model(model: Any, gguf_path: str | Path, *, entry: Path | None = None
                 _save(path, tensors, _describe(result))
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def head_rows(model: Any, gguf_path: str | Path) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """Rows of the LM head dequantised from the file's own blocks, on demand: ``rows(index)``
+    gives float32 rows ``(len(index), K)`` equal to the model's dense rows (the loader
+    dequantised the same blocks with the same kernels; checked here on a sample, else None).
+
+    The file is memory-mapped: only the blocks of the rows asked for are read, so certifying
+    a greedy token touches a few hundred KB of the quantised file instead of the float32 head.
+    """
+    import numpy as np
+
+    from ..gguf.dequant import dequantize
+
+    weight = model.get_output_embeddings().weight
+    names = [n for n, p in model.named_parameters(remove_duplicate=False) if p is weight]
+    with read_gguf(gguf_path) as gf:
+        sources = weight_sources(model, gf)
+        src = next((sources[n] for n in names if n in sources), None)
+        if src is None:
+            return None
+        info = gf.tensors[src.tensor]
+    k, n = (int(d) for d in info.shape)
+    if (n, k) != tuple(weight.shape):
+        return None
+    blocks = np.memmap(gguf_path, dtype=np.uint8, mode="r", offset=info.offset,
+                       shape=(n, info.nbytes // n))
+    order = src.row_order
+
+    def rows(index: torch.Tensor) -> torch.Tensor:
+        at = index if order is None else order[index]
+        raw = torch.from_numpy(np.ascontiguousarray(blocks[at.numpy()]))
+        return dequantize(raw, info.ggml_type, (k, int(index.numel())))
+
+    probe = _probe_rows(n, 16)
+    if not torch.equal(rows(probe), weight[probe].float()):
+        log.info("kernel_ext: the head's file rows differ from the model's; using the model's")
+        return None
+    return rows
 
 
 def _describe(result: QuantizedLinears) -> dict[str, Any]:
@@ -354,8 +406,7 @@ def head_screen(kind: str, weight: torch.Tensor, *, entry: Path | None = None) -
 
 def _norms_fit(screen: Screen, weight: torch.Tensor) -> bool:
     """The stored row norms bound this weight's rows (a sample of 64 rows, recomputed)."""
-    n = int(weight.shape[0])
-    rows = torch.randperm(n, generator=torch.Generator().manual_seed(1))[:64]
+    rows = _probe_rows(int(weight.shape[0]), 64)
     norms = weight[rows].double().norm(dim=1)
     stored = screen.w_norm[rows].double()
     return bool(((norms <= stored) & (stored <= norms * (1 + 1e-5) + 1e-20)).all())
