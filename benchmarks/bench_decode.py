@@ -382,7 +382,13 @@ def _rss_child(args: argparse.Namespace) -> int:
         else:
             prepare(model, args.rss_child, source=Source(path, entry))
             decode(model, ids, max_new_tokens=args.tokens, mode=args.rss_child, eos_ids=eos_ids)
-    print("peak_rss", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    # VmHWM, not ru_maxrss: Linux keeps ru_maxrss across exec, so a child started by a big
+    # parent would report the parent's size
+    with open("/proc/self/status", encoding="ascii") as fh:
+        hwm = next((int(ln.split()[1]) * 1024 for ln in fh if ln.startswith("VmHWM:")), None)
+    if hwm is None:
+        hwm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print("peak_rss", hwm)
     return 0
 
 

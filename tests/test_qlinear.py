@@ -185,7 +185,7 @@ def test_the_copies_are_cached_checked_and_rebuilt(q8_llama: tuple[Any, Path], t
     model, path = q8_llama
     entry = tmp_path / "entry"
     first = quantized.repack_model(model, path, entry=entry)
-    file = decode_path(entry, "body-int4-v1")
+    file = decode_path(entry, f"body-int4-v{quantized._FORMAT}")
     assert file.is_file() and not first.from_cache
     again = quantized.repack_model(model, path, entry=entry)
     assert again.from_cache and set(again.weights) == set(first.weights)

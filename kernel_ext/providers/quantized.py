@@ -47,7 +47,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_FORMAT = "1"
+_FORMAT = "2"  # 2: two-part types with small zeros (see kernel_ext.gguf.qlinear)
 
 
 @dataclass(frozen=True)
