@@ -65,6 +65,7 @@ def test_the_packed_kernel_computes_with_the_repacked_values(name: str) -> None:
     raw = _blocks(name, rows, k, seed=1)
     w = qlinear.repack(_reader(raw), int(_T[name]), (k, rows))
     assert (w.out_features, w.in_features, w.source) == (rows, k, name)
+    assert w.repeat == (1 if name in ("Q4_0", "Q4_1", "Q4_K") else 2)
     values = sum(p.dequantize().double()
                  for p in qlinear.repack_rows(torch.from_numpy(raw).reshape(-1), int(_T[name]), k))
     x = torch.randn(3, k, generator=torch.Generator().manual_seed(2))
@@ -72,7 +73,7 @@ def test_the_packed_kernel_computes_with_the_repacked_values(name: str) -> None:
     assert y.shape == (3, rows) and y.dtype == torch.float32
     xb = x.to(torch.bfloat16).double()
     ref = xb @ values.T
-    # each part's product is rounded to bf16 (and may sum in bf16 products): generous bound
+    # the product is rounded to bf16 (and may sum bf16 products): a generous bound
     scale = xb.abs() @ values.abs().T
     assert bool(((y.double() - ref).abs() <= 2.0**-6 * scale + 1e-9).all())
 

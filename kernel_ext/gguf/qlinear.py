@@ -26,7 +26,8 @@ of each group's scale and zero) when its scales are per group of 32 or coarser:
 ``Q8_0``    ``q + 128 = lo + 16 hi``: two parts (low and high nibbles, ``z = 0`` and ``8d``)
 ==========  =====================================================================================
 
-The parts of a weight are summed (each part's product rounded to bf16, summed in float32): a
+The parts of a weight are stored side by side along the inputs and multiplied by the input
+repeated, so the kernel sums them in float32 in one call: a
 5- or 8-bit type reads one byte per weight, as int8 would, but keeps the file's own per-block
 scales (``torch._weight_int8pack_mm`` only takes one scale per output row, so Q8_0 would have
 to be requantised to use it). Types with scales per 16 values (``Q6_K``, ``Q3_K``, ``Q2_K``:
@@ -126,22 +127,25 @@ class Int4Part:
 
 @dataclass
 class Int4Weight:
-    """A linear layer's weight ``(out_features, in_features)`` as a sum of int4 parts."""
+    """A linear layer's weight ``(out_features, in_features)`` as a sum of ``repeat`` int4
+    parts, stored side by side along the inputs: ``W x = [W_1 .. W_r] [x .. x]``, so one
+    kernel call sums the parts in float32 (one bf16 rounding of the output, not one per part;
+    measured ~5-12 % faster than one call per part)."""
 
-    parts: tuple[Int4Part, ...]
+    parts: tuple[Int4Part, ...]  # one packed part of ``repeat * in_features`` inputs
     out_features: int
     in_features: int
     source: str  # the GGUF type it came from ("Q5_0"), or "int4" for a requantised copy
+    repeat: int = 1
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W.T`` for ``x`` of shape ``(..., in_features)``, in ``x``'s dtype."""
         lead = x.shape[:-1]
         xb = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        y: torch.Tensor | None = None
-        for part in self.parts:
-            out = torch._weight_int4pack_mm_for_cpu(xb, part.packed, GROUP, part.scales_zeros)
-            y = out.float() if y is None else y.add_(out)
-        assert y is not None
+        if self.repeat > 1:
+            xb = torch.cat([xb] * self.repeat, dim=1)  # (cheaper than Tensor.repeat here)
+        part = self.parts[0]
+        y = torch._weight_int4pack_mm_for_cpu(xb, part.packed, GROUP, part.scales_zeros)
         if y.shape[-1] != self.out_features:
             y = y[:, : self.out_features]
         return y.reshape(*lead, self.out_features).to(x.dtype)
@@ -154,31 +158,24 @@ class Int4Weight:
         )
 
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
-        """The tensors to store (``<prefix>.<i>.packed`` / ``.sz``), for the conversion cache."""
-        out: dict[str, torch.Tensor] = {}
-        for i, p in enumerate(self.parts):
-            out[f"{prefix}.{i}.packed"] = p.packed
-            out[f"{prefix}.{i}.sz"] = p.scales_zeros
-        return out
+        """The tensors to store (``<prefix>.packed`` / ``.sz``), for the conversion cache."""
+        part = self.parts[0]
+        return {f"{prefix}.packed": part.packed, f"{prefix}.sz": part.scales_zeros}
 
     @classmethod
     def from_tensors(
-        cls, tensors: dict[str, torch.Tensor], prefix: str, n_parts: int, out_features: int,
+        cls, tensors: dict[str, torch.Tensor], prefix: str, repeat: int, out_features: int,
         in_features: int, source: str,
     ) -> Int4Weight:
         """The inverse of :meth:`tensors`; raises ``KeyError``/``ValueError`` on a mismatch."""
-        n_pad = _padded(out_features)
-        parts = []
-        for i in range(n_parts):
-            packed, sz = tensors[f"{prefix}.{i}.packed"], tensors[f"{prefix}.{i}.sz"]
-            if (
-                tuple(packed.shape) != (n_pad, in_features // 2) or packed.dtype != torch.uint8
-                or tuple(sz.shape) != (in_features // GROUP, n_pad, 2)
-                or sz.dtype != torch.bfloat16
-            ):
-                raise ValueError(f"{prefix}: stored shapes do not fit a {out_features}x{in_features} weight")
-            parts.append(Int4Part(packed, sz))
-        return cls(tuple(parts), out_features, in_features, source)
+        n_pad, k = _padded(out_features), repeat * in_features
+        packed, sz = tensors[f"{prefix}.packed"], tensors[f"{prefix}.sz"]
+        if (
+            tuple(packed.shape) != (n_pad, k // 2) or packed.dtype != torch.uint8
+            or tuple(sz.shape) != (k // GROUP, n_pad, 2) or sz.dtype != torch.bfloat16
+        ):
+            raise ValueError(f"{prefix}: stored shapes do not fit a {out_features}x{in_features} weight")
+        return cls((Int4Part(packed, sz),), out_features, in_features, source, repeat)
 
 
 def _padded(n: int) -> int:
@@ -187,33 +184,31 @@ def _padded(n: int) -> int:
 
 def _pack(chunks: Iterator[list[Int4Rows]], n_rows: int, n_parts: int, source: str,
           in_features: int) -> Int4Weight:
-    """Pack row chunks (each a list of ``n_parts`` :class:`Int4Rows`) into an :class:`Int4Weight`.
+    """Pack row chunks (each a list of ``n_parts`` :class:`Int4Rows`) into an :class:`Int4Weight`,
+    the parts side by side along the inputs.
 
     Chunks are packed one at a time (the packing kernel needs the values as int32, 4 bytes
     each) and concatenated: chunks of a multiple of 64 rows pack exactly as the whole would.
     """
-    packed: list[list[torch.Tensor]] = [[] for _ in range(n_parts)]
-    scales: list[list[torch.Tensor]] = [[] for _ in range(n_parts)]
+    packed: list[torch.Tensor] = []
+    scales: list[torch.Tensor] = []
     done = 0
     for chunk in chunks:
-        rows = chunk[0].q.shape[0]
-        done += rows
+        q = torch.cat([p.q for p in chunk], dim=1)
+        s = torch.cat([p.s for p in chunk], dim=1)
+        z = torch.cat([p.z for p in chunk], dim=1)
+        done += q.shape[0]
         pad = _padded(done) - done if done == n_rows else 0
-        for i, part in enumerate(chunk):
-            q, s, z = part.q, part.s, part.z
-            if pad:  # rows of q = 8, s = z = 0: they contribute nothing and are cut off
-                q = torch.cat([q, q.new_full((pad, q.shape[1]), 8)])
-                s = torch.cat([s, s.new_zeros((pad, s.shape[1]))])
-                z = torch.cat([z, z.new_zeros((pad, z.shape[1]))])
-            packed[i].append(torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1))
-            scales[i].append(torch.stack([s, z], dim=-1).to(torch.bfloat16))
+        if pad:  # rows of q = 8, s = z = 0: they contribute nothing and are cut off
+            q = torch.cat([q, q.new_full((pad, q.shape[1]), 8)])
+            s = torch.cat([s, s.new_zeros((pad, s.shape[1]))])
+            z = torch.cat([z, z.new_zeros((pad, z.shape[1]))])
+        packed.append(torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1))
+        scales.append(torch.stack([s, z], dim=-1).to(torch.bfloat16))
     if done != n_rows:
         raise ValueError(f"packed {done} rows, expected {n_rows}")
-    parts = tuple(
-        Int4Part(torch.cat(packed[i]), torch.cat(scales[i]).transpose(0, 1).contiguous())
-        for i in range(n_parts)
-    )
-    return Int4Weight(parts, n_rows, in_features, source)
+    part = Int4Part(torch.cat(packed), torch.cat(scales).transpose(0, 1).contiguous())
+    return Int4Weight((part,), n_rows, in_features, source, n_parts)
 
 
 # --- GGUF blocks -> parts -------------------------------------------------------------------------

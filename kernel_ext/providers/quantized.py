@@ -47,7 +47,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_FORMAT = "2"  # 2: two-part types with small zeros (see kernel_ext.gguf.qlinear)
+_FORMAT = "3"  # 2: two-part types with small zeros; 3: parts side by side
 
 
 @dataclass(frozen=True)
@@ -308,7 +308,7 @@ def _describe(result: QuantizedLinears) -> dict[str, Any]:
     src = result.sources
     return {
         "weights": {
-            name: {"type": w.source, "parts": len(w.parts), "out": w.out_features,
+            name: {"type": w.source, "repeat": w.repeat, "out": w.out_features,
                    "in": w.in_features, "tensor": src[name].tensor,
                    "order": _order_digest(src[name].row_order)}
             for name, w in result.weights.items()
@@ -331,7 +331,7 @@ def _from_cache(params: dict[str, tuple[torch.nn.Linear, tuple[str, ...]]], sour
                     or spec["order"] != _order_digest(src.row_order)
                     or (spec["out"], spec["in"]) != tuple(module.weight.shape)):
                 return None  # the mapping changed since: rebuild
-            w = qlinear.Int4Weight.from_tensors(tensors, name, int(spec["parts"]), int(spec["out"]),
+            w = qlinear.Int4Weight.from_tensors(tensors, name, int(spec["repeat"]), int(spec["out"]),
                                                 int(spec["in"]), str(spec["type"]))
             why = _mismatch(w, module.weight.detach())
             if why is not None:
