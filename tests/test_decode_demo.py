@@ -51,19 +51,24 @@ def test_exact_greedy_text_equals_stock_generate(demo: tuple[Any, Any, Source], 
 
 
 def test_quantized_keeps_the_quickstart_answers(demo: tuple[Any, Any, Source]) -> None:
-    """First tokens equal stock's on every quickstart prompt, and the Q/A answer is the same."""
+    """The first token equals stock's on every quickstart prompt, unless the float32 model is
+    itself at a near-tie there (then it is stock's runner-up). On the demo model the Q/A prompt
+    is such a case: " Tokyo" 19.184 against " Japan" 19.174; quantized answers "Tokyo, Japan"
+    today, with the float32 rows deciding the near-tie, but a CPU that rounds differently may
+    not."""
     model, tok, _ = demo
-    firsts = []
     for prompt in QUICKSTART:
         ids = tok(prompt, return_tensors="pt").input_ids
-        stock = _stock(model, ids, 8)
+        with torch.inference_mode():
+            top2 = torch.topk(model(ids).logits[0, -1], 2)
         got = decode(model, ids, max_new_tokens=8, mode="quantized")
         assert got.mode == "quantized"
-        firsts.append((got.tokens[0], stock[0]))
-        if prompt.startswith("Q:"):
+        first, runner_up = (int(t) for t in top2.indices)
+        if got.tokens[0] != first:
+            assert float(top2.values[0] - top2.values[1]) < 0.05 and got.tokens[0] == runner_up, prompt
+        if prompt.startswith("Q:") and got.tokens[0] == first:
             answer = tok.decode(got.tokens, skip_special_tokens=True).split("\n")[0]
             assert answer.strip() == "Tokyo, Japan", answer
-    assert all(a == b for a, b in firsts), firsts
 
 
 def test_quantized_logits_are_close_to_the_float32_model(demo: tuple[Any, Any, Source]) -> None:

@@ -472,7 +472,7 @@ class _Stepper:
         full_logits = head.sample_logits if self.mode == "quantized" else head.logits
         if not sampling.greedy or not head.can_screen:
             return _choose(full_logits(hidden), sampling)
-        picks = head.screened_argmax(hidden)
+        picks = head.screened_argmax(hidden, settle_ties=self.mode == "quantized")
         missing = [i for i, t in enumerate(picks) if t is None]
         self.screened += len(picks) - len(missing)
         self.fallbacks += len(missing)

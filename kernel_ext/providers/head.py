@@ -295,14 +295,19 @@ class Head:
             return self.logits(hidden)
         return self.cap(fast(hidden.float()))
 
-    def screened_argmax(self, hidden: torch.Tensor) -> list[int | None]:
-        """Per row of ``hidden``, the exact greedy token, or None where it cannot be certified."""
+    def screened_argmax(self, hidden: torch.Tensor, *, settle_ties: bool = False) -> list[int | None]:
+        """Per row of ``hidden``, the exact greedy token, or None where it cannot be certified.
+
+        ``settle_ties``: a near-tie among the exact rows is decided by our exact logits (lowest
+        id first) instead of returning None; for ``decode_mode='quantized'``, whose hidden
+        states are approximate anyway, so that the float32 rows decide rather than the int4 head.
+        """
         assert self.screen is not None
         h32 = hidden.float()
         approx = self.screen.matmul(h32)
-        return [self._certify(h32[i : i + 1], approx[i]) for i in range(h32.shape[0])]
+        return [self._certify(h32[i : i + 1], approx[i], settle_ties) for i in range(h32.shape[0])]
 
-    def _certify(self, h: torch.Tensor, a: torch.Tensor) -> int | None:
+    def _certify(self, h: torch.Tensor, a: torch.Tensor, settle_ties: bool = False) -> int | None:
         screen = self.screen
         assert screen is not None
         hb = h.to(torch.bfloat16).float()
@@ -326,7 +331,7 @@ class Head:
         raw = self._exact(h, rows)
         exact = self.cap(raw)
         top2 = torch.topk(exact, min(2, exact.numel()))
-        i0 = int(top2.indices[0])
+        i0 = int(torch.argmax(exact))  # the first of equal maxima: the lowest id
         b_raw = float(raw[i0])
         if not math.isfinite(b_raw):
             return None
@@ -343,7 +348,7 @@ class Head:
             low = float(self.cap(torch.tensor(b_raw - margin)))
             if not low > float(self.cap(torch.tensor(outside))) + slack:
                 return None
-        if top2.values.numel() > 1:
+        if top2.values.numel() > 1 and not settle_ties:
             tie = 2 * margin + slack
             if float(top2.values[0] - top2.values[1]) <= tie:
                 return None  # a near-tie: only the full head's own rounding may decide it
