@@ -15,14 +15,17 @@ proves that no other row can:
   row as the kernel sees it, ``u_k = 2^-8`` covers a kernel that rounds the dequantised
   weights or products to bf16, ``u_o = 2^-8`` the bf16 output and ``g = 1.1 K 2^-24`` float32
   accumulation. ``|W_r|`` and ``|W_r - Q_r|`` are measured once per head (two float32
-  vectors); ``|Q_r| <= |W_r| + |W_r - Q_r|``. Two more ``g |h| |W_r|`` terms cover the float32
-  rounding of our exact rows and of the model's own head, which may sum in another order.
+  vectors); ``|Q_r| <= |W_r| + |W_r - Q_r|``. One more ``g |h| |W_r|`` covers the float32
+  rounding of the model's own head; a ``margin = 2 g |h| max_r |W_r|`` below covers the
+  rounding of our exact rows against the model's (they may sum in another order).
 * ``u_r = a_r + bound_r`` is an upper bound on what the model's head can compute for row
   ``r``. Take the screen's favourite row and its exact logit ``b``; every row with
   ``u_r >= b - margin`` is computed exactly (at most :data:`MAX_EXACT_SHARE` of the
-  vocabulary, else the full head runs); every other row has a logit below ``b - margin``, so
-  the argmax of the exact rows is the argmax of the full head. A near-tie among the exact rows (closer than their rounding) or a
-  non-finite value falls back to the full head, so that only its own rounding decides.
+  vocabulary, else the full head runs); every other row's logit is below ``b - margin``, so
+  the argmax of the exact rows is the argmax of the full head. A near-tie among the exact rows
+  (closer than ``2 margin``) or a non-finite value falls back to the full head, so that only
+  its own rounding decides. With soft-capping the comparison is made after ``tanh``, with a
+  few ulps of slack (saturation can make distinct logits equal).
 
 The token is the one the full float32 head picks: greedy text is unchanged. Measured on the
 demo model: the int4 screen's bound is ~11 logits (its real error ~0.4), yet the rows that
@@ -178,7 +181,8 @@ def choose_screen(weight: torch.Tensor, kinds: tuple[str, ...] = SCREEN_KINDS, *
     Timed on a slice of the real head (up to 65,536 rows) at the current torch thread count,
     best of three, with the caches flushed between runs. The choice is remembered per machine,
     torch, thread count and head width, in this process and in ``record`` (a JSON file, e.g. in
-    the conversion cache), with the times it was based on.
+    the conversion cache), with the times it was based on; delete that file to measure again.
+    A choice measured while the machine was busy can only cost speed, never exactness.
     """
     n, k = (int(d) for d in weight.shape)
     rows = min(n, _CAL_ROWS)
