@@ -52,7 +52,7 @@ class KernelExtConfig(Configurable):
     resident_max_gb = Float(
         0.0,
         help="Cap in GB on the memory of resident models (weights plus runtime copies such as the "
-        "fp16 LM head). A load that would pass it first evicts the least recently used models; "
+        "LM head's int4 screen). A load that would pass it first evicts the least recently used models; "
         "an evicted model reloads on its next use (from the conversion cache), with a note. "
         "0: no cap (the load guard still refuses what does not fit).",
     ).tag(config=True)
