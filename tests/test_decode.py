@@ -505,18 +505,31 @@ def test_provider_returns_partial_text_when_interrupted(provider: TransformersGG
     assert r.text and full.startswith(r.text) and 1 <= r.completion_tokens < 12
 
 
-def test_provider_interrupted_while_the_prompt_is_processed(provider: TransformersGGUFProvider) -> None:
+@pytest.fixture(scope="module")
+def long_provider(tmp_path_factory: pytest.TempPathFactory) -> TransformersGGUFProvider:
+    """A tiny model with a context long enough for prompts of several prefill chunks."""
+    path = write_tiny_llama(tmp_path_factory.mktemp("long") / "long.gguf", seed=8, context=4096)
+    model, tok = _load(path)
+    local = LocalModel(model=model, tokenizer=tok, path=path, sha256="0" * 64, device="cpu",
+                       dtype="float32")
+    return TransformersGGUFProvider("long", local)
+
+
+def test_provider_interrupted_while_the_prompt_is_processed(
+        long_provider: TransformersGGUFProvider) -> None:
     def should_stop() -> bool:
         raise KeyboardInterrupt
 
     prompt = " ".join(["the capital of France is Paris"] * 100)  # > one prefill chunk
-    r = provider.generate(prompt, GenerationParams(max_new_tokens=12), should_stop=should_stop)
+    r = long_provider.generate(prompt, GenerationParams(max_new_tokens=12), should_stop=should_stop)
     assert r.finish_reason == "interrupted" and r.text == "" and r.completion_tokens == 0
 
 
-def test_provider_deadline_during_prefill_is_a_timeout(provider: TransformersGGUFProvider) -> None:
+def test_provider_deadline_during_prefill_is_a_timeout(
+        long_provider: TransformersGGUFProvider) -> None:
     prompt = " ".join(["the capital of France is Paris"] * 100)
-    r = provider.generate(prompt, GenerationParams(max_new_tokens=12), should_stop=lambda: True)
+    r = long_provider.generate(prompt, GenerationParams(max_new_tokens=12),
+                               should_stop=lambda: True)
     assert r.finish_reason == "timeout" and r.text == "" and r.completion_tokens == 0
 
 

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
+from tinymodels import write_tiny_gemma3, write_tiny_llama
 
 from kernel_ext.gguf import qlinear
 from kernel_ext.gguf.cache import decode_path
 from kernel_ext.providers import quantized
-from tinymodels import write_tiny_gemma3, write_tiny_llama
 
 _T = GGMLQuantizationType
 # where each type keeps its fp16 scale (and minimum), so random blocks get sane values there
@@ -168,7 +168,7 @@ def test_a_wrong_mapping_stays_dense(q8_llama: tuple[Any, Path], monkeypatch: py
     model, path = q8_llama
     real = quantized.weight_sources
 
-    def swapped(m: Any, gf: Any) -> dict[str, quantized.WeightSource]:
+    def swapped(m: Any, gf: Any) -> dict[str, quantized.RowSource]:
         sources = dict(real(m, gf))
         up, gate = "model.layers.0.mlp.up_proj.weight", "model.layers.0.mlp.gate_proj.weight"
         sources[up], sources[gate] = sources[gate], sources[up]
@@ -184,7 +184,7 @@ def test_a_wrong_mapping_stays_dense(q8_llama: tuple[Any, Path], monkeypatch: py
 def test_the_copies_are_cached_checked_and_rebuilt(q8_llama: tuple[Any, Path], tmp_path: Path,
                                                     caplog: pytest.LogCaptureFixture) -> None:
     model, path = q8_llama
-    entry = tmp_path / "entry"
+    entry = tmp_path / ("ab" * 32)  # a cache entry is named by the file's SHA-256
     first = quantized.repack_model(model, path, entry=entry)
     file = decode_path(entry, f"body-int4-v{quantized._FORMAT}")
     assert file.is_file() and not first.from_cache
@@ -197,21 +197,21 @@ def test_the_copies_are_cached_checked_and_rebuilt(q8_llama: tuple[Any, Path], t
     data[-5] ^= 0xFF
     file.write_bytes(bytes(data))
     rebuilt = quantized.repack_model(model, path, entry=entry)
-    assert not rebuilt.from_cache and "does not match its digest" in caplog.text
+    assert not rebuilt.from_cache and "content changed after it was cached" in caplog.text
     assert quantized.repack_model(model, path, entry=entry).from_cache  # stored afresh
 
 
 def test_a_cache_file_from_another_packing_layout_is_rebuilt(
         q8_llama: tuple[Any, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     model, path = q8_llama
-    entry = tmp_path / "entry"
+    entry = tmp_path / ("ab" * 32)  # a cache entry is named by the file's SHA-256
     quantized.repack_model(model, path, entry=entry)
     monkeypatch.setattr(quantized, "_layout", lambda: "another CPU")
     assert not quantized.repack_model(model, path, entry=entry).from_cache
 
 
 def test_a_cached_screen_is_only_used_for_its_own_head(tmp_path: Path) -> None:
-    entry = tmp_path / "entry"
+    entry = tmp_path / ("ab" * 32)  # a cache entry is named by the file's SHA-256
     a, b = torch.randn(300, 64), torch.randn(300, 64)
     sa = quantized.head_screen("int4", a, entry=entry)
     again = quantized.head_screen("int4", a, entry=entry)

@@ -9,13 +9,13 @@
   (:mod:`kernel_ext.providers.head`).
 
 Both are stored as ``decode-*.safetensors`` in the model's conversion-cache entry (keyed by the
-file's SHA-256, like the rest of the cache), with an xxh3 digest per tensor and the packing
-layout of this machine's torch (the int4 layout depends on the CPU's vector width): a file
-from another layout, torch or mapping is rebuilt, a damaged one discarded.
+file's SHA-256, like the rest of the cache, whose recorded digests check them on every load),
+with the packing layout of this machine's torch (the int4 layout depends on the CPU's vector
+width): a file from another layout, torch or mapping is rebuilt, a damaged one discarded.
 
-Which GGUF tensor (and which row order) filled each parameter is :func:`weight_sources`, the one
-place that knows the loader's mapping (``convert.tensor_plan`` plus the architecture's tensor
-processor, e.g. llama's q/k row un-permutation, found by running the processor on row indices).
+Which GGUF tensor (and which row order) filled each parameter is :func:`weight_sources`: the
+loader's own mapping (:mod:`kernel_ext.gguf.sources`), narrowed to parameters that are one
+tensor's rows.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from .head import Screen, build_screen, screen_from_tensors
 
 __all__ = [
     "QuantizedLinears",
-    "WeightSource",
+    "RowSource",
     "head_screen",
     "repack_model",
     "weight_sources",
@@ -51,48 +51,41 @@ _FORMAT = "3"  # 2: two-part types with small zeros; 3: parts side by side
 
 
 @dataclass(frozen=True)
-class WeightSource:
-    """The GGUF tensor that filled a parameter: row ``i`` of the parameter is row
+class RowSource:
+    """The GGUF tensor whose rows *are* a parameter's rows: row ``i`` of the parameter is row
     ``row_order[i]`` of the tensor (``None``: the same order)."""
 
     tensor: str
     row_order: torch.Tensor | None = None
 
 
-def weight_sources(model: Any, gf: GGUFFile) -> dict[str, WeightSource]:
-    """Parameter name -> its GGUF source, for the 2-D tensors the loader fills with pure row
-    transforms (tensors it transforms otherwise are left out).
+def weight_sources(model: Any, gf: GGUFFile) -> dict[str, RowSource]:
+    """Parameter name -> its :class:`RowSource`, for the parameters filled row for row from one
+    2-D GGUF tensor (values unchanged, maybe reordered, e.g. llama's q/k un-permutation).
 
-    Derived from today's loader (``convert.tensor_plan`` and the architecture's tensor
-    processor); the loader rework is to expose this mapping itself, and this function is the one
-    place to rewire to it.
+    The loader's own mapping (:mod:`kernel_ext.gguf.sources`: the architecture adapter's plan,
+    what ``LoadedArtifacts.weight_sources`` holds), recomputed from the file's metadata for
+    ``model``; empty for files the Transformers fallback loads (it does not say).
     """
-    from ..gguf import convert
+    from ..gguf.arch import route
 
-    arch = convert.check_architecture(gf.metadata)
-    cfg = convert.config_dict(gf.metadata, frozenset(gf.tensors))
-    processor = convert.tensor_processor(arch, cfg)
-    plan = convert.tensor_plan(model, arch, processor, list(gf.tensors))
-    sources: dict[str, WeightSource] = {}
-    for gguf_name, hf_name in plan.gguf_to_hf.items():
-        info = gf.tensors[gguf_name]
-        if len(info.shape) != 2:
+    adapter = route(gf.metadata, gf.tensors, gf.tensor_bytes).adapter
+    if adapter is None:
+        return {}
+    out: dict[str, RowSource] = {}
+    for name, src in adapter.plan(model).sources.items():
+        if not src.row_op or len(src.rows) != 1 or len(src.shape) != 2:
             continue
-        n = int(info.shape[1])
-        index = torch.arange(n, dtype=torch.float64).reshape(n, 1)
-        try:
-            moved = processor.process(weights=index, name=gguf_name).weights
-        except Exception as e:  # noqa: BLE001 - a processor that cannot run on indices
-            log.debug("kernel_ext: %s is not a pure row transform (%s)", gguf_name, e)
+        part = src.rows[0]
+        info = gf.tensors.get(part.tensor)
+        if info is None or len(info.shape) != 2:
             continue
-        if not isinstance(moved, torch.Tensor) or tuple(moved.shape) != (n, 1):
-            continue
-        order = moved.reshape(n)
-        if not torch.equal(torch.sort(order).values, index.reshape(n)):
-            continue  # values changed, not only moved: not a pure row transform
-        same = torch.equal(order, index.reshape(n))
-        sources[hf_name] = WeightSource(gguf_name, None if same else order.long())
-    return sources
+        k, n = (int(d) for d in info.shape)
+        if (part.start, part.stop, part.at) != (0, n, 0) or tuple(src.shape) != (n, k):
+            continue  # a slice of a tensor, or rows of another length: not this tensor whole
+        order = None if part.permutation is None else torch.tensor(part.permutation)
+        out[name] = RowSource(part.tensor, order)
+    return out
 
 
 # --- the quantised linears -----------------------------------------------------------------------
@@ -104,7 +97,7 @@ class QuantizedLinears:
     dense: dict[str, str]  # parameter name -> why it stays dense
     seconds: float = 0.0
     from_cache: bool = False
-    sources: dict[str, WeightSource] = field(default_factory=dict)  # of the repacked weights
+    sources: dict[str, RowSource] = field(default_factory=dict)  # of the repacked weights
 
     @property
     def nbytes(self) -> int:
@@ -199,17 +192,15 @@ def _layout() -> str:
     return f"{torch.__version__}:{xxhash.xxh3_64_hexdigest(packed.numpy().tobytes())}"
 
 
-def _digest(t: torch.Tensor) -> str:
-    return xxhash.xxh3_64_hexdigest(t.contiguous().view(torch.uint8).reshape(-1).numpy().data)
-
-
 def _order_digest(order: torch.Tensor | None) -> str | None:
-    return None if order is None else _digest(order.to(torch.int64))
+    if order is None:
+        return None
+    return xxhash.xxh3_64_hexdigest(order.to(torch.int64).contiguous().numpy().data)
 
 
 def _save(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    meta = dict(meta, format=_FORMAT, layout=_layout(),
-                digests={k: _digest(v) for k, v in tensors.items()})
+    """Store the copies (the cache records the file's digest and checks it on every load)."""
+    meta = dict(meta, format=_FORMAT, layout=_layout())
     try:
         _cache.save_weights(path, tensors, {"kernel_ext": json.dumps(meta, sort_keys=True)})
     except OSError as e:
@@ -226,14 +217,13 @@ def _load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
         if meta.get("format") != _FORMAT or meta.get("layout") != _layout():
             path.unlink(missing_ok=True)  # another torch or CPU layout: rebuilt by the caller
             return None
-        tensors = _cache.load_weights(path)
-        digests = meta.get("digests", {})
-        if set(digests) != set(tensors) or any(_digest(t) != digests[k] for k, t in tensors.items()):
-            raise _cache.CorruptEntryError("a tensor does not match its digest")
-        return tensors, meta
+        return _cache.load_weights(path), meta  # checked against the entry's recorded digest
     except FileNotFoundError:
         return None
-    except (_cache.CorruptEntryError, json.JSONDecodeError, ValueError) as e:
+    except _cache.CorruptEntryError as e:  # a tampered or damaged file too
+        _cache.discard(path, e)
+        return None
+    except (json.JSONDecodeError, ValueError) as e:
         _cache.discard(path, str(e))
         return None
 
@@ -317,11 +307,11 @@ def _describe(result: QuantizedLinears) -> dict[str, Any]:
     }
 
 
-def _from_cache(params: dict[str, tuple[torch.nn.Linear, tuple[str, ...]]], sources: dict[str, WeightSource],
+def _from_cache(params: dict[str, tuple[torch.nn.Linear, tuple[str, ...]]], sources: dict[str, RowSource],
                 cached: tuple[dict[str, torch.Tensor], dict[str, Any]]) -> QuantizedLinears | None:
     tensors, meta = cached
     weights: dict[str, qlinear.Int4Weight] = {}
-    used: dict[str, WeightSource] = {}
+    used: dict[str, RowSource] = {}
     dense = dict(meta.get("dense", {}))
     try:
         for name, spec in meta["weights"].items():
@@ -346,10 +336,10 @@ def _from_cache(params: dict[str, tuple[torch.nn.Linear, tuple[str, ...]]], sour
 
 
 def _build(params: dict[str, tuple[torch.nn.Linear, tuple[str, ...]]],
-           sources: dict[str, WeightSource], gf: GGUFFile) -> QuantizedLinears:
+           sources: dict[str, RowSource], gf: GGUFFile) -> QuantizedLinears:
     weights: dict[str, qlinear.Int4Weight] = {}
     dense: dict[str, str] = {}
-    used: dict[str, WeightSource] = {}
+    used: dict[str, RowSource] = {}
     with open(gf.path, "rb", buffering=0) as fh:
         for name, (module, aliases) in params.items():
             src = next((sources[a] for a in aliases if a in sources), None)
