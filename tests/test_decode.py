@@ -596,3 +596,15 @@ def test_the_memory_guard_counts_each_modes_copies() -> None:
     assert _decode_copies("quantized", "cpu", summary, 64) == (head, 1250)
     assert _decode_copies("full", "cpu", summary, 64) == (0, 0)
     assert _decode_copies("quantized", "cuda:0", summary, 64) == (0, 0)
+
+
+def test_switching_modes_keeps_one_screen(tiny_q8: tuple[Any, Any, Path]) -> None:
+    from kernel_ext.providers.decode import copy_bytes
+
+    model, _, path = tiny_q8
+    exact = prepare(model, "exact", source=Source(path), screen="int4")
+    quant = prepare(model, "quantized", source=Source(path), screen="int4")
+    assert exact.head is not None and quant.head is not None
+    assert quant.head.screen is exact.head.screen  # shared, not built twice
+    assert copy_bytes(model) == exact.nbytes + quant.nbytes - exact.nbytes + (
+        quant.head.fast_built().nbytes if quant.head.fast_built() is not None else 0)

@@ -157,7 +157,7 @@ class Prepared:
     linears: dict[Any, Any] = field(default_factory=dict)  # nn.Linear -> Int4Weight
     notes: list[str] = field(default_factory=list)
     summary: str = ""  # for %model info / logs: what was repacked, what stayed dense
-    nbytes: int = 0  # memory held by the copies
+    nbytes: int = 0  # memory held by the copies (the head's screen included)
     screen: str = "auto"  # the screen that was asked for
 
     def _with_notes(self, notes: list[str]) -> Prepared:
@@ -259,11 +259,23 @@ def _build(model: Any, mode: str, source: Source | None, screen: str) -> Prepare
     if kind is not None:
         from .quantized import head_screen
 
-        screen_obj = head_screen(kind, weight, entry=source.entry if source is not None else None)
+        screen_obj = _shared_screen(model, weight, kind) or head_screen(
+            kind, weight, entry=source.entry if source is not None else None)
         nbytes += screen_obj.nbytes + 8 * int(weight.shape[0])
     head = Head(weight, softcap, screen_obj, fast=fast, rows=rows)
     summary = "; ".join(p for p in (summary, f"LM head screen: {kind or 'none'}") if p)
     return Prepared(mode, head, linears, notes, summary, nbytes)
+
+
+def _shared_screen(model: Any, weight: Any, kind: str) -> Any:
+    """The screen another mode of ``model`` already holds for this head, if any (switching
+    modes must not keep two copies)."""
+    for other in _PREPARED.get(model, {}).values():
+        head = other.head
+        if (head is not None and head.screen is not None and head.screen.kind == kind
+                and head.weight is weight and head.key == Head.key_of(weight)):
+            return head.screen
+    return None
 
 
 def _head_int4(model: Any, source: Source) -> Callable[[], Any]:
@@ -283,6 +295,7 @@ def _head_int4(model: Any, source: Source) -> Callable[[], Any]:
             built.append(next(iter(q.weights.values()), None))
         return built[0]
 
+    get.built = built  # type: ignore[attr-defined]  # Head.fast_built peeks here
     return get
 
 
@@ -530,9 +543,16 @@ def copy_bytes(model: Any) -> int:
     and the int4 head once built): memory the model costs beyond its own weights, counted by
     the model registry (``%model list``/``info``, the dashboard, its LRU cap)."""
     total = 0
+    screens: set[int] = set()
     for ready in _PREPARED.get(model, {}).values():
         total += ready.nbytes
         head = ready.head
-        if head is not None and head.fast_built() is not None:
+        if head is None:
+            continue
+        if head.screen is not None:  # a screen two modes share counts once
+            if id(head.screen) in screens:
+                total -= head.screen.nbytes + 8 * int(head.weight.shape[0])
+            screens.add(id(head.screen))
+        if head.fast_built() is not None:
             total += head.fast_built().nbytes
     return total
