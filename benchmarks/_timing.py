@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import statistics
 import os
+import statistics
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field

@@ -13,14 +13,14 @@ from typing import Any
 
 import pytest
 import torch
+from provider_contract import ProviderTests
+from tinymodels import EOS_ID, PAD_ID, write_tiny_gemma3, write_tiny_llama
 
 from kernel_ext.errors import ProviderError
 from kernel_ext.providers.base import GenerationParams
 from kernel_ext.providers.decode import DECODE_MODES, Sampling, Source, decode, prepare
 from kernel_ext.providers.head import SCREEN_KINDS
 from kernel_ext.providers.transformers_gguf import LocalModel, TransformersGGUFProvider
-from provider_contract import ProviderTests
-from tinymodels import EOS_ID, PAD_ID, write_tiny_gemma3, write_tiny_llama
 
 PROMPTS = ("the capital of France is", "hello world", "a")
 
@@ -47,7 +47,7 @@ def _ids(tok: Any, prompt: str) -> torch.Tensor:
 
 def _generate(model: Any, ids: torch.Tensor, n: int, **kw: Any) -> list[int]:
     if not kw:
-        kw = dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+        kw = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
     with torch.inference_mode():
         out = model.generate(ids, max_new_tokens=n, pad_token_id=PAD_ID, **kw)
     return out[0, ids.shape[1]:].tolist()
@@ -113,7 +113,7 @@ def test_final_logit_softcapping_is_applied_like_the_model(tiny: tuple[Any, Any]
         expected = _generate(model, ids, 20)
         for head in ("exact", "full"):
             assert decode(model, ids, max_new_tokens=20, eos_ids={EOS_ID}, mode=head).tokens == expected
-        kw = dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0)
+        kw = {"do_sample": True, "temperature": 1.0, "top_p": 1.0, "top_k": 0}
         with torch.random.fork_rng():
             torch.manual_seed(3)
             sampled = _generate(model, ids, 20, **kw)
@@ -245,7 +245,7 @@ def test_the_copies_do_not_keep_a_model_alive(tmp_path: Path) -> None:
 
 # --- chunked prefill ------------------------------------------------------------------------------
 def _long_ids(tok: Any, n: int) -> torch.Tensor:
-    words = "the capital of France is Paris and hello world model test kernel notebook ".split()
+    words = ["the", "capital", "of", "France", "is", "Paris", "and", "hello", "world", "model", "test", "kernel", "notebook"]
     ids = tok(" ".join(words[i % len(words)] for i in range(n)), return_tensors="pt").input_ids
     assert ids.shape[1] >= n
     return ids

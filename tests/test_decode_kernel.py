@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from tinymodels import write_tiny_llama
 
 pytestmark = pytest.mark.slow
