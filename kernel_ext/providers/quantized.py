@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import xxhash
 
@@ -132,18 +133,13 @@ def _linear_params(model: Any) -> dict[str, tuple[torch.nn.Linear, tuple[str, ..
     return out
 
 
-def _reader(fh: Any, offset: int, row_bytes: int) -> Callable[[int, int], torch.Tensor]:
+def _rows_of(gf: GGUFFile, name: str, row_bytes: int) -> Callable[[int, int], torch.Tensor]:
+    """``read(first, n)``: a copy of ``n`` rows of tensor ``name``'s raw bytes (from the map)."""
+    data = gf.tensor_bytes(name)
+
     def read(first: int, rows: int) -> torch.Tensor:
-        buf = torch.empty(rows * row_bytes, dtype=torch.uint8)
-        view = buf.numpy().data
-        fh.seek(offset + first * row_bytes)
-        got = 0
-        while got < len(view):
-            n = fh.readinto(view[got:])
-            if not n:
-                raise OSError(f"the GGUF file ended early (offset {offset + first * row_bytes + got})")
-            got += n
-        return buf
+        return torch.from_numpy(np.array(data[first * row_bytes:(first + rows) * row_bytes]))
+
     return read
 
 
@@ -263,8 +259,6 @@ def head_rows(model: Any, gguf_path: str | Path) -> Callable[[torch.Tensor], tor
     The file is memory-mapped: only the blocks of the rows asked for are read, so certifying
     a greedy token touches a few hundred KB of the quantised file instead of the float32 head.
     """
-    import numpy as np
-
     from ..gguf.dequant import dequantize
 
     weight = model.get_output_embeddings().weight
@@ -340,31 +334,30 @@ def _build(params: dict[str, tuple[torch.nn.Linear, tuple[str, ...]]],
     weights: dict[str, qlinear.Int4Weight] = {}
     dense: dict[str, str] = {}
     used: dict[str, RowSource] = {}
-    with open(gf.path, "rb", buffering=0) as fh:
-        for name, (module, aliases) in params.items():
-            src = next((sources[a] for a in aliases if a in sources), None)
-            if src is None:
-                dense[name] = "no GGUF tensor maps onto it by rows"
-                continue
-            info = gf.tensors[src.tensor]
-            k, n = (int(d) for d in info.shape)
-            if (n, k) != tuple(module.weight.shape):
-                dense[name] = f"GGUF shape {info.shape} does not fit {tuple(module.weight.shape)}"
-                continue
-            try:
-                w = qlinear.repack(_reader(fh, info.offset, info.nbytes // n), info.ggml_type,
-                                   (k, n), src.row_order)
-            except qlinear.NotRepackable as e:
-                dense[name] = str(e)
-                continue
-            why = _mismatch(w, module.weight.detach())
-            if why is not None:
-                log.warning("kernel_ext: the int4 copy of %s does not match the model (%s); "
-                            "it stays dense", name, why)
-                dense[name] = f"repacked {src.tensor} does not match the model's weight ({why})"
-                continue
-            weights[name] = w
-            used[name] = src
+    for name, (module, aliases) in params.items():
+        src = next((sources[a] for a in aliases if a in sources), None)
+        if src is None:
+            dense[name] = "no GGUF tensor maps onto it by rows"
+            continue
+        info = gf.tensors[src.tensor]
+        k, n = (int(d) for d in info.shape)
+        if (n, k) != tuple(module.weight.shape):
+            dense[name] = f"GGUF shape {info.shape} does not fit {tuple(module.weight.shape)}"
+            continue
+        try:
+            w = qlinear.repack(_rows_of(gf, src.tensor, info.nbytes // n), info.ggml_type,
+                               (k, n), src.row_order)
+        except qlinear.NotRepackable as e:
+            dense[name] = str(e)
+            continue
+        why = _mismatch(w, module.weight.detach())
+        if why is not None:
+            log.warning("kernel_ext: the int4 copy of %s does not match the model (%s); "
+                        "it stays dense", name, why)
+            dense[name] = f"repacked {src.tensor} does not match the model's weight ({why})"
+            continue
+        weights[name] = w
+        used[name] = src
     return QuantizedLinears(weights, dense, sources=used)
 
 
