@@ -52,7 +52,7 @@ class KernelExtConfig(Configurable):
     resident_max_gb = Float(
         0.0,
         help="Cap in GB on the memory of resident models (weights plus runtime copies such as the "
-        "fp16 LM head). A load that would pass it first evicts the least recently used models; "
+        "LM head's int4 screen). A load that would pass it first evicts the least recently used models; "
         "an evicted model reloads on its next use (from the conversion cache), with a note. "
         "0: no cap (the load guard still refuses what does not fit).",
     ).tag(config=True)
@@ -76,13 +76,14 @@ class KernelExtConfig(Configurable):
         0.0, help="Default `%%infer --temperature` (0 to 100); 0 is greedy and deterministic."
     ).tag(config=True)
     decode_mode = Enum(
-        ("exact", "full", "fp16"), "exact",
-        help="How local models decode on CPU. exact: the model's own weights; greedy tokens are "
-        "screened with an fp16 copy of the LM head and certified, so greedy text is unchanged "
-        "(~1.5x faster on the demo model; the copy costs 2 bytes per head weight). full: the model's "
-        "own forward and whole head every token, as model.generate (no extra memory). fp16: fp16 "
-        "copies of the head and of every linear layer's weights (~2x faster, ~2 bytes per weight "
-        "more memory); logits change slightly, so text can change: opt-in.",
+        ("exact", "full", "quantized"), "exact",
+        help="How local models decode on CPU. exact: the model's own float32 weights; greedy "
+        "tokens read an int4/int8 screen of the LM head (picked by timing this machine) and are "
+        "certified against exact rows, so greedy text equals model.generate's. quantized: linear "
+        "layers computed from the GGUF file's own 4/5/8-bit blocks (torch int4 CPU kernels, "
+        "bf16 activations; repacked once, kept in the conversion cache); fastest and smallest, "
+        "but logits change slightly, so text can change: opt-in. full: the model's own forward "
+        "and whole head every token, as model.generate (no extra memory).",
     ).tag(config=True)
     context_overflow = Enum(
         ("refuse", "truncate_left"), "refuse",

@@ -287,12 +287,14 @@ def choose_plan(
     float32_copies: int = 0,
     footprints: Mapping[str, int] | None = None,
     half: str | None = None,
+    int4_copies: int = 0,
 ) -> LoadPlan:
     """The first plan on the ladder whose estimate fits ``fraction`` of available memory.
 
     ``overhead`` covers buffers, the KV cache of a short generation and allocator slack.
-    ``float32_copies``: bytes of the fp16 copies CPU decoding keeps of float32 weights
-    (``KernelExt.decode_mode``), counted for float32 plans only.
+    ``float32_copies``: bytes of the copies CPU decoding keeps of float32 weights (the LM
+    head's screen, ``KernelExt.decode_mode``), counted for float32 plans only; ``int4_copies``:
+    bytes it keeps whatever the dtype (the int4 repacks of ``decode_mode='quantized'``).
     ``footprints``: the weights' bytes per plan kind ("float32", "bfloat16", "float16",
     "8bit", "4bit"), as :func:`kernel_ext.gguf.gpu_plans.plan_footprints` computes them from
     the model built on the meta device (bitsandbytes keeps embeddings and the output head in
@@ -308,7 +310,7 @@ def choose_plan(
     half = half or half_dtype(device)
 
     def est(kind: str) -> int:
-        copies = float32_copies if kind == "float32" else 0
+        copies = int4_copies + (float32_copies if kind == "float32" else 0)
         if footprints is not None and kind in footprints:
             return int(footprints[kind] * overhead) + copies
         size = DTYPE_BYTES[{"8bit": "int8", "4bit": "nf4"}.get(kind, kind)]

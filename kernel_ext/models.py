@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import logging
 import os
 import re
 import shutil
@@ -37,6 +38,8 @@ from .residency import Residency, Resident, file_backed_bytes, tensor_bytes
 
 if TYPE_CHECKING:  # pragma: no cover
     from .session import Session
+
+log = logging.getLogger(__name__)
 
 __all__ = ["ModelEntry", "ModelRegistry", "resolve_device", "resolve_dtype"]
 
@@ -241,10 +244,10 @@ class ModelRegistry:
                     # the Transformers path peaks at several times the model while loading
                     extra: dict[str, Any] = (
                         {"overhead": PEAK_FACTOR} if path_to.path == "transformers" else {})
+                    screen, repacks = _decode_copies(cfg.decode_mode, dev, summary, hidden)
                     plan = choose_plan(int(summary["n_params"]), device=dev, dtype=dt,
-                                       fraction=cfg.memory_fraction,
-                                       float32_copies=_decode_copies(cfg.decode_mode, dev,
-                                                                     summary, hidden),
+                                       fraction=cfg.memory_fraction, float32_copies=screen,
+                                       int4_copies=repacks,
                                        footprints=_gpu_footprints(gf, dev, path_to.path),
                                        **extra)
                     notes += self._make_room(plan.estimate_bytes, name)
@@ -275,6 +278,7 @@ class ModelRegistry:
             device=plan.device, dtype=plan.dtype,
             chat_template=chat_template if isinstance(chat_template, str) else None,
             info=summary,
+            cache_dir=(session.cache_dir / "conversions") if cfg.conversion_cache else None,
         )
         caps = {"max_template_chars": cfg.template_max_chars,
                 "max_output_chars": cfg.template_max_output}
@@ -291,6 +295,7 @@ class ModelRegistry:
             self.residency.share(name, shared)
         else:
             self._add_resident(name, entry, artifacts, anon0)
+        _prepare_decode(entry.provider)
         self._entries[name] = entry
         self.active = name
         session.audit.write("model.load", name=name, path=path, sha256=digest, plan=plan.describe(),
@@ -561,16 +566,29 @@ class ModelRegistry:
 _LOADER_NAMES = {"fast": "fast path", "transformers": "Transformers"}
 
 
-def _decode_copies(mode: str, device: str, summary: dict[str, Any], hidden: Any) -> int:
-    """Bytes of the fp16 copies :mod:`kernel_ext.providers.decode` makes of float32 weights on
-    the CPU: the LM head in ``exact`` mode, every weight (at most) in ``fp16`` mode."""
-    if device != "cpu":
-        return 0
-    if mode == "fp16":
-        return int(summary["n_params"]) * 2
-    if mode == "exact" and isinstance(hidden, int) and summary.get("vocab_size"):
-        return int(summary["vocab_size"]) * hidden * 2
-    return 0
+def _decode_copies(mode: str, device: str, summary: dict[str, Any], hidden: Any) -> tuple[int, int]:
+    """Bytes of the copies :mod:`kernel_ext.providers.decode` keeps beside the weights on the
+    CPU: ``(for float32 models, for any dtype)``. The LM head's screen (float32 heads only; int8
+    at most: 1 byte per head weight, plus two norms per row) in ``exact`` and ``quantized``
+    modes; in ``quantized`` mode the int4 repacks (at most 1.25 bytes per weight: two 4-bit
+    parts with a bf16 scale and zero per 32 values)."""
+    if device != "cpu" or mode == "full":
+        return 0, 0
+    screen = 0
+    if isinstance(hidden, int) and summary.get("vocab_size"):
+        screen = int(summary["vocab_size"]) * (hidden + 8)
+    repacks = int(summary["n_params"]) * 5 // 4 if mode == "quantized" else 0
+    return screen, repacks
+
+
+def _prepare_decode(provider: TransformersGGUFProvider) -> None:
+    """Build the decoding copies now (or read them from the conversion cache), so the first
+    ``%%infer`` does not wait; a failure here only means they are built at the first call."""
+    try:
+        provider.prepare_decode()
+    except Exception as e:  # noqa: BLE001 - the model is loaded; decoding retries and reports
+        log.warning("kernel_ext: preparing decoding for %s failed (%s: %s); retried at first use",
+                    provider.name, type(e).__name__, e)
 
 
 def _name_from_path(path: Path) -> str:

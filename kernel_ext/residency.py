@@ -4,7 +4,7 @@ One :class:`Resident` per (file SHA-256, dtype, device, quantization, offload): 
 for the same file, dtype and device shares the first one's weights instead of loading them
 again. Its memory is *measured*: the model's own tensors (unique storages, so tied embeddings
 count once), the runtime copies decoding keeps (:func:`kernel_ext.providers.decode.copy_bytes`:
-the fp16 LM head of ``exact`` mode, fp16 linears of ``fp16`` mode) and what the load added to
+the LM head's int4 screen, the int4 repacks of ``quantized`` mode) and what the load added to
 the process's anonymous memory besides anonymous tensors (the tokenizer, buffers), measured
 around the load.
 

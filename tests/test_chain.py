@@ -567,10 +567,6 @@ def tiny_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Session]:
 
 class TestLocalProviderContract(ProviderTests):
     prompt = "hello world"
-    # LEAD: delete this line once wt-15-decode (the local provider returns the partial answer
-    # on KeyboardInterrupt) is merged. Until then the chain turns an escaping interrupt into
-    # the interrupted result (test_an_interrupted_answer_is_kept_audited_...[raises]).
-    interrupt_pending = "the local provider catches KeyboardInterrupt in wt-15-decode's branch"
 
     @pytest.fixture
     def provider(self, tiny_session: Session) -> Any:

@@ -1,8 +1,9 @@
 """The decode loop (kernel_ext.providers.decode) on tiny real GGUF models.
 
 Reference: Hugging Face ``model.generate`` on the same loaded model. Greedy tokens must be
-identical in every head mode that claims exactness, seeded sampling must reproduce generate's
-samples, and the provider keeps stop strings, timeouts and streaming.
+identical in every mode that claims exactness (with each screen of the LM head), seeded
+sampling must reproduce generate's samples, prompts are processed in chunks that give the
+logits of one pass, and the provider keeps stop strings, timeouts, interrupts and streaming.
 """
 
 from __future__ import annotations
@@ -12,13 +13,14 @@ from typing import Any
 
 import pytest
 import torch
+from provider_contract import ProviderTests
+from tinymodels import EOS_ID, PAD_ID, write_tiny_gemma3, write_tiny_llama
 
 from kernel_ext.errors import ProviderError
 from kernel_ext.providers.base import GenerationParams
-from kernel_ext.providers.decode import DECODE_MODES, SCREEN_CANDIDATES, Sampling, decode
+from kernel_ext.providers.decode import DECODE_MODES, Sampling, Source, decode, prepare
+from kernel_ext.providers.head import SCREEN_KINDS
 from kernel_ext.providers.transformers_gguf import LocalModel, TransformersGGUFProvider
-from provider_contract import ProviderTests
-from tinymodels import EOS_ID, PAD_ID, write_tiny_gemma3, write_tiny_llama
 
 PROMPTS = ("the capital of France is", "hello world", "a")
 
@@ -45,26 +47,34 @@ def _ids(tok: Any, prompt: str) -> torch.Tensor:
 
 def _generate(model: Any, ids: torch.Tensor, n: int, **kw: Any) -> list[int]:
     if not kw:
-        kw = dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+        kw = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
     with torch.inference_mode():
         out = model.generate(ids, max_new_tokens=n, pad_token_id=PAD_ID, **kw)
     return out[0, ids.shape[1]:].tolist()
 
 
 # --- greedy: identical to generate ------------------------------------------------------------
-@pytest.mark.parametrize("head", ["exact", "full"])
+@pytest.mark.parametrize("screen", SCREEN_KINDS)
 @pytest.mark.parametrize("prompt", PROMPTS)
-def test_greedy_tokens_equal_generate(tiny: tuple[Any, Any], head: str, prompt: str) -> None:
+def test_greedy_tokens_equal_generate_with_each_screen(tiny: tuple[Any, Any], screen: str,
+                                                        prompt: str) -> None:
     model, tok = tiny
     ids = _ids(tok, prompt)
     expected = _generate(model, ids, 40)
-    got = decode(model, ids, max_new_tokens=40, eos_ids={EOS_ID}, mode=head)
+    prepare(model, "exact", screen=screen)
+    got = decode(model, ids, max_new_tokens=40, eos_ids={EOS_ID}, mode="exact")
     assert got.tokens == expected
-    assert got.prompt_tokens == ids.shape[1]
-    if head == "exact":  # the fp16 screen ran and certified every token of these fp32 heads
-        assert got.mode == "exact" and got.screened == len(got.tokens) and got.fallbacks == 0
-    else:
-        assert got.screened == 0
+    assert got.prompt_tokens == ids.shape[1] and got.prefilled == ids.shape[1]
+    # the screen ran and certified every token of these float32 heads
+    assert got.mode == "exact" and got.screened == len(got.tokens) and got.fallbacks == 0
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_full_mode_equals_generate(tiny: tuple[Any, Any], prompt: str) -> None:
+    model, tok = tiny
+    ids = _ids(tok, prompt)
+    got = decode(model, ids, max_new_tokens=40, eos_ids={EOS_ID}, mode="full")
+    assert got.tokens == _generate(model, ids, 40) and got.screened == 0
 
 
 def test_ties_fall_back_to_the_full_head_and_keep_the_lowest_id(tiny: tuple[Any, Any]) -> None:
@@ -75,6 +85,7 @@ def test_ties_fall_back_to_the_full_head_and_keep_the_lowest_id(tiny: tuple[Any,
     weight = model.get_output_embeddings().weight
     other = 7 if first > 7 else first + 7  # a row above or below the winner
     saved = weight[other].clone()
+    prepare(model, "exact", screen="int4")
     try:
         with torch.no_grad():
             weight[other] = weight[first]
@@ -86,8 +97,9 @@ def test_ties_fall_back_to_the_full_head_and_keep_the_lowest_id(tiny: tuple[Any,
     finally:
         with torch.no_grad():
             weight[other] = saved
-    # the head copy follows the restored weights (in-place changes invalidate it)
-    assert decode(model, ids, max_new_tokens=12, eos_ids={EOS_ID}).tokens == _generate(model, ids, 12)
+    # the screen follows the restored weights (in-place changes invalidate it)
+    again = decode(model, ids, max_new_tokens=12, eos_ids={EOS_ID})
+    assert again.tokens == _generate(model, ids, 12) and again.screened == len(again.tokens)
 
 
 def test_final_logit_softcapping_is_applied_like_the_model(tiny: tuple[Any, Any]) -> None:
@@ -96,11 +108,12 @@ def test_final_logit_softcapping_is_applied_like_the_model(tiny: tuple[Any, Any]
         pytest.skip("soft-capping is a Gemma feature")
     ids = _ids(tok, "the capital of France is")
     model.config.final_logit_softcapping = 0.05  # saturating: capped logits tie often
+    prepare(model, "exact", screen="int4")
     try:
         expected = _generate(model, ids, 20)
         for head in ("exact", "full"):
             assert decode(model, ids, max_new_tokens=20, eos_ids={EOS_ID}, mode=head).tokens == expected
-        kw = dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0)
+        kw = {"do_sample": True, "temperature": 1.0, "top_p": 1.0, "top_k": 0}
         with torch.random.fork_rng():
             torch.manual_seed(3)
             sampled = _generate(model, ids, 20, **kw)
@@ -118,87 +131,192 @@ def test_a_bf16_model_uses_its_own_head_and_matches_generate(tmp_path: Path) -> 
     ids = _ids(tok, "the capital of France is")
     got = decode(model, ids, max_new_tokens=24, eos_ids={EOS_ID}, mode="exact")
     assert got.tokens == _generate(model, ids, 24)
-    assert got.screened == 0  # the fp16 screen is only certified for float32 heads
-    fp16 = decode(model, ids, max_new_tokens=24, eos_ids={EOS_ID}, mode="fp16")
-    assert fp16.mode == "exact" and fp16.tokens == got.tokens  # no fp16 copies of a bf16 model
+    assert got.screened == 0  # the screen is only certified for float32 heads
+    # no GGUF file known for this model: quantized decoding says so and decodes exactly
+    quant = decode(model, ids, max_new_tokens=24, eos_ids={EOS_ID}, mode="quantized")
+    assert quant.mode == "exact" and quant.tokens == got.tokens
+    assert "quantized decoding unavailable" in quant.notes[0] and "GGUF file" in quant.notes[0]
 
 
 def _linears(model: Any) -> list[torch.nn.Linear]:
     return [m for m in model.base_model.modules() if isinstance(m, torch.nn.Linear)]
 
 
-def test_fp16_mode_uses_fp16_weights_then_restores_the_model(tiny: tuple[Any, Any]) -> None:
-    model, tok = tiny
+@pytest.fixture(scope="module")
+def tiny_q8(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Any, Path]:
+    """A tiny llama in Q8_0 loaded by our loader (so its GGUF tensors map onto the model)."""
+    from kernel_ext.gguf.loader import load_transformers
+
+    path = write_tiny_llama(tmp_path_factory.mktemp("q8") / "q8.gguf", quant="Q8_0", seed=5)
+    art = load_transformers(path)
+    return art.model, art.tokenizer, path
+
+
+def test_quantized_mode_runs_int4_layers_then_restores_the_model(tiny_q8: tuple[Any, Any, Path]) -> None:
+    model, tok, path = tiny_q8
+    ready = prepare(model, "quantized", source=Source(path))
+    assert ready.mode == "quantized" and "Q8_0" in ready.summary and ready.nbytes > 0
     ids = _ids(tok, "hello world")
     with torch.inference_mode():
         before = model(ids).logits
     seen: list[bool] = []
 
-    def hook(token: int) -> bool:  # during decoding, the linears run the fp16 copies
+    def hook(token: int) -> bool:  # during decoding, the linears run the int4 copies
         seen.append(all("forward" in vars(m) for m in _linears(model)))
         return False
 
-    got = decode(model, ids, max_new_tokens=6, mode="fp16", on_token=hook)
-    assert got.mode == "fp16" and len(got.tokens) == 6 and all(seen) and seen
+    got = decode(model, ids, max_new_tokens=6, mode="quantized", on_token=hook)
+    assert got.mode == "quantized" and len(got.tokens) == 6 and seen and all(seen)
     assert not any("forward" in vars(m) for m in _linears(model))  # restored
     with torch.inference_mode():
         assert torch.equal(model(ids).logits, before)
-    # fp16 weights change logits a little, not the greedy choice of these tiny models' first token
-    assert got.tokens[0] == decode(model, ids, max_new_tokens=1).tokens[0]
 
 
-def test_fp16_overflow_is_a_clear_error_and_restores_the_model(tiny: tuple[Any, Any]) -> None:
-    model, tok = tiny
-    weight = _linears(model)[-1].weight  # the last MLP projection feeds the final norm
-    saved = weight.detach().clone()
-    try:
-        with torch.no_grad():
-            weight.mul_(1e6)  # beyond fp16's range once copied
-        with pytest.raises(ProviderError, match="fp16 weights overflowed"):
-            decode(model, _ids(tok, "hello"), max_new_tokens=3, mode="fp16")
-        assert not any("forward" in vars(m) for m in _linears(model))
-    finally:
-        with torch.no_grad():
-            weight.copy_(saved)
-    # the fp16 copies follow the restored weights
-    got = decode(model, _ids(tok, "hello"), max_new_tokens=3, mode="fp16")
-    assert len(got.tokens) == 3
+def test_quantized_logits_stay_close_to_the_float32_model(tiny_q8: tuple[Any, Any, Path]) -> None:
+    """The int4 layers compute the file's own numbers: the logits move by about the bf16
+    rounding of activations and scales, far less than their spread."""
+    model, tok, path = tiny_q8
+    ready = prepare(model, "quantized", source=Source(path))
+    ids = _ids(tok, "the capital of France is")
+    with torch.inference_mode():
+        exact = model(ids).logits[0, -1]
+        from kernel_ext.providers.decode import _Stepper
+
+        step = _Stepper(model, ready)
+        with step.weights():
+            step.feed(ids)
+            quant = ready.head.sample_logits(step.last)[0]  # type: ignore[union-attr]
+    assert ready.head is not None and ready.head.fast is not None
+    assert ready.head.fast() is not None  # the Q8_0 head has an int4 form too, built on demand
+    # greedy tokens are certified against rows dequantised from the file, equal to the model's
+    assert ready.head.rows is not None
+    index = torch.tensor([0, 5, 300])
+    assert torch.equal(ready.head.rows(index), model.lm_head.weight[index])
+    diff = float((quant - exact).abs().max())
+    assert diff < 0.02 * float(exact.std()) * 10, diff
+    assert int(quant.argmax()) == int(exact.argmax())
 
 
-def test_the_screen_bound_holds_for_random_hidden_states(tiny: tuple[Any, Any]) -> None:
-    """|fp16 logits - fp32 logits| <= the certificate's bound, also for large and tiny inputs."""
-    from kernel_ext.providers import decode as mod
+@pytest.mark.parametrize("kind", SCREEN_KINDS)
+def test_the_screen_bound_holds_for_random_hidden_states(tiny: tuple[Any, Any], kind: str) -> None:
+    """What the model's head computes never exceeds the certificate's upper bound, for any
+    hidden state (large, tiny, one-hot, negative), whichever kernel rounding applies."""
+    from kernel_ext.providers import head as mod
 
     model, _ = tiny
-    head = mod._head_for(model)
-    assert head is not None and head.can_screen
+    ready = prepare(model, "exact", screen=kind)
+    head = ready.head
+    assert head is not None and head.screen is not None and head.screen.kind == kind
     gen = torch.Generator().manual_seed(0)
     hidden_size = model.config.hidden_size
+    weight = head.weight.detach()
     for scale in (1e-3, 1.0, 30.0, 3000.0):
-        h = torch.randn(1, hidden_size, generator=gen) * scale
-        exact = torch.nn.functional.linear(h, head.weight.detach())
-        approx = torch.nn.functional.linear(h.half(), head.half).float()
-        h16 = h.half().float()
-        bound = (h.norm() * head.d + (h - h16).norm() * head.wmax
-                 + h16.norm() * head.wmax * (2.0**-10 + 2 * head.gamma))
-        assert float((exact - approx).abs().max()) <= float(bound)
+        for h in (torch.randn(1, hidden_size, generator=gen) * scale,
+                  torch.eye(hidden_size)[:1] * scale, -torch.rand(1, hidden_size, generator=gen) * scale):
+            a = head.screen.matmul(h)[0]
+            hb = h.to(torch.bfloat16).float()
+            c_w = float((h - hb).norm()) + float(hb.norm()) * (mod._U_BF16 + head.gamma)
+            c_e = float(hb.norm()) * (1 + mod._U_BF16 + head.gamma)
+            bound = a.abs() * mod._U_BF16 + head.screen.w_norm * c_w + head.screen.err_norm * c_e
+            exact = torch.nn.functional.linear(h.double(), weight.double())[0]
+            assert bool(((exact - a.double()).abs() <= bound.double()).all()), (kind, scale)
 
 
-def test_the_fp16_copies_do_not_keep_a_model_alive(tmp_path: Path) -> None:
-    """Unloading a model frees it, and its cached fp16 copies with it."""
+def test_the_copies_do_not_keep_a_model_alive(tmp_path: Path) -> None:
+    """Unloading a model frees it, and the decoding copies with it."""
     import gc
     import weakref
 
+    from kernel_ext.gguf.loader import load_transformers
     from kernel_ext.providers import decode as mod
 
-    model, tok = _load(write_tiny_gemma3(tmp_path / "gone.gguf", seed=5))
-    for mode in ("exact", "fp16"):
+    path = write_tiny_gemma3(tmp_path / "gone.gguf", seed=5, quant="Q8_0")
+    art = load_transformers(path)
+    model, tok = art.model, art.tokenizer
+    prepare(model, "quantized", source=Source(path), screen="int4")
+    for mode in ("exact", "quantized"):
         decode(model, _ids(tok, "hello"), max_new_tokens=2, mode=mode)
-    assert model in mod._HEADS
+    assert model in mod._PREPARED
     alive = weakref.ref(model)
-    del model
+    del model, art
     gc.collect()
     assert alive() is None
+
+
+# --- chunked prefill ------------------------------------------------------------------------------
+def _long_ids(tok: Any, n: int) -> torch.Tensor:
+    words = ["the", "capital", "of", "France", "is", "Paris", "and", "hello", "world", "model", "test", "kernel", "notebook"]
+    ids = tok(" ".join(words[i % len(words)] for i in range(n)), return_tensors="pt").input_ids
+    assert ids.shape[1] >= n
+    return ids
+
+
+@pytest.mark.parametrize("chunk", [5, 48])
+def test_chunked_prefill_gives_the_logits_of_one_pass(tmp_path: Path, chunk: int) -> None:
+    """Across gemma3's sliding window (16 here) and full-attention layers, prompt chunks give
+    the last position's hidden state of one pass (to float32 rounding) and the same tokens."""
+    from kernel_ext.providers.decode import _Stepper
+
+    model, tok = _load(write_tiny_gemma3(tmp_path / "sw.gguf", seed=7, sliding_window=16,
+                                         layers=6))
+    assert "full_attention" in model.config.layer_types
+    ids = _long_ids(tok, 30)  # ~110 tokens
+    ready = prepare(model, "exact", screen="int4")
+    states = []
+    for size in (10_000, chunk):
+        step = _Stepper(model, ready)
+        with torch.inference_mode():
+            assert step.prefill(ids, size, None)
+        states.append(step.last)
+    torch.testing.assert_close(states[1], states[0], rtol=1e-5, atol=1e-5)
+    one = decode(model, ids, max_new_tokens=12, prefill_chunk=10_000)
+    chunked = decode(model, ids, max_new_tokens=12, prefill_chunk=chunk)
+    assert chunked.tokens == one.tokens == _generate(model, ids, 12)
+
+
+def test_should_stop_is_polled_between_prompt_chunks(tiny: tuple[Any, Any]) -> None:
+    model, tok = tiny
+    ids = _long_ids(tok, 30)
+    polls: list[int] = []
+
+    def should_stop() -> bool:  # "time is up" at the third check
+        polls.append(1)
+        return len(polls) >= 3
+
+    got = decode(model, ids, max_new_tokens=5, prefill_chunk=8, should_stop=should_stop)
+    assert got.finish_reason == "cancelled" and got.tokens == []
+    assert got.prefilled == 24 < ids.shape[1]  # three chunks were processed, no more
+
+
+def test_keyboard_interrupt_during_prefill_returns_what_there_is(tiny: tuple[Any, Any]) -> None:
+    model, tok = tiny
+    ids = _long_ids(tok, 30)
+    polls: list[int] = []
+
+    def should_stop() -> bool:  # the stop button, pressed while the prompt is processed
+        polls.append(1)
+        if len(polls) == 2:
+            raise KeyboardInterrupt
+        return False
+
+    got = decode(model, ids, max_new_tokens=5, prefill_chunk=8, should_stop=should_stop)
+    assert got.finish_reason == "interrupted" and got.tokens == [] and got.prefilled == 16
+
+
+def test_keyboard_interrupt_while_decoding_keeps_the_tokens(tiny: tuple[Any, Any]) -> None:
+    model, tok = tiny
+    ids = _ids(tok, "hello world")
+    seen: list[int] = []
+
+    def hook(token: int) -> bool:
+        seen.append(token)
+        if len(seen) == 4:
+            raise KeyboardInterrupt
+        return False
+
+    got = decode(model, ids, max_new_tokens=20, on_token=hook)
+    assert got.finish_reason == "interrupted" and got.tokens == seen
+    assert got.tokens == _generate(model, ids, 4)
 
 
 # --- sampling ---------------------------------------------------------------------------------
@@ -281,6 +399,7 @@ def test_clock_is_injected(tiny: tuple[Any, Any]) -> None:
         ({"max_new_tokens": 0}, "max_new_tokens must be >= 1"),
         ({"input_ids": torch.ones(2, 3, dtype=torch.long)}, "input_ids must have shape (1, n)"),
         ({"input_ids": torch.ones(1, 0, dtype=torch.long)}, "input_ids must have shape (1, n)"),
+        ({"prefill_chunk": 0}, "prefill_chunk must be >= 1"),
     ],
 )
 def test_bad_arguments_are_clear_errors(tiny: tuple[Any, Any], kwargs: dict[str, Any], fragment: str) -> None:
@@ -300,9 +419,11 @@ def test_bad_sampling_is_a_clear_error(kwargs: dict[str, Any], fragment: str) ->
         Sampling(**kwargs)
 
 
-def test_head_modes_and_candidates_are_public() -> None:
-    assert DECODE_MODES[0] == "exact" and set(DECODE_MODES) == {"exact", "full", "fp16"}
-    assert SCREEN_CANDIDATES >= 2
+def test_modes_and_screens_are_public() -> None:
+    assert DECODE_MODES[0] == "exact" and set(DECODE_MODES) == {"exact", "full", "quantized"}
+    assert set(SCREEN_KINDS) == {"int4", "int8"}
+    with pytest.raises(ProviderError, match="screen must be"):
+        prepare(object(), "exact", screen="fp16")
 
 
 # --- through the provider: streaming, stop strings, timeouts -------------------------------
@@ -360,12 +481,56 @@ def test_provider_honours_the_mode_setting(provider: TransformersGGUFProvider) -
     provider.decode_mode = lambda: reads.append("exact") or "exact"  # a live setting
     r = provider.generate("hello", params)
     assert r.text == a and r.notes == [] and reads == ["exact"]
-    provider.decode_mode = "fp16"
+    provider.decode_mode = "quantized"  # the fixture's path is no GGUF file: said, then exact
     r = provider.generate("hello", params)
-    assert r.notes == ["fp16 weights"] and "fp16 weights" in r.footer()
+    assert r.text == a and "quantized decoding unavailable" in r.notes[0]
     provider.decode_mode = "int3"
     with pytest.raises(ProviderError, match="decode mode must be one of"):
         provider.generate("hello", params)
+
+
+def test_provider_returns_partial_text_when_interrupted(provider: TransformersGGUFProvider) -> None:
+    """The stop button (KeyboardInterrupt, here raised where the text streams) ends the call
+    with the text so far: returned, not raised."""
+    full = provider.generate("hello world", GenerationParams(max_new_tokens=12)).text
+    pieces: list[str] = []
+
+    def on_token(piece: str) -> None:
+        pieces.append(piece)
+        if len(pieces) == 3:
+            raise KeyboardInterrupt
+
+    r = provider.generate("hello world", GenerationParams(max_new_tokens=12), on_token=on_token)
+    assert r.finish_reason == "interrupted" and not r.timed_out
+    assert r.text and full.startswith(r.text) and 1 <= r.completion_tokens < 12
+
+
+@pytest.fixture(scope="module")
+def long_provider(tmp_path_factory: pytest.TempPathFactory) -> TransformersGGUFProvider:
+    """A tiny model with a context long enough for prompts of several prefill chunks."""
+    path = write_tiny_llama(tmp_path_factory.mktemp("long") / "long.gguf", seed=8, context=4096)
+    model, tok = _load(path)
+    local = LocalModel(model=model, tokenizer=tok, path=path, sha256="0" * 64, device="cpu",
+                       dtype="float32")
+    return TransformersGGUFProvider("long", local)
+
+
+def test_provider_interrupted_while_the_prompt_is_processed(
+        long_provider: TransformersGGUFProvider) -> None:
+    def should_stop() -> bool:
+        raise KeyboardInterrupt
+
+    prompt = " ".join(["the capital of France is Paris"] * 100)  # > one prefill chunk
+    r = long_provider.generate(prompt, GenerationParams(max_new_tokens=12), should_stop=should_stop)
+    assert r.finish_reason == "interrupted" and r.text == "" and r.completion_tokens == 0
+
+
+def test_provider_deadline_during_prefill_is_a_timeout(
+        long_provider: TransformersGGUFProvider) -> None:
+    prompt = " ".join(["the capital of France is Paris"] * 100)
+    r = long_provider.generate(prompt, GenerationParams(max_new_tokens=12),
+                               should_stop=lambda: True)
+    assert r.finish_reason == "timeout" and r.text == "" and r.completion_tokens == 0
 
 
 def test_provider_seeded_sampling_is_reproducible(provider: TransformersGGUFProvider) -> None:
@@ -379,10 +544,6 @@ def test_provider_seeded_sampling_is_reproducible(provider: TransformersGGUFProv
 class TestLocalProviderContract(ProviderTests):
     """The local provider, decoding with this loop, passes the contract every provider passes."""
 
-    # LEAD: delete once wt-15-decode (the local provider returns the partial answer on
-    # KeyboardInterrupt) is merged.
-    interrupt_pending = "the local provider catches KeyboardInterrupt in wt-15-decode's branch"
-
     @pytest.fixture
     def provider(self, tiny: tuple[Any, Any], tmp_path: Path) -> TransformersGGUFProvider:
         model, tok = tiny
@@ -393,16 +554,16 @@ class TestLocalProviderContract(ProviderTests):
 
 def test_the_setting_reaches_loaded_models(ip: Any, tmp_path: Path) -> None:
     """%config KernelExt.decode_mode applies to models already loaded, at the next %%infer."""
-    path = write_tiny_llama(tmp_path / "cfg.gguf", seed=6)
+    path = write_tiny_llama(tmp_path / "cfg.gguf", seed=6, quant="Q8_0")
     ip.run_line_magic("model", f"load {path} --no-progress")
     ip.run_cell_magic("infer", "-n 4 -o a -q", "hello")
     assert ip.user_ns["a"].notes == []
-    ip.run_line_magic("config", "KernelExt.decode_mode = 'fp16'")
+    ip.run_line_magic("config", "KernelExt.decode_mode = 'quantized'")
     ip.run_cell_magic("infer", "-n 4 -o b -q", "hello")
-    assert "fp16 weights" in ip.user_ns["b"].notes
+    assert "int4 weights" in ip.user_ns["b"].notes
     ip.run_line_magic("config", "KernelExt.decode_mode = 'int8'")  # refused (logged), value kept
     ext = next(c for c in ip.configurables if type(c).__name__ == "KernelExt")
-    assert ext.decode_mode == "fp16"
+    assert ext.decode_mode == "quantized"
 
 
 def test_a_hooked_head_runs_the_models_own_forward(tiny: tuple[Any, Any]) -> None:
@@ -424,3 +585,26 @@ def test_a_hooked_head_runs_the_models_own_forward(tiny: tuple[Any, Any]) -> Non
         assert got.tokens == _generate(model, ids, 5)[: len(got.tokens)]
     finally:
         del head.forward
+
+
+def test_the_memory_guard_counts_each_modes_copies() -> None:
+    from kernel_ext.models import _decode_copies
+
+    summary = {"n_params": 1000, "vocab_size": 100}
+    head = 100 * (64 + 8)  # the screen: at most a byte per head weight plus two norms per row
+    assert _decode_copies("exact", "cpu", summary, 64) == (head, 0)
+    assert _decode_copies("quantized", "cpu", summary, 64) == (head, 1250)
+    assert _decode_copies("full", "cpu", summary, 64) == (0, 0)
+    assert _decode_copies("quantized", "cuda:0", summary, 64) == (0, 0)
+
+
+def test_switching_modes_keeps_one_screen(tiny_q8: tuple[Any, Any, Path]) -> None:
+    from kernel_ext.providers.decode import copy_bytes
+
+    model, _, path = tiny_q8
+    exact = prepare(model, "exact", source=Source(path), screen="int4")
+    quant = prepare(model, "quantized", source=Source(path), screen="int4")
+    assert exact.head is not None and quant.head is not None
+    assert quant.head.screen is exact.head.screen  # shared, not built twice
+    assert copy_bytes(model) == exact.nbytes + quant.nbytes - exact.nbytes + (
+        quant.head.fast_built().nbytes if quant.head.fast_built() is not None else 0)

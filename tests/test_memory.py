@@ -72,3 +72,11 @@ def test_float32_plans_count_the_decode_copies() -> None:
     plan = choose_plan(N, device="cpu", dtype="float32", fraction=0.8, available=6 * GB,
                        float32_copies=2 * GB)
     assert plan.dtype == "bfloat16"
+
+
+def test_copies_kept_whatever_the_dtype_count_in_every_plan() -> None:
+    """decode_mode='quantized' keeps int4 repacks next to float32 and bfloat16 weights alike."""
+    plain = choose_plan(N, device="cpu", dtype="bfloat16", fraction=0.8, available=16 * GB)
+    copied = choose_plan(N, device="cpu", dtype="bfloat16", fraction=0.8, available=16 * GB,
+                         int4_copies=GB, float32_copies=5 * GB)
+    assert copied.estimate_bytes == plain.estimate_bytes + GB

@@ -68,16 +68,23 @@ def test_same_file_dtype_device_shares_weights(ip: Any, tiny: Path, capsys: Any)
     assert len(models.residency.residents()) == 2
 
 
-def test_memory_reported_includes_runtime_copies(ip: Any, tiny: Path, capsys: Any) -> None:
-    line(ip, "model", f"load {tiny} --name a --no-progress")
+def test_memory_reported_includes_runtime_copies(ip: Any, tmp_path: Path, capsys: Any) -> None:
+    from kernel_ext.providers.decode import copy_bytes
+
+    path = write_tiny_llama(tmp_path / "q8.gguf", seed=1, quant="Q8_0")
+    line(ip, "config", "KernelExt.decode_mode = 'quantized'")
+    line(ip, "model", f"load {path} --name a --no-progress")  # decoding copies are made at load
     models = session(ip).models
     before = models.memory("a")
-    assert before["weights"] == models.get("a").footprint > 0 and before["copies"] == 0
-    cell(ip, "-n 4 -q -o r", "Hello")  # exact decode mode keeps a reduced copy of the LM head
+    model = models.get("a").provider.local.model
+    assert before["weights"] == models.get("a").footprint > 0
+    assert before["copies"] == copy_bytes(model) > 0  # the int4 repacks of the layers
+    assert before["total"] == before["weights"] + before["copies"] + before["overhead"]
+    cell(ip, "-n 4 -q -o r -t 1 --seed 1", "Hello")  # sampling builds the int4 LM head too
     after = models.memory("a")
-    head = models.get("a").provider.local.model.get_output_embeddings().weight
-    assert after["copies"] >= head.numel()  # at least a byte per head weight
-    assert after["total"] == before["total"] + after["copies"]
+    head = model.get_output_embeddings().weight
+    assert after["copies"] >= before["copies"] + head.numel() // 2  # at least 4 bits a weight
+    assert after["total"] == before["total"] + after["copies"] - before["copies"]
     line(ip, "model", "info a")
     out = capsys.readouterr().out
     assert "measured: weights" in out and "runtime copies" in out

@@ -7,6 +7,8 @@ Layout (one directory per file content, so a changed file can never hit a stale 
         config.json                    the Transformers config (always)
         tokenizer/                     tokenizer.json, tokenizer_config.json, ... (always)
         weights-<dtype>.safetensors    dequantised weights (optional, under the size cap)
+        decode-<kind>.safetensors      decoding copies: int4 repacks of the file's blocks and the
+                                       LM head's screen (:mod:`kernel_ext.providers.quantized`)
         digests.json                   xxh3-128 of every file above, bound to <sha256>
 
 Writes are atomic (a temporary file or directory, then ``os.replace``). A piece that cannot be
@@ -63,6 +65,7 @@ __all__ = [
     "WeightsWriter",
     "clear",
     "collect_discards",
+    "decode_path",
     "discard",
     "enforce_cap",
     "entry_dir",
@@ -74,6 +77,7 @@ __all__ = [
     "touch",
     "verify",
     "verify_tree",
+    "weights_metadata",
     "weights_path",
     "write_json",
     "write_tree",
@@ -89,10 +93,12 @@ _ST_DTYPES: dict[torch.dtype, str] = {
     torch.float32: "F32",
     torch.float16: "F16",
     torch.bfloat16: "BF16",
+    torch.uint8: "U8",
+    torch.int8: "I8",
 }
 _ST_TORCH = {v: k for k, v in _ST_DTYPES.items()}
-_ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2}
-_NP_VIEW = {"F32": np.float32, "F16": np.float16, "BF16": np.int16}
+_ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2, "U8": 1, "I8": 1}
+_NP_VIEW = {"F32": np.float32, "F16": np.float16, "BF16": np.int16, "U8": np.uint8, "I8": np.int8}
 
 
 class CorruptEntryError(ValueError):
@@ -139,6 +145,11 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 def weights_path(entry: Path, dtype: torch.dtype) -> Path:
     return entry / f"weights-{_dtype_name(dtype)}.safetensors"
+
+
+def decode_path(entry: Path, kind: str) -> Path:
+    """Where decoding copies of kind ``kind`` (e.g. ``"body-int4-v3"``) are kept."""
+    return entry / f"decode-{kind}.safetensors"
 
 
 # --- small atomic writes -------------------------------------------------------------------------
@@ -407,8 +418,13 @@ def discard(path: Path, why: str | BaseException) -> None:
 
 
 # --- weights -------------------------------------------------------------------------------------
-def _header(specs: Iterable[tuple[str, tuple[int, ...], torch.dtype]]) -> bytes:
-    header: dict[str, Any] = {"__metadata__": {"format": "pt", "writer": "kernel_ext"}}
+def _header(
+    specs: Iterable[tuple[str, tuple[int, ...], torch.dtype]],
+    metadata: Mapping[str, str] | None = None,
+) -> bytes:
+    header: dict[str, Any] = {
+        "__metadata__": {**(metadata or {}), "format": "pt", "writer": "kernel_ext"}
+    }
     offset = 0
     for name, shape, dtype in specs:
         st = _ST_DTYPES.get(dtype)
@@ -577,13 +593,16 @@ class WeightsWriter:
             self._tmp.unlink(missing_ok=True)
 
 
-def save_weights(path: Path, tensors: Mapping[str, torch.Tensor]) -> int:
+def save_weights(
+    path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+) -> int:
     """Write ``tensors`` (CPU or not) as one safetensors file, atomically; returns its size.
 
     Tensors are streamed one at a time (a GPU tensor is copied to the host on its own), so
-    writing needs no second copy of the model."""
+    writing needs no second copy of the model. ``metadata`` (strings) goes to the header's
+    ``__metadata__`` (:func:`weights_metadata` reads it back)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    header = _header((name, tuple(t.shape), t.dtype) for name, t in tensors.items())
+    header = _header(((name, tuple(t.shape), t.dtype) for name, t in tensors.items()), metadata)
     tmp = _tmp_near(path)
     hasher = hasher_for(path) if _sealable(path) else None
     if hasher is not None:
@@ -605,6 +624,27 @@ def save_weights(path: Path, tensors: Mapping[str, torch.Tensor]) -> int:
     finally:
         if not done:
             tmp.unlink(missing_ok=True)
+
+
+def weights_metadata(path: Path) -> dict[str, str]:
+    """The ``__metadata__`` strings of a safetensors file, from its header alone (cheap; the
+    bytes are checked against the entry's digest when :func:`load_weights` maps the file).
+    ``FileNotFoundError`` passes through; a bad header is a :class:`CorruptEntryError`."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if n <= 0 or n > 100 << 20:
+                raise CorruptEntryError(f"{path}: no safetensors header")
+            header = json.loads(fh.read(n))
+    except FileNotFoundError:
+        raise
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorruptEntryError(f"{path}: unreadable header: {e}") from e
+    meta = header.get("__metadata__", {}) if isinstance(header, dict) else None
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise CorruptEntryError(f"{path}: __metadata__ is not a string map")
+    return meta
 
 
 def load_weights(
@@ -759,7 +799,7 @@ def enforce_cap(
     for info in ordered:
         if total <= max_bytes:
             break
-        for w in sorted(info.path.glob("weights-*.safetensors")):
+        for w in sorted(info.path.glob("*.safetensors")):  # weights-*, decode-*
             if total <= max_bytes:
                 break
             try:

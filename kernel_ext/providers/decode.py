@@ -1,42 +1,51 @@
 """A lean decode loop for Hugging Face causal language models (what ``%%infer`` runs).
 
-The loop keeps the model's own forward (``DynamicCache``; logits or hidden state of the last
-position only), one token choice per step and one callback per token for streaming and
-cooperative stopping; it skips ``generate``'s input preparation, processors, criteria and
-streamer. What it mainly changes is *which bytes are read per token*: on CPU, decoding is bound
-by memory bandwidth, not by Python.
+The loop keeps the model's own forward (``DynamicCache``; the hidden state of the last
+position only), one token choice per step and one callback per token for streaming; it skips
+``generate``'s input preparation, processors, criteria and streamer. On CPU, decoding is bound
+by memory bandwidth, so what it mainly changes is *which bytes are read per token*
+(``decode_mode``):
 
-Measured on the demo model (Gemma 3 270M, float32, CPU; ``python -m benchmarks.bench_decode
---threads 1``, CPU time of one thread, stock ``generate`` = 1.0), and why the loop looks like this:
+* ``"exact"`` (default): the model's own float32 weights, and for greedy tokens an int4 or
+  int8 *screen* of the LM head whose choice is certified against exact float32 rows
+  (:mod:`kernel_ext.providers.head`): greedy text is the text of ``model.generate``. The screen
+  kind is picked by timing on this machine; where none is faster, the full head runs.
+  Sampling computes the full float32 head.
+* ``"quantized"``: every linear layer whose GGUF tensor has a faithful int4 form is computed
+  from the file's own blocks (:mod:`kernel_ext.gguf.qlinear`, repacked once and kept in the
+  conversion cache, :mod:`kernel_ext.providers.quantized`), with bf16 activations; the other
+  layers run dense. Greedy tokens use the same certified head; sampled ones the int4 head.
+  Logits differ from the float32 model by about llama.cpp's own rounding, so text can change.
+* ``"full"``: the model's own forward and whole head every token: what ``generate`` computes.
 
-* Per-token Python work is not the bottleneck: the plain loop with the model's own head ran at
-  1.01x. A ``StaticCache`` in eager mode attends over the whole preallocated length with a mask
-  and was about 2x *slower* than the dynamic cache; it only pays under ``torch.compile``, and
-  ``torch.compile(model.forward)`` with a static cache recompiled at every step here (a guard on
-  the cache's length; recompile limit reached after ~5 minutes), so the loop stays eager.
-* The LM head dominates the bytes read per token for small-body, large-vocabulary models
-  (Gemma 3 270M: a 262,144 x 640 head, 671 MB in fp32, versus a 400 MB body). For greedy
-  decoding with an fp32 head, the default ``"exact"`` mode screens the vocabulary with an fp16
-  copy of the head (half the bytes), computes exact fp32 logits for the best
-  :data:`SCREEN_CANDIDATES` rows only, and *certifies* the choice with a bound on the fp16
-  error (see :class:`_Head`); when the bound cannot prove that no other row could win, it
-  falls back to the full fp32 head. The token is the one the full head picks, so greedy text is
-  unchanged. The fp16 copy costs 2 bytes per head weight of extra memory. Measured 1.56x; every
-  greedy token of the benchmark was certified.
-* ``"fp16"`` (opt-in) also moves the body to fp16 *weights*: every ``nn.Linear`` of the base
-  model multiplies with an fp16 copy of its weight (activations stay float32 between layers:
-  inputs are cast to fp16 for the product only), and the fp16 head gives all logits, sampling
-  included. About half the bytes per token of the float32 model; logits change by ~1e-2, so text
-  can change (it did not on the benchmark's greedy prompts). Measured 2.17x greedy, 1.9x
-  sampling (llama.cpp on the Q4_K_M file: ~4.5x). fp16 rather than bf16 or int8
-  because, on this CPU, torch's fp16 products ran at ~17 GB/s of weights while bf16 ran at ~4 and
-  int8 (``torch._weight_int8pack_mm``, fbgemm dynamic) gained little over fp16 for much larger
-  errors. Only float32 CPU models get the copies; others decode with their own weights.
-* ``"full"`` always uses the model's own forward and head: what ``generate`` computes.
+Measured on the demo model: see ``benchmarks/bench_decode.py`` and the README. Why the loop
+stays eager with a dynamic cache: a ``StaticCache`` in eager mode attends over the whole
+preallocated length (about 2x slower here), and ``torch.compile(model.forward)`` recompiled at
+every step (a guard on the cache length) and changes the rounding, which the exact mode may not.
+
+**Prompts are processed in chunks** of :data:`PREFILL_CHUNK` tokens; ``should_stop`` is polled
+between chunks (and between tokens), and the stop button (``KeyboardInterrupt``) is caught, so a
+deadline or an interrupt bounds the whole call, prompt included: :func:`decode` then returns what
+it has with ``finish_reason`` ``"cancelled"`` or ``"interrupted"``. A chunk also bounds the
+attention's temporary memory (chunk x context instead of prompt x prompt).
+
+Growing it:
+
+* *Budgets before work* (issue 11): every byte a call will need is known before
+  :meth:`_Stepper.prefill`: ``input_ids.shape`` (prompt tokens), ``max_new_tokens``, and the
+  model's config (layers, KV heads, head size, sliding windows) give the KV cache; a guard
+  belongs in :func:`decode` just before ``step.prefill`` (or in the caller before it calls).
+* *Batches* (issue 14): :class:`_Stepper` works on ``(B, n)`` ids and the head certifies each
+  row on its own (:meth:`Head.screened_argmax` takes ``(B, K)``); a batched loop adds left
+  padding with an ``attention_mask``, per-row EOS and per-row callbacks around ``step.next``.
+
+The per-mode copies live with the model (weakly referenced) and follow in-place changes of the
+head's weight. Decoding swaps the quantised layers' ``forward`` for the duration of a call: one
+call at a time per model.
 
 Sampling mirrors ``generate``'s warpers in order (temperature, top-k, top-p), ``softmax`` and
 ``torch.multinomial`` on the global generator, so a seed gives the same tokens as
-``generate(do_sample=True, ...)`` with the same settings.
+``generate(do_sample=True, ...)`` with the same settings (exact and full modes).
 """
 
 from __future__ import annotations
@@ -47,25 +56,30 @@ import math
 import time
 import weakref
 from collections.abc import Callable, Collection, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ..errors import ProviderError
+from .head import SCREEN_KINDS, Head, choose_screen
 
 __all__ = [
     "DECODE_MODES",
-    "SCREEN_CANDIDATES",
+    "PREFILL_CHUNK",
     "DecodeResult",
+    "Prepared",
     "Sampling",
+    "Source",
     "copy_bytes",
     "decode",
+    "prepare",
 ]
 
-DECODE_MODES: tuple[str, ...] = ("exact", "full", "fp16")
+DECODE_MODES: tuple[str, ...] = ("exact", "full", "quantized")
 """What a decode step computes and in which precision; see the module docstring."""
 
-SCREEN_CANDIDATES = 16
-"""Rows of the head whose logits are computed exactly after the fp16 screen."""
+PREFILL_CHUNK = 512
+"""Prompt tokens per forward while prefilling (stop checks happen between chunks)."""
 
 # Model families whose ``ForCausalLM.forward`` is exactly ``lm_head(base(...))`` (plus Gemma's
 # final logit soft-capping): for these the head can be computed by this module. Others (logit
@@ -104,13 +118,17 @@ class DecodeResult:
     """What :func:`decode` produced."""
 
     tokens: list[int]
-    finish_reason: str  # "eos" | "length" | "stopped" (the hook asked to stop)
+    # "eos" | "length" | "stopped" (on_token asked) | "cancelled" (should_stop said so) |
+    # "interrupted" (KeyboardInterrupt: the stop button)
+    finish_reason: str
     prompt_tokens: int
     first_token_s: float | None
     total_s: float
-    mode: str  # the mode that ran: "exact", "full" or "fp16"
-    screened: int = 0  # greedy tokens the fp16 screen certified
+    mode: str  # the mode that ran: "exact", "full" or "quantized"
+    screened: int = 0  # greedy tokens the head's screen certified
     fallbacks: int = 0  # greedy tokens that needed the full head
+    prefilled: int = 0  # prompt tokens processed before the end (all, unless stopped early)
+    notes: list[str] = field(default_factory=list)  # degradations, e.g. a mode that fell back
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -120,6 +138,218 @@ class DecodeResult:
         return (len(self.tokens) - 1) / (self.total_s - self.first_token_s)
 
 
+# --- what a mode needs, prepared once per model ------------------------------------------------
+@dataclass(frozen=True)
+class Source:
+    """Where a model came from: its GGUF file, and the conversion-cache entry keeping the
+    decoding copies (``entry`` None: build them in memory each time the process needs them)."""
+
+    path: Path
+    entry: Path | None = None
+
+
+@dataclass
+class Prepared:
+    """The copies one mode decodes with (see :func:`prepare`)."""
+
+    mode: str  # the mode that will run (a mode that cannot run falls back, with a note)
+    head: Head | None  # None: the model's own forward and head ("full")
+    linears: dict[Any, Any] = field(default_factory=dict)  # nn.Linear -> Int4Weight
+    notes: list[str] = field(default_factory=list)
+    summary: str = ""  # for %model info / logs: what was repacked, what stayed dense
+    nbytes: int = 0  # memory held by the copies (the head's screen included)
+    screen: str = "auto"  # the screen that was asked for
+
+    def _with_notes(self, notes: list[str]) -> Prepared:
+        self.notes = [*notes, *self.notes]
+        return self
+
+
+_SOURCES: weakref.WeakKeyDictionary[Any, Source] = weakref.WeakKeyDictionary()
+_PREPARED: weakref.WeakKeyDictionary[Any, dict[str, Prepared]] = weakref.WeakKeyDictionary()
+
+
+def prepare(model: Any, mode: str, *, source: Source | None = None, screen: str = "auto") -> Prepared:
+    """Build (or read from the conversion cache) what ``mode`` needs for ``model``; cached per
+    model, so a later :func:`decode` starts at once. ``source`` is remembered for the model
+    (``"quantized"`` reads the GGUF file's blocks). ``screen``: ``"auto"`` (timed on this
+    machine), ``"int4"``, ``"int8"`` or ``"none"``.
+    """
+    import torch
+
+    _check_mode(mode)
+    if screen not in ("auto", "none", *SCREEN_KINDS):
+        raise ProviderError(f"screen must be auto, none, {', '.join(SCREEN_KINDS)}; got {screen!r}")
+    if source is not None:
+        _SOURCES[model] = source
+    per_model = _PREPARED.setdefault(model, {})
+    ready = per_model.get(mode)
+    weight, softcap = _plain_head(model)
+    if ready is None or not _fresh(ready, weight) or screen != "auto":
+        if screen == "auto" and ready is not None:
+            screen = ready.screen  # a rebuild keeps a screen that was asked for
+        with torch.inference_mode():
+            ready = _build(model, mode, _SOURCES.get(model), screen)
+        ready.screen = screen
+        per_model[mode] = ready
+    if ready.head is not None:
+        ready.head.softcap = softcap  # read from the config at every call, like the model's forward
+    return ready
+
+
+def _fresh(ready: Prepared, weight: Any) -> bool:
+    """Whether the copies still belong to the model's head (in-place changes, a new dtype or a
+    new tensor invalidate them)."""
+    head = ready.head
+    if head is None:
+        return weight is None or ready.mode == "full"
+    return weight is head.weight and head.key == Head.key_of(weight)
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in DECODE_MODES:
+        raise ProviderError(f"decode mode must be one of {', '.join(DECODE_MODES)}, got {mode!r}")
+
+
+def _build(model: Any, mode: str, source: Source | None, screen: str) -> Prepared:
+    if mode == "full":
+        return Prepared("full", None)
+    weight, softcap = _plain_head(model)
+    if weight is None:
+        # a head this module cannot reproduce exactly: the model's own
+        return Prepared("full", None, notes=[] if mode == "exact" else
+                        [f"{mode} decoding needs a plain LM head; decoded with the model's own"])
+    notes: list[str] = []
+    linears: dict[Any, Any] = {}
+    fast: Callable[[], Any] | None = None
+    rows = None
+    summary = ""
+    nbytes = 0
+    if mode == "quantized":
+        why = _quantized_unavailable(model, source)
+        if why is not None:
+            notes.append(f"quantized decoding unavailable ({why}); decoded exactly")
+            mode = "exact"
+        else:
+            assert source is not None
+            from ..errors import KernelExtError
+            from .quantized import head_rows, repack_model
+
+            try:
+                q = repack_model(model, source.path, entry=source.entry, part="body")
+                rows = head_rows(model, source.path)
+            except (KernelExtError, OSError) as e:
+                notes.append(f"quantized decoding unavailable ({e}); decoded exactly")
+                return _build(model, "exact", source, screen)._with_notes(notes)
+            summary = q.summary()
+            nbytes += q.nbytes
+            modules = dict(_named_linears(model))
+            for name, w in q.weights.items():
+                module = modules.get(name)
+                if module is not None and "forward" not in vars(module):  # accelerate hooks
+                    linears[module] = w  # keep their own forward
+            if not q.weights:
+                notes.append("no layer of this file has an int4 form; decoded exactly")
+                mode = "exact"
+            else:
+                fast = _head_int4(model, source)
+    screen_obj = None
+    record = source.entry.parent / "decode-screens.json" if source and source.entry else None
+    kind = _screen_kind(weight, screen, record)
+    if kind is not None:
+        from .quantized import head_screen
+
+        screen_obj = _shared_screen(model, weight, kind) or head_screen(
+            kind, weight, entry=source.entry if source is not None else None)
+        nbytes += screen_obj.nbytes + 8 * int(weight.shape[0])
+    head = Head(weight, softcap, screen_obj, fast=fast, rows=rows)
+    summary = "; ".join(p for p in (summary, f"LM head screen: {kind or 'none'}") if p)
+    return Prepared(mode, head, linears, notes, summary, nbytes)
+
+
+def _shared_screen(model: Any, weight: Any, kind: str) -> Any:
+    """The screen another mode of ``model`` already holds for this head, if any (switching
+    modes must not keep two copies)."""
+    for other in _PREPARED.get(model, {}).values():
+        head = other.head
+        if (head is not None and head.screen is not None and head.screen.kind == kind
+                and head.weight is weight and head.key == Head.key_of(weight)):
+            return head.screen
+    return None
+
+
+def _head_int4(model: Any, source: Source) -> Callable[[], Any]:
+    """The LM head's int4 copy from the file's blocks, built (or read from the cache) the
+    first time sampling or an uncertified greedy token needs it; None when it has no int4 form."""
+    built: list[Any] = []
+    ref = weakref.ref(model)  # the copies must not keep the model alive
+
+    def get() -> Any:
+        if not built:
+            from .quantized import repack_model
+
+            owner = ref()
+            if owner is None:
+                return None
+            q = repack_model(owner, source.path, entry=source.entry, part="head")
+            built.append(next(iter(q.weights.values()), None))
+        return built[0]
+
+    get.built = built  # type: ignore[attr-defined]  # Head.fast_built peeks here
+    return get
+
+
+def _screen_kind(weight: Any, screen: str, record: Path | None) -> str | None:
+    import torch
+
+    if screen == "none" or weight.dtype != torch.float32 or weight.device.type != "cpu":
+        return None  # only float32 CPU heads are screened
+    if screen == "auto":
+        return choose_screen(weight, record=record)
+    return screen
+
+
+def _quantized_unavailable(model: Any, source: Source | None) -> str | None:
+    from ..gguf import qlinear
+
+    if source is None:
+        return "the model's GGUF file is not known"
+    if not Path(source.path).is_file():
+        return f"the GGUF file {source.path} is not there any more"
+    device = next(iter(model.parameters())).device.type
+    if device != "cpu":
+        return (f"it runs torch's int4 CPU kernels and the model is on {device}; on a GPU, "
+                "load with bitsandbytes 8/4-bit instead")
+    return qlinear.available()
+
+
+def _named_linears(model: Any) -> Iterator[tuple[str, Any]]:
+    import torch
+
+    for name, module in model.named_modules():
+        if type(module) is torch.nn.Linear:
+            yield f"{name}.weight", module
+
+
+def _plain_head(model: Any) -> tuple[Any, float | None]:
+    """The head's weight and soft-cap when the model's logits are ``cap(h @ W.T)``."""
+    import torch
+
+    config = model.config
+    if getattr(config, "model_type", None) not in _PLAIN_HEAD_FAMILIES:
+        return None, None
+    out = model.get_output_embeddings()
+    if not isinstance(out, torch.nn.Linear) or out.bias is not None:
+        return None, None
+    if "forward" in vars(out) or out.weight.device.type == "meta":
+        return None, None  # accelerate hooks (offloading) own this head: only its forward is right
+    if getattr(model, "base_model", model) is model:
+        return None, None
+    cap = getattr(config, "final_logit_softcapping", None)
+    return out.weight, (float(cap) if cap else None)
+
+
+# --- the loop --------------------------------------------------------------------------------------
 def decode(
     model: Any,
     input_ids: Any,
@@ -128,131 +358,160 @@ def decode(
     sampling: Sampling | None = None,
     eos_ids: Collection[int] = (),
     on_token: TokenHook | None = None,
+    should_stop: Callable[[], bool] | None = None,
     mode: str = "exact",
-    clock: Callable[[], float] = time.perf_counter,
     prefill_chunk: int | None = None,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> DecodeResult:
     """Generate up to ``max_new_tokens`` tokens after ``input_ids`` (shape ``(1, n)``).
 
-    ``on_token`` sees every new token (an EOS token included, as ``generate``'s streamer does)
-    and is the place to stream text and to poll timeouts: it is called between tokens, and
-    when it returns True decoding stops with ``finish_reason`` ``"stopped"``. Seeded sampling
-    uses the global torch generator: wrap the call in ``torch.random.fork_rng`` and seed it.
-    ``prefill_chunk``: feed the prompt this many tokens per forward (less activation memory at
-    once; the retry after an out-of-memory error sets it, see :mod:`kernel_ext.oom`).
+    ``on_token`` sees every new token (an EOS token included, as ``generate``'s streamer does);
+    when it returns True decoding stops (``finish_reason`` ``"stopped"``). ``should_stop`` is
+    polled between prompt chunks and between tokens (``"cancelled"``: deadlines). A
+    ``KeyboardInterrupt`` anywhere inside ends the call with ``"interrupted"`` and the tokens so
+    far. ``prefill_chunk``: prompt tokens per forward (None: :data:`PREFILL_CHUNK`; the retry
+    after an out-of-memory error halves it, see :mod:`kernel_ext.oom`). Seeded sampling uses
+    the global torch generator: wrap the call in ``torch.random.fork_rng`` and seed it.
     """
     import torch
 
-    if mode not in DECODE_MODES:
-        raise ProviderError(f"decode mode must be one of {', '.join(DECODE_MODES)}, got {mode!r}")
+    _check_mode(mode)
     if max_new_tokens < 1:
         raise ProviderError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if input_ids.dim() != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] < 1:
         raise ProviderError(f"input_ids must have shape (1, n) with n >= 1, got {tuple(input_ids.shape)}")
+    if prefill_chunk is None:
+        prefill_chunk = PREFILL_CHUNK
+    if prefill_chunk < 1:
+        raise ProviderError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
     sampling = sampling or Sampling()
     eos = frozenset(int(e) for e in eos_ids)
-    step = _Stepper(model, mode)
     tokens: list[int] = []
     first: float | None = None
     reason = "length"
     t0 = clock()
-    with torch.inference_mode(), step.weights():
-        ids = step.prefill(input_ids, prefill_chunk) if prefill_chunk else input_ids
-        for _ in range(max_new_tokens):
-            token = step.next_token(ids, sampling)
-            tokens.append(token)
-            if first is None:
-                first = clock() - t0
-            if on_token is not None and on_token(token):
-                reason = "stopped"
-                break
-            if token in eos:
-                reason = "eos"
-                break
-            ids = torch.tensor([[token]], dtype=input_ids.dtype, device=input_ids.device)
+    step: _Stepper | None = None
+    try:
+        step = _Stepper(model, prepare(model, mode))
+        with torch.inference_mode(), step.weights():
+            if not step.prefill(input_ids, prefill_chunk, should_stop):
+                reason = "cancelled"
+            else:
+                while True:
+                    token = step.next(sampling)
+                    tokens.append(token)
+                    if first is None:
+                        first = clock() - t0
+                    if on_token is not None and on_token(token):
+                        reason = "stopped"
+                        break
+                    if token in eos:
+                        reason = "eos"
+                        break
+                    if len(tokens) >= max_new_tokens:
+                        break
+                    if should_stop is not None and should_stop():
+                        reason = "cancelled"
+                        break
+                    step.feed(torch.tensor([[token]], dtype=input_ids.dtype, device=input_ids.device))
+    except KeyboardInterrupt:
+        reason = "interrupted"
     return DecodeResult(
         tokens=tokens, finish_reason=reason, prompt_tokens=int(input_ids.shape[1]),
-        first_token_s=first, total_s=clock() - t0, mode=step.mode,
-        screened=step.screened, fallbacks=step.fallbacks,
+        first_token_s=first, total_s=clock() - t0, mode=step.mode if step else mode,
+        screened=step.screened if step else 0, fallbacks=step.fallbacks if step else 0,
+        prefilled=step.prefilled if step else 0, notes=list(step.notes) if step else [],
     )
 
 
-# --- one step ------------------------------------------------------------------------------------
 class _Stepper:
-    """Runs one forward with the cache and picks the next token."""
+    """Runs forwards with the cache and picks next tokens (rows of a batch each on their own)."""
 
-    def __init__(self, model: Any, mode: str) -> None:
+    def __init__(self, model: Any, prepared: Prepared) -> None:
         from transformers import DynamicCache
 
-        self.model = model
+        self.mode = prepared.mode
+        self.notes = prepared.notes
+        self.head = prepared.head
+        self.linears = prepared.linears
         self.cache = DynamicCache(config=model.config)
-        self.head: _Head | None = None
-        if mode != "full":
-            self.head = _head_for(model)
-            if self.head is None:
-                mode = "full"  # a head this module cannot reproduce exactly: the model's own
-        self.halves: dict[Any, Any] = {}
-        if mode == "fp16":
-            self.halves = _fp16_linears(model.base_model)
-            if not self.halves and (self.head is None or self.head.half is None):
-                mode = "exact"  # not a float32 CPU model: nothing to copy, its own weights run
-        self.mode = mode
-        runner = model if self.head is None else model.base_model
-        self.run = runner
-        self.kwargs: dict[str, Any] = {_cache_kwarg(runner): self.cache, "use_cache": True}
+        self.run = model if self.head is None else model.base_model
+        self.kwargs: dict[str, Any] = {_cache_kwarg(self.run): self.cache, "use_cache": True}
         if self.head is None:
             self.kwargs["logits_to_keep"] = 1
+        self.last: Any = None  # the last position's hidden state (or logits for "full")
         self.screened = 0
         self.fallbacks = 0
+        self.prefilled = 0
 
     @contextlib.contextmanager
     def weights(self) -> Iterator[None]:
-        """While decoding, the fp16 linears (mode "fp16") replace the model's own forwards."""
-        for module, half in self.halves.items():
-            module.forward = _half_forward(half)
+        """While decoding, the int4 linears (mode "quantized") replace the modules' forwards."""
+        for module, w in self.linears.items():
+            module.forward = _int4_forward(w, module.bias)
         try:
             yield
         finally:
-            for module in self.halves:
-                del module.forward  # the class's forward again
+            for module in self.linears:
+                vars(module).pop("forward", None)  # the class's forward again
 
-    def prefill(self, ids: Any, chunk: int) -> Any:
-        """Feed all but the last ``chunk`` tokens of ``ids`` into the cache, ``chunk`` at a
-        time; returns the rest (the next step picks a token after it)."""
+    def prefill(self, ids: Any, chunk: int, should_stop: Callable[[], bool] | None) -> bool:
+        """Feed the prompt ``chunk`` tokens at a time; False when ``should_stop`` said stop."""
         n = int(ids.shape[1])
-        chunk = max(1, int(chunk))
-        for start in range(0, n - chunk, chunk):
-            self.run(input_ids=ids[:, start:min(start + chunk, n - chunk)], **self.kwargs)
-        return ids[:, max(0, n - chunk):]
+        for start in range(0, n, chunk):
+            if start and should_stop is not None and should_stop():
+                return False
+            self.feed(ids[:, start:start + chunk])
+            self.prefilled = min(n, start + chunk)
+        return True
 
-    def next_token(self, ids: Any, sampling: Sampling) -> int:
+    def feed(self, ids: Any) -> None:
         out = self.run(input_ids=ids, **self.kwargs)
         if self.head is None:
             # generate() copies the last row to float32 before its processors: so do we
-            logits = out.logits[:, -1, :].float()
-            return _choose(logits, sampling)
-        hidden = out.last_hidden_state[:, -1, :]
-        if self.mode == "fp16":
-            if self.halves and not bool(hidden.isfinite().all()):
-                raise ProviderError("the fp16 weights overflowed on this model (non-finite hidden "
-                                    "states); decode with mode 'exact' (%config KernelExt.decode_mode "
-                                    "= 'exact')")
-            return _choose(self.head.approx_logits(hidden), sampling)
-        if sampling.greedy and self.head.can_screen:
-            token = self.head.screened_argmax(hidden)
-            if token is not None:
-                self.screened += 1
-                return token
-            self.fallbacks += 1
-        return _choose(self.head.logits(hidden), sampling)
+            self.last = out.logits[:, -1, :].float()
+        else:
+            self.last = out.last_hidden_state[:, -1, :]
+
+    def next(self, sampling: Sampling) -> int:
+        return self.choose(sampling)[0]
+
+    def choose(self, sampling: Sampling) -> list[int]:
+        """The next token of each row of the last forward."""
+        head, hidden = self.head, self.last
+        if head is None:
+            return _choose(hidden, sampling)
+        # the full logits: the int4 head in quantized mode (when the file's head has that form)
+        full_logits = head.sample_logits if self.mode == "quantized" else head.logits
+        if not sampling.greedy or not head.can_screen:
+            return _choose(full_logits(hidden), sampling)
+        picks = head.screened_argmax(hidden, settle_ties=self.mode == "quantized")
+        missing = [i for i, t in enumerate(picks) if t is None]
+        self.screened += len(picks) - len(missing)
+        self.fallbacks += len(missing)
+        if missing:
+            full = _choose(full_logits(hidden[missing]), sampling)
+            for i, t in zip(missing, full):
+                picks[i] = t
+        return [int(t) for t in picks if t is not None]
 
 
-def _choose(logits: Any, sampling: Sampling) -> int:
-    """Greedy or sampled token from one row of float32 logits (``generate``'s warpers, in order)."""
+def _int4_forward(w: Any, bias: Any) -> Callable[[Any], Any]:
+    if bias is None:
+        return w  # type: ignore[no-any-return]
+
+    def forward(x: Any) -> Any:
+        return w(x) + bias
+
+    return forward
+
+
+def _choose(logits: Any, sampling: Sampling) -> list[int]:
+    """Greedy or sampled tokens from rows of float32 logits (``generate``'s warpers, in order)."""
     import torch
 
     if sampling.greedy:
-        return int(torch.argmax(logits, dim=-1)[0])
+        return [int(t) for t in torch.argmax(logits, dim=-1)]
     scores = logits
     if sampling.temperature != 1.0:
         scores = scores / sampling.temperature
@@ -267,7 +526,7 @@ def _choose(logits: Any, sampling: Sampling) -> int:
         drop = drop_sorted.scatter(1, order, drop_sorted)
         scores = scores.masked_fill(drop, -math.inf)
     probs = torch.nn.functional.softmax(scores, dim=-1)
-    return int(torch.multinomial(probs, num_samples=1)[0, 0])
+    return [int(t) for t in torch.multinomial(probs, num_samples=1)[:, 0]]
 
 
 def _cache_kwarg(module: Any) -> str:
@@ -279,179 +538,21 @@ def _cache_kwarg(module: Any) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-# --- the LM head -------------------------------------------------------------------------------
-class _Head:
-    """The model's LM head, recomputed here, with an fp16 copy for screening.
-
-    Certified screen (greedy, fp32 head ``W``, hidden state ``h``): ``a = fp16(h) @ fp16(W).T``
-    approximates the exact logits ``x = h @ W.T`` row by row within
-
-        E = |h|·D + |h - fp16(h)|·Wmax + |fp16(h)|·Wmax·(2^-10 + 2γ)
-
-    where ``D = max_r |W_r - fp16(W_r)|`` and ``Wmax = max_r |fp16(W_r)|`` (Euclidean norms,
-    computed once per head), ``2^-10`` covers rounding the fp16 output and ``γ = 1.1·n·2^-24``
-    the float32 accumulation of both products (Cauchy-Schwarz on each error term). Take the
-    :data:`SCREEN_CANDIDATES` rows ``C`` with the largest ``a`` and their exact logits; if the best
-    exact logit ``b`` satisfies ``b - E > min_C a``, no row outside ``C`` can reach ``b``
-    (``x_r <= a_r + E <= min_C a + E < b``), so the argmax over ``C`` is the argmax over the
-    vocabulary. Near-ties inside ``C`` also fall back to the full head, so that a different
-    summation order can never flip the choice. On the demo model E is ~0.1-0.25 while the margin
-    is several logits: every token was certified in the benchmark.
-    """
-
-    def __init__(self, weight: Any, softcap: float | None) -> None:
-        import torch
-
-        self.weight = weight
-        self.version = weight._version
-        self.softcap = softcap
-        self.half: Any = None
-        self.can_screen = False
-        self.d = self.wmax = 0.0
-        if weight.dtype == torch.float32 and weight.device.type == "cpu":
-            with torch.inference_mode():
-                half = weight.to(torch.float16)
-                if torch.isfinite(half).all():
-                    self.half = half
-                    self.d, self.wmax = _row_norm_bounds(weight, half)
-                    self.can_screen = True
-        n = int(weight.shape[1])
-        self.gamma = 1.1 * n * 2.0**-24
-
-    def _cap(self, logits: Any) -> Any:
-        if self.softcap is None:
-            return logits
-        import torch
-
-        return torch.tanh(logits / self.softcap) * self.softcap
-
-    def logits(self, hidden: Any) -> Any:
-        import torch.nn.functional as F
-
-        return self._cap(F.linear(hidden, self.weight)).float()
-
-    def approx_logits(self, hidden: Any) -> Any:
-        import torch
-        import torch.nn.functional as F
-
-        if self.half is None:
-            return self.logits(hidden)
-        return self._cap(F.linear(hidden.to(torch.float16), self.half).float())
-
-    def screened_argmax(self, hidden: Any) -> int | None:
-        """The exact greedy token, or None when the screen cannot certify it."""
-        import torch
-        import torch.nn.functional as F
-
-        h16 = hidden.to(torch.float16)
-        if not bool(torch.isfinite(h16).all()):
-            return None
-        approx = F.linear(h16, self.half).float()
-        top = torch.topk(approx, SCREEN_CANDIDATES, dim=-1)
-        h_norm = float(hidden.norm())
-        h16_norm = float(h16.float().norm())
-        eta = float((hidden - h16.float()).norm())
-        bound = h_norm * self.d + eta * self.wmax + h16_norm * self.wmax * (2.0**-10 + 2 * self.gamma)
-        rows = torch.sort(top.indices[0]).values  # ascending: argmax keeps the lowest id on ties
-        exact = self._cap(F.linear(hidden, self.weight.index_select(0, rows)))[0]
-        best2 = torch.topk(exact, 2)
-        best = float(best2.values[0])
-        if not best - bound > float(top.values[0, -1]):
-            return None
-        if float(best2.values[0] - best2.values[1]) <= 1e-4 * max(1.0, abs(best)):
-            return None  # a near-tie: only the full head's own rounding may decide it
-        return int(rows[int(torch.argmax(exact))])
-
-
-def _row_norm_bounds(weight: Any, half: Any, chunk: int = 16384) -> tuple[float, float]:
-    """``max_r |W_r - half_r|`` and ``max_r |half_r|``, in chunks to bound temporary memory."""
-    d = wmax = 0.0
-    for start in range(0, int(weight.shape[0]), chunk):
-        w = weight[start:start + chunk]
-        h = half[start:start + chunk].float()
-        d = max(d, float((w - h).norm(dim=1).max()))
-        wmax = max(wmax, float(h.norm(dim=1).max()))
-    # round up a little: the norms themselves were computed in float32
-    return d * (1 + 1e-5) + 1e-12, wmax * (1 + 1e-5)
-
-
-_HEADS: weakref.WeakKeyDictionary[Any, _Head] = weakref.WeakKeyDictionary()
-_HALVES: weakref.WeakKeyDictionary[Any, tuple[Any, int, Any]] = weakref.WeakKeyDictionary()
-
-
-def _fp16_linears(base: Any) -> dict[Any, Any]:
-    """fp16 copies of the weights of ``base``'s float32 CPU linears (cached; refreshed when a
-    weight changes). Modules whose ``forward`` is already replaced (accelerate hooks) keep it."""
-    import torch
-
-    halves: dict[Any, Any] = {}
-    with torch.inference_mode():
-        for module in base.modules():
-            if type(module) is not torch.nn.Linear or "forward" in vars(module):
-                continue
-            w = module.weight
-            if w.dtype != torch.float32 or w.device.type != "cpu":
-                continue
-            cached = _HALVES.get(module)
-            if cached is None or cached[0] is not w or cached[1] != w._version:
-                bias = None if module.bias is None else module.bias.detach().to(torch.float16)
-                cached = (w, w._version, (w.detach().to(torch.float16), bias))
-                _HALVES[module] = cached
-            halves[module] = cached[2]
-    return halves
-
-
-def _half_forward(half: tuple[Any, Any]) -> Callable[[Any], Any]:
-    import torch
-    import torch.nn.functional as F
-
-    weight, bias = half
-
-    def forward(x: Any) -> Any:
-        return F.linear(x.to(torch.float16), weight, bias).to(x.dtype)
-
-    return forward
-
-
-def _head_for(model: Any) -> _Head | None:
-    """This model's :class:`_Head` (cached per model), or None when its head is not plain."""
-    import torch
-
-    config = model.config
-    if getattr(config, "model_type", None) not in _PLAIN_HEAD_FAMILIES:
-        return None
-    out = model.get_output_embeddings()
-    if not isinstance(out, torch.nn.Linear) or out.bias is not None:
-        return None
-    if "forward" in vars(out) or out.weight.device.type == "meta":
-        return None  # accelerate hooks (offloading) own this head: only its forward is right
-    if getattr(model, "base_model", model) is model:
-        return None
-    weight = out.weight
-    cap = getattr(config, "final_logit_softcapping", None)
-    softcap = float(cap) if cap else None
-    cached = _HEADS.get(model)
-    if cached is not None and cached.weight is weight and cached.version == weight._version:
-        cached.softcap = softcap  # read from the config at every call, like the model's forward
-        return cached
-    head = _Head(weight, softcap)
-    _HEADS[model] = head
-    return head
-
-
 def copy_bytes(model: Any) -> int:
-    """Bytes of the runtime copies this module keeps for ``model`` (the fp16 head of ``exact``
-    mode, the fp16 linears of ``fp16`` mode): memory the model costs beyond its own weights,
-    counted by the model registry (``%model list``/``info``, the dashboard, its LRU cap)."""
+    """Bytes of the decoding copies kept for ``model`` (the LM head's screen, the int4 repacks
+    and the int4 head once built): memory the model costs beyond its own weights, counted by
+    the model registry (``%model list``/``info``, the dashboard, its LRU cap)."""
     total = 0
-    head = _HEADS.get(model)
-    if head is not None and head.half is not None:
-        total += head.half.numel() * head.half.element_size()
-    for module in model.modules():
-        cached = _HALVES.get(module)
-        if cached is not None:
-            weight, bias = cached[2]
-            total += weight.numel() * weight.element_size()
-            if bias is not None:
-                total += bias.numel() * bias.element_size()
+    screens: set[int] = set()
+    for ready in _PREPARED.get(model, {}).values():
+        total += ready.nbytes
+        head = ready.head
+        if head is None:
+            continue
+        if head.screen is not None:  # a screen two modes share counts once
+            if id(head.screen) in screens:
+                total -= head.screen.nbytes + 8 * int(head.weight.shape[0])
+            screens.add(id(head.screen))
+        if head.fast_built() is not None:
+            total += head.fast_built().nbytes
     return total

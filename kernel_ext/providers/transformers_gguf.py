@@ -3,7 +3,12 @@
 Loading is done by :mod:`kernel_ext.gguf.loader`; this module turns prompts into text with
 :func:`kernel_ext.providers.decode.decode` (a lean loop in place of ``model.generate``):
 streaming through :class:`IncrementalDecoder`, stop strings, cooperative stopping (timeouts)
-between tokens, greedy or seeded sampling.
+between prompt chunks and between tokens, greedy or seeded sampling.
+
+Cancellation contract: a deadline (``should_stop``) returns a result with ``finish_reason``
+``"timeout"``; the stop button (a ``KeyboardInterrupt`` during prompt processing or decoding)
+is caught and *returned* as a result with the partial text and ``finish_reason``
+``"interrupted"``, never raised, so the caller can keep what was generated.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ import gc
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..budget import RequestGuard
 from ..errors import PromptError, ProviderError, ProviderOutOfMemoryError
@@ -20,7 +25,10 @@ from ..prompt import render_chat_template
 from .base import GenerationParams, GenerationResult, Health, StopCheck, TokenCallback
 from .streaming import IncrementalDecoder
 
-__all__ = ["TransformersGGUFProvider", "LocalModel"]
+if TYPE_CHECKING:
+    from .decode import Prepared
+
+__all__ = ["LocalModel", "TransformersGGUFProvider"]
 
 
 @dataclass
@@ -35,6 +43,9 @@ class LocalModel:
     dtype: str
     chat_template: str | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    # the conversion cache's root: decoding copies (int4 repacks, the head's screen) are kept
+    # in the file's entry there (None: built in memory when needed)
+    cache_dir: Path | None = None
 
 
 class TransformersGGUFProvider:
@@ -116,6 +127,26 @@ class TransformersGGUFProvider:
             raise ProviderError(f"model {self.name!r} was unloaded; load it again with %model load")
         return self.local
 
+    def _mode(self) -> str:
+        return self.decode_mode() if callable(self.decode_mode) else self.decode_mode
+
+    def prepare_decode(self, mode: str | None = None) -> Prepared:
+        """Build (or read from the conversion cache) the copies ``mode`` decodes with (default:
+        the current ``decode_mode``), so the first generation does not wait for them."""
+        return self._prepare(self._ready(), mode or self._mode())
+
+    def _prepare(self, local: LocalModel, mode: str) -> Prepared:
+        from ..gguf.cache import CacheError, entry_dir
+        from .decode import Source, prepare
+
+        entry = None
+        if local.cache_dir is not None:
+            try:
+                entry = entry_dir(local.cache_dir, local.sha256)
+            except CacheError:
+                entry = None
+        return prepare(local.model, mode, source=Source(local.path, entry))
+
     # --- generation ----------------------------------------------------------------------------
     def generate(
         self,
@@ -127,62 +158,65 @@ class TransformersGGUFProvider:
     ) -> GenerationResult:
         import torch
 
-        from .decode import Sampling, decode
+        from .decode import DecodeResult, Sampling, decode
 
         local = self._ready()
-        text, used_chat = self.build_prompt(prompt, params)
-        tok = local.tokenizer
-        # Budgets before work (kernel_ext.budget): the context and memory checks run before the
-        # prompt is tokenized whole or prefilled. A chat template writes its own BOS.
-        request = self.guard.prepare(local.model, tok, text, max_new_tokens=params.max_new_tokens,
-                                     add_special_tokens=not used_chat, device=local.device,
-                                     name=self.name)
-        input_ids = request.input_ids.to(local.device)
-        decoder = IncrementalDecoder(tok, params.stop, on_token)
-        timed_out = False
-
-        def on_new_token(token: int) -> bool:
-            nonlocal timed_out
-            decoder.add((token,))
-            if decoder.stopped:
-                return True
-            if should_stop is not None and should_stop():
-                timed_out = True
-                return True
-            return False
-
-        mode = self.decode_mode() if callable(self.decode_mode) else self.decode_mode
+        mode = self._mode()
         sampling = Sampling(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
-        # torch.manual_seed reseeds every CUDA device: fork them all, so the seed stays local
-        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+        tok = local.tokenizer
+        decoder = IncrementalDecoder(tok, params.stop, on_token)
+        out: DecodeResult | None = None
+        request_notes: list[str] = []
+        input_ids = None
         try:
+            text, used_chat = self.build_prompt(prompt, params)
+            # Budgets before work (kernel_ext.budget): the context and memory checks run before
+            # the prompt is tokenized whole or prefilled. A chat template writes its own BOS.
+            request = self.guard.prepare(local.model, tok, text,
+                                         max_new_tokens=params.max_new_tokens,
+                                         add_special_tokens=not used_chat, device=local.device,
+                                         name=self.name)
+            request_notes = list(request.notes)
+            input_ids = request.input_ids.to(local.device)
+            self._prepare(local, mode)
+            # torch.manual_seed reseeds every CUDA device: fork them all, so the seed stays local
+            devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
             with torch.random.fork_rng(devices=devices):
                 if params.seed is not None:
                     torch.manual_seed(params.seed)
                 out = decode(local.model, input_ids, max_new_tokens=params.max_new_tokens,
-                             sampling=sampling, eos_ids=_eos_ids(local), on_token=on_new_token,
-                             mode=mode, prefill_chunk=params.prefill_chunk)
+                             sampling=sampling, eos_ids=_eos_ids(local),
+                             on_token=lambda t: decoder.add((t,)) or decoder.stopped,
+                             should_stop=should_stop, mode=mode,
+                             prefill_chunk=params.prefill_chunk)
+        except KeyboardInterrupt:
+            pass  # before decoding started (tokenising, preparing): nothing generated yet
         except torch.OutOfMemoryError as e:
             err = ProviderOutOfMemoryError(
                 f"{self.name}: out of memory while generating ({e}); try fewer --max-new-tokens, "
                 "a smaller dtype or another device"
             )
-            err.prompt_tokens = int(input_ids.shape[1])  # the retry's prefill chunk is half
+            if input_ids is not None:
+                err.prompt_tokens = int(input_ids.shape[1])  # the retry's prefill chunk is half
             raise err from e
         final = decoder.finish()
-        if timed_out:
+        if out is None or out.finish_reason == "interrupted":
+            reason = "interrupted"
+        elif out.finish_reason == "cancelled":
             reason = "timeout"
         elif out.finish_reason == "length" and not decoder.stopped:
             reason = "length"
         else:
             reason = "stop"
+        notes = [*self.take_notes(), *request_notes, *(out.notes if out is not None else [])]
+        if out is not None and out.mode == "quantized":
+            notes.append("int4 weights")  # numerics differ from the model's own: say so
         return GenerationResult(
             text=final, prompt=prompt, model=self.name, provider=self.name,
-            prompt_tokens=out.prompt_tokens, completion_tokens=len(out.tokens), finish_reason=reason,
-            time_to_first_token_s=out.first_token_s, total_s=out.total_s,
-            # numerics that differ from the model's own are said in the footer
-            notes=[*self.take_notes(), *request.notes,
-                   *(["fp16 weights"] if out.mode == "fp16" else [])],
+            prompt_tokens=out.prompt_tokens if out is not None else 0,
+            completion_tokens=len(out.tokens) if out is not None else 0, finish_reason=reason,
+            time_to_first_token_s=out.first_token_s if out is not None else None,
+            total_s=out.total_s if out is not None else 0.0, notes=notes,
         )
 
 
