@@ -608,3 +608,16 @@ def test_switching_modes_keeps_one_screen(tiny_q8: tuple[Any, Any, Path]) -> Non
     assert quant.head.screen is exact.head.screen  # shared, not built twice
     assert copy_bytes(model) == exact.nbytes + quant.nbytes - exact.nbytes + (
         quant.head.fast_built().nbytes if quant.head.fast_built() is not None else 0)
+
+
+def test_int8_screen_of_a_head_whose_width_is_not_a_multiple_of_16() -> None:
+    """torch 2.13's int8 CPU kernel segfaults for such widths (the whole kernel dies): the
+    screen pads instead, and its products are those of the unpadded weight."""
+    from kernel_ext.providers.head import _int8_matmul
+
+    q8 = torch.randint(-127, 127, (300, 40), dtype=torch.int8)
+    scale = torch.rand(300, dtype=torch.bfloat16)
+    h = torch.randn(4, 40)
+    want = h.to(torch.bfloat16).float() @ (q8.float() * scale.float()[:, None]).T
+    got = _int8_matmul(q8[:, :], scale)(h)
+    assert torch.allclose(got, want, rtol=1e-2, atol=1e-2 * float(want.abs().max()))

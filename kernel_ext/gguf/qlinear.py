@@ -124,6 +124,14 @@ class Int4Part:
     packed: torch.Tensor
     scales_zeros: torch.Tensor
 
+    def __post_init__(self) -> None:
+        # torch's int4 CPU kernel reads with vector loads; tensors mapped from the conversion
+        # cache can sit at any offset: give those an aligned copy (as for the int8 screen)
+        for name in ("packed", "scales_zeros"):
+            t = getattr(self, name)
+            if t.data_ptr() % 64 or not t.is_contiguous():
+                setattr(self, name, t.clone(memory_format=torch.contiguous_format))
+
 
 @dataclass
 class Int4Weight:

@@ -124,9 +124,29 @@ def build_screen(kind: str, weight: torch.Tensor) -> Screen:
     raise ValueError(f"screen kind must be one of {', '.join(SCREEN_KINDS)}, got {kind!r}")
 
 
+# torch 2.13's CPU ``_weight_int8pack_mm`` crashes the process (SIGSEGV, measured here) when the
+# inner dimension is not a multiple of 16: such heads are padded with zero columns (and the
+# activations with zeros), which leaves every product unchanged.
+_INT8_K_MULTIPLE = 16
+
+
 def _int8_matmul(q8: torch.Tensor, scale: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    k = int(q8.shape[1])
+    pad = -k % _INT8_K_MULTIPLE
+    if pad:
+        q8 = torch.nn.functional.pad(q8, (0, pad))
+    # ... and its operands get aligned, contiguous storage: a tensor mapped from the conversion
+    # cache can sit at any offset (an int8 screen read that way crashed a test run)
+    if q8.data_ptr() % 64 or not q8.is_contiguous():
+        q8 = q8.clone(memory_format=torch.contiguous_format)
+    if scale.data_ptr() % 64 or not scale.is_contiguous():
+        scale = scale.clone(memory_format=torch.contiguous_format)
+
     def matmul(h: torch.Tensor) -> torch.Tensor:
-        return torch._weight_int8pack_mm(h.to(torch.bfloat16), q8, scale).float()
+        h = h.to(torch.bfloat16)
+        if pad:
+            h = torch.nn.functional.pad(h, (0, pad))
+        return torch._weight_int8pack_mm(h.contiguous(), q8, scale).float()
 
     return matmul
 
@@ -157,7 +177,7 @@ _CAL_ROWS = 65536  # a slice larger than the last-level cache in every format
 def _available(kind: str, k: int) -> bool:
     if kind == "int4":
         return qlinear.available() is None and k % qlinear.GROUP == 0
-    return hasattr(torch, "_weight_int8pack_mm")
+    return hasattr(torch, "_weight_int8pack_mm") and k % _INT8_K_MULTIPLE == 0
 
 
 def _machine() -> str:
