@@ -54,9 +54,8 @@ def reference(gguf_path: Path) -> torch.Tensor:
 
 
 def _placed(path: Path, device: str = "cpu", **kwargs: Any) -> Any:
-    from kernel_ext.gguf.gpu_plans import load_placed
-
     from kernel_ext.gguf.arch import route
+    from kernel_ext.gguf.gpu_plans import load_placed
 
     with read_gguf(path) as gf:
         adapter = route(gf.metadata, gf.tensors, gf.tensor_bytes).adapter
