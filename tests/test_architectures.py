@@ -495,3 +495,18 @@ def test_weight_sources_are_reported_for_a_load_from_the_weights_cache(tmp_path:
     warm = load_transformers(path, cache_dir=tmp_path / "cache", sha256=cold.sha256)
     assert warm.cache_hits["weights"] and not cold.cache_hits["weights"]
     assert warm.weight_sources == cold.weight_sources and len(warm.weight_sources) > 10
+
+
+@pytest.mark.parametrize("arch", FAST_ARCHS + FALLBACK_ARCHS)
+def test_infer_decoding_equals_generate_on_every_architecture(arch: str, tmp_path: Path) -> None:
+    """%%infer's decoding loop (kernel_ext.providers.decode) gives ``model.generate``'s greedy
+    tokens on every architecture that loads, the Transformers path's included (their caches
+    differ: Mamba's state, LFM2's convolutions, Qwen3.5's linear attention)."""
+    from kernel_ext.providers.decode import decode
+
+    art = load_transformers(write_tiny(tmp_path / f"{arch}.gguf", arch, vocab="gpt2"))
+    ids = art.tokenizer("hello world, the capital of", return_tensors="pt").input_ids
+    with torch.no_grad():
+        ref = art.model.generate(ids, max_new_tokens=6, do_sample=False)[0, ids.shape[1]:]
+    got = decode(art.model, ids, max_new_tokens=6).tokens
+    assert got[: len(ref)] == ref.tolist()  # generate stops at EOS, decode without eos_ids not
