@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import sys
 import time
 from collections import Counter
@@ -38,6 +39,8 @@ from typing import Any
 from .errors import BreakerOpenError, KernelExtError, ProviderOutOfMemoryError
 from .providers.base import GenerationParams, GenerationResult
 from .trace import new_id
+
+log = logging.getLogger(__name__)
 
 __all__ = ["ItemError", "OverResults", "batch_size_for", "item_keys", "run_over"]
 
@@ -308,7 +311,12 @@ def _run_batched(session: Any, target: str | None, provider: Any, prompts: Seque
     if why is not None:
         out.mode = f"one at a time ({why})"
         return todo
-    engine = BatchEngine(local.model, local.tokenizer, eos_ids=_eos_ids(local))
+    prepared = None
+    try:  # the copies %%infer alone decodes with (its head screen; int4 linears if quantized)
+        prepared = provider.prepare_decode()
+    except Exception as e:  # noqa: BLE001 - the model's own head still answers exactly
+        log.warning("batched decoding with the model's own head: %s", e)
+    engine = BatchEngine(local.model, local.tokenizer, eos_ids=_eos_ids(local), prepared=prepared)
     tok = local.tokenizer
     requests, rest = [], []
     sampling = Sampling(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
@@ -341,6 +349,8 @@ def _run_batched(session: Any, target: str | None, provider: Any, prompts: Seque
         batch_size = batch_size_for(local.model.config, longest, device=local.device)
     batch_size = min(batch_size, len(requests))
     out.mode = f"batches of {batch_size}"
+    # numerics differ from the model's own in quantized mode: each answer says so, as alone
+    notes = ("int4 weights",) if engine.mode == "quantized" else ()
     hub = getattr(session, "resilience", None)
     name = target or provider.name
     breaker = hub.breaker(name) if hub is not None else None
@@ -353,7 +363,7 @@ def _run_batched(session: Any, target: str | None, provider: Any, prompts: Seque
             text=o.text, prompt=prompts[i], model=provider.name, provider=provider.name,
             prompt_tokens=o.prompt_tokens, completion_tokens=len(o.tokens),
             finish_reason=o.finish_reason, time_to_first_token_s=o.first_token_s,
-            total_s=o.total_s, correlation_id=new_id(),
+            total_s=o.total_s, correlation_id=new_id(), notes=list(notes),
         )
         state = None
         if breaker is not None:
@@ -374,7 +384,7 @@ def _run_batched(session: Any, target: str | None, provider: Any, prompts: Seque
             attempts=result.attempts, latency_s=round(o.total_s, 6),
             outcome="timeout" if result.timed_out else "ok", provider=name,
             prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
-            finish_reason=result.finish_reason, cached=False, notes=[], batch_size=batch_size,
+            finish_reason=result.finish_reason, cached=False, notes=list(notes), batch_size=batch_size,
         )
         session.last_result = result
         session.events.emit("infer", action="end", model=name, result=result,

@@ -162,6 +162,41 @@ def test_batched_greedy_equals_one_at_a_time_and_rows_join_as_others_finish(
     assert engine.steps < sum(lengths)  # fewer forwards than one row at a time
 
 
+@pytest.mark.parametrize("mode", ["exact", "quantized"])
+def test_batched_rows_decode_like_a_single_call_in_its_decode_mode(
+    ip: Any, tmp_path: Path, mode: str
+) -> None:
+    """The engine runs the model's body and the decode mode's head: the certified screen picks
+    every greedy token (the float32 head's choice), and quantized mode's int4 linears compute
+    the batch as they compute a single call; answers say "int4 weights" as single calls do."""
+    from kernel_ext.providers.decode import prepare
+    from kernel_ext.providers.transformers_gguf import _eos_ids
+
+    path = write_tiny_llama(tmp_path / "q8.gguf", seed=3, quant="Q8_0")
+    ip.run_line_magic("config", f"KernelExt.decode_mode = {mode!r}")
+    ip.run_line_magic("model", f"load {path} --no-progress")
+    provider = session_of(ip).models.get().provider
+    local = provider.local
+    prepare(local.model, mode, screen="int8")  # a tiny head: the timing would pick no screen
+    prompts = ["a", "the cat sat on", "1 2 3", "hello world, this is longer"]
+    lengths = [5, 2, 6, 3]
+    single = [provider.generate(p, GenerationParams(max_new_tokens=n)) for p, n in zip(prompts, lengths)]
+    engine = BatchEngine(local.model, local.tokenizer, eos_ids=_eos_ids(local),
+                         prepared=provider.prepare_decode())
+    outs: dict[int, Any] = {}
+    reqs = [BatchRequest(i, local.tokenizer(p)["input_ids"], n)
+            for i, (p, n) in enumerate(zip(prompts, lengths))]
+    engine.run(reqs, batch_size=3, on_done=lambda o: outs.__setitem__(o.request.tag, o))
+    assert engine.mode == mode and engine.head is not None
+    assert [outs[i].text for i in range(4)] == [r.text for r in single]
+    assert engine.screened == sum(lengths)  # every greedy token certified, none from the full head
+    ip.user_ns["qs"] = prompts
+    cell(ip, "--over qs --into out -n 3 --batch-size 4 -q", "{item}")
+    out = ip.user_ns["out"]
+    assert out.mode == "batches of 4" and not out.failed
+    assert all(("int4 weights" in r.notes) == (mode == "quantized") for r in out)
+
+
 def test_seeded_sampling_is_reproducible_per_item_whatever_the_batch(ip: Any, tiny: Path) -> None:
     ip.run_line_magic("model", f"load {tiny} --no-progress")
     provider, engine = _engine(ip)

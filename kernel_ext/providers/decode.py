@@ -72,6 +72,7 @@ __all__ = [
     "Source",
     "copy_bytes",
     "decode",
+    "int4_forwards",
     "prepare",
 ]
 
@@ -444,16 +445,8 @@ class _Stepper:
         self.fallbacks = 0
         self.prefilled = 0
 
-    @contextlib.contextmanager
-    def weights(self) -> Iterator[None]:
-        """While decoding, the int4 linears (mode "quantized") replace the modules' forwards."""
-        for module, w in self.linears.items():
-            module.forward = _int4_forward(w, module.bias)
-        try:
-            yield
-        finally:
-            for module in self.linears:
-                vars(module).pop("forward", None)  # the class's forward again
+    def weights(self) -> contextlib.AbstractContextManager[None]:
+        return int4_forwards(self.linears)
 
     def prefill(self, ids: Any, chunk: int, should_stop: Callable[[], bool] | None) -> bool:
         """Feed the prompt ``chunk`` tokens at a time; False when ``should_stop`` said stop."""
@@ -494,6 +487,19 @@ class _Stepper:
             for i, t in zip(missing, full):
                 picks[i] = t
         return [int(t) for t in picks if t is not None]
+
+
+@contextlib.contextmanager
+def int4_forwards(linears: dict[Any, Any]) -> Iterator[None]:
+    """While decoding, the int4 linears (mode "quantized": :attr:`Prepared.linears`) replace
+    the modules' forwards; the class's own forward is back afterwards."""
+    for module, w in linears.items():
+        module.forward = _int4_forward(w, module.bias)
+    try:
+        yield
+    finally:
+        for module in linears:
+            vars(module).pop("forward", None)
 
 
 def _int4_forward(w: Any, bias: Any) -> Callable[[Any], Any]:
