@@ -11,7 +11,7 @@ import re
 import sys
 from typing import Any
 
-from traitlets import Bool, Enum, Float, Int, List, TraitError, Unicode, validate
+from traitlets import Bool, Dict, Enum, Float, Int, List, TraitError, Unicode, validate
 from traitlets.config import Config, Configurable
 
 from .errors import OptionError
@@ -187,6 +187,20 @@ class KernelExtConfig(Configurable):
         Unicode(), default_value=[], help="PEM public keys (elliptic curve) and certificate chains that model "
         "signatures are verified against, offline.",
     ).tag(config=True)
+    signature_identities = Dict(
+        value_trait=Unicode(), key_trait=Unicode(), default_value={},
+        help="Signers trusted for keyless Sigstore signatures (`model_signing sign sigstore`): "
+        "identity (the e-mail or URI in the signing certificate) -> the OIDC issuer URL that "
+        "vouched for it, e.g. {'me@example.org': 'https://github.com/login/oauth'}. Verified "
+        "offline against signature_trust_config.",
+    ).tag(config=True)
+    signature_trust_config = Unicode(
+        "", help="Trust root for keyless Sigstore signatures: path of a Sigstore "
+        "ClientTrustConfig or trusted_root.json file. Empty: Sigstore's production trust root "
+        "shipped with the installed sigstore package, used offline (never fetched), so keys "
+        "Sigstore rotated or revoked after that release are only known once sigstore is "
+        "updated or a newer file is given here.",
+    ).tag(config=True)
     alert_trip_rate = Float(
         0.05, help="Alert when a provider's breaker trips on more than this fraction of its "
         "calls within alert_window_seconds."
@@ -203,6 +217,17 @@ class KernelExtConfig(Configurable):
 
     # --- widgets ------------------------------------------------------------------------------
     dashboard_interval = Float(1.0, help="Seconds between live dashboard updates.").tag(config=True)
+
+    @validate("signature_identities")
+    def _identities(self, proposal: dict) -> dict[str, str]:
+        value = {str(k).strip(): str(v).strip() for k, v in dict(proposal["value"]).items()}
+        for identity, issuer in value.items():
+            if not identity or not re.match(r"https?://\S+$", issuer):
+                raise TraitError(
+                    "signature_identities maps a signer's identity to its OIDC issuer URL, e.g. "
+                    "{'me@example.org': 'https://github.com/login/oauth'}; got "
+                    f"{identity!r}: {issuer!r}")
+        return value
 
     @validate("audit_backups")
     def _backups(self, proposal: dict) -> int:

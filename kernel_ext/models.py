@@ -313,7 +313,9 @@ class ModelRegistry:
         try:
             check = verify_model_signature(path, digest, signature=signature,
                                            trusted=list(cfg.signature_trusted_keys),
-                                           policy=cfg.signature_policy)
+                                           policy=cfg.signature_policy,
+                                           identities=dict(cfg.signature_identities),
+                                           trust_config=cfg.signature_trust_config or None)
         except SignatureError as e:
             self.session.audit.write("model.signature", name=name, path=path, sha256=digest,
                                      outcome="refused", policy=cfg.signature_policy, error=e)

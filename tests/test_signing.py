@@ -4,6 +4,9 @@ with keys made in the test, under each signature policy, through a real Session 
 from __future__ import annotations
 
 import datetime
+import errno
+import shutil
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -185,3 +188,151 @@ def test_magic_refusal_is_one_clear_line(tmp_path: Path, keys: dict[str, Path], 
     unsigned = write_tiny_llama(tmp_path / "plain.gguf", seed=2)
     with pytest.raises(UsageError, match="is not signed and signature_policy is 'require'"):
         ip.run_line_magic("model", f"load {unsigned} --name p --no-progress")
+
+
+# --- keyless Sigstore signatures, verified offline ----------------------------------------------
+# A real keyless bundle made on Sigstore's public-good instance (Fulcio certificate, Rekor entry)
+# over a small directory model: OpenSSF model-transparency's test asset (see its README.txt).
+KEYLESS = Path(__file__).resolve().parent / "data" / "model-transparency-v1.1.0-sigstore"
+SIGNER = ("stefanb@us.ibm.com", "https://sigstore.verify.ibm.com/oauth2")
+
+
+@pytest.fixture
+def offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, Any]]:
+    """No network: every connection or name lookup fails, and is recorded for the test to check;
+    proxies point nowhere; sigstore's TUF cache lives in a fresh folder the test can inspect."""
+    tried: list[tuple[str, Any]] = []
+
+    def refuse(what: str) -> Any:
+        def attempt(*args: Any, **kwargs: Any) -> Any:
+            tried.append((what, args[1:] if what == "connect" else args))
+            raise OSError(errno.ENETUNREACH, "the network is off in this test")
+        return attempt
+
+    monkeypatch.setattr(socket.socket, "connect", refuse("connect"))
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse("connect"))
+    monkeypatch.setattr(socket, "getaddrinfo", refuse("getaddrinfo"))
+    for var in ("HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg-data"))
+    return tried
+
+
+def _nothing_fetched(tmp_path: Path, tried: list[tuple[str, Any]]) -> None:
+    assert tried == []  # not one connection or DNS lookup was attempted
+    for xdg in ("xdg-cache", "xdg-data"):  # and sigstore's TUF client never started
+        assert not (tmp_path / xdg).exists() or not any((tmp_path / xdg).rglob("*.json"))
+
+
+def _keyless_model(tmp_path: Path) -> tuple[Path, Path]:
+    """The signed directory model, copied (without README.txt, which is not part of it)."""
+    model = tmp_path / "v1.1.0-sigstore"
+    model.mkdir()
+    for name in ("signme-1", "signme-2", "ignore-me"):
+        shutil.copy(KEYLESS / name, model / name)
+    return model, KEYLESS / "model.sig"
+
+
+def _verify_dir(model: Path, sig: Path, identities: dict[str, str], **kw: Any) -> Any:
+    from kernel_ext.signing import verify_model_signature
+
+    return verify_model_signature(model, None, signature=sig, trusted=[], policy="require",
+                                  identities=identities, **kw)
+
+
+def _shipped(store: str, name: str = "trusted_root.json") -> str:
+    from importlib import resources
+
+    return resources.files("sigstore._store").joinpath(store, name).read_text()
+
+
+def test_keyless_signature_verifies_offline(tmp_path: Path, offline: list[Any]) -> None:
+    model, sig = _keyless_model(tmp_path)
+    check = _verify_dir(model, sig, {"someone@example.org": SIGNER[1], SIGNER[0]: SIGNER[1]})
+    assert check.outcome == "verified" and (check.identity, check.issuer) == SIGNER
+    assert check.trusted_by == f"{SIGNER[0]} ({SIGNER[1]})"
+    assert "production trust root shipped with sigstore" in check.trust_root
+    # ignored by the signature's manifest: changing it changes nothing
+    (model / "ignore-me").write_text("not signed, not checked")
+    assert _verify_dir(model, sig, dict([SIGNER])).outcome == "verified"
+    # the trust root given explicitly (signature_trust_config): a bare trusted_root.json works
+    root = tmp_path / "trusted_root.json"
+    root.write_text(_shipped("https%3A%2F%2Ftuf-repo-cdn.sigstore.dev"))
+    given = _verify_dir(model, sig, dict([SIGNER]), trust_config=root)
+    assert given.outcome == "verified" and given.trust_root == str(root)
+    assert given.key_sha256 == check.key_sha256  # the same root, fingerprinted the same way
+    _nothing_fetched(tmp_path, offline)
+
+
+def test_keyless_signature_is_checked_against_the_trust_root(tmp_path: Path,
+                                                               offline: list[Any]) -> None:
+    """Sigstore's staging instance does not vouch for production certificates: refused."""
+    model, sig = _keyless_model(tmp_path)
+    staging = tmp_path / "staging_root.json"
+    staging.write_text(_shipped("https%3A%2F%2Ftuf-repo-cdn.sigstage.dev"))
+    with pytest.raises(SignatureError, match=r"does not verify against the trust root .*"
+                       r"staging_root.json.*update sigstore"):
+        _verify_dir(model, sig, dict([SIGNER]), trust_config=staging)
+    not_json = tmp_path / "junk.json"
+    not_json.write_text('{"mediaType": "something/else"}')
+    with pytest.raises(SignatureError, match="neither a Sigstore ClientTrustConfig nor a trusted"):
+        _verify_dir(model, sig, dict([SIGNER]), trust_config=not_json)
+    _nothing_fetched(tmp_path, offline)
+
+
+KEYLESS_REFUSALS = {
+    "wrong_identity": ({"mallory@example.org": SIGNER[1]},
+                       (r"made by stefanb@us.ibm.com \(issuer https://sigstore.verify.ibm.com/"
+                       r"oauth2\), which is not one of the trusted signers.*signature_identities")),
+    "wrong_issuer": ({SIGNER[0]: "https://accounts.google.com"},
+                     "which is not one of the trusted signers"),
+    "not_configured": ({}, (r"no signer is trusted for keyless signatures. Only if you trust "
+                            r"that signer: %config KernelExt.signature_identities = "
+                            r"\{'stefanb@us.ibm.com': 'https://sigstore.verify.ibm.com/oauth2'\}")),
+    "tampered": (dict([SIGNER]), r"modified after it was signed.*\(changed: signme-1\)"),
+    "extra_file": (dict([SIGNER]), r"modified after it was signed.*\(not signed: smuggled.bin\)"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(KEYLESS_REFUSALS))
+def test_keyless_signature_refusals(tmp_path: Path, offline: list[Any], case: str) -> None:
+    model, sig = _keyless_model(tmp_path)
+    identities, message = KEYLESS_REFUSALS[case]
+    if case == "tampered":
+        (model / "signme-1").write_bytes(b"signme-X")  # after signing, same length
+    elif case == "extra_file":
+        (model / "smuggled.bin").write_bytes(b"\0")
+    with pytest.raises(SignatureError, match=message):
+        _verify_dir(model, sig, identities)
+    _nothing_fetched(tmp_path, offline)
+
+
+def test_keyless_signature_on_load_is_audited_and_refused_clearly(
+    tmp_path: Path, offline: list[Any], ip: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Through %model load: the same policy, refusals and audit records as keys. The bundle
+    verifies cryptographically but signs another model, so the digest binding refuses it."""
+    from IPython.core.error import UsageError
+
+    import kernel_ext
+
+    model = write_tiny_llama(tmp_path / "tiny.gguf", seed=1)
+    sig = KEYLESS / "model.sig"
+    load = f"load {model} --name m --no-progress --signature {sig}"
+    with pytest.raises(UsageError, match="keyless Sigstore signature .* by stefanb@us.ibm.com"
+                       ".*signature_identities"):
+        ip.run_line_magic("model", load)
+    ip.run_line_magic("config", f"KernelExt.signature_identities = {{{SIGNER[0]!r}: "
+                                f"{SIGNER[1]!r}}}")
+    with pytest.raises(UsageError, match="tiny.gguf does not match its signature model.sig"):
+        ip.run_line_magic("model", load)
+    audit = kernel_ext.current_session().audit
+    assert [r["outcome"] for r in audit.read("model.signature")] == ["refused", "refused"]
+    assert len(audit.read("model.load_failed")) == 2 and not audit.read("model.plan")
+    assert "m" not in kernel_ext.current_session().models.names()
+    capsys.readouterr()
+    ip.run_line_magic("config", "KernelExt.signature_identities = {'me@x.org': 'github'}")
+    assert "OIDC issuer URL" in capsys.readouterr().err  # a typo is refused at once, and kept
+    assert kernel_ext.current_session().config.signature_identities == dict([SIGNER])
+    _nothing_fetched(tmp_path, offline)

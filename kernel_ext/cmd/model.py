@@ -45,7 +45,8 @@ def usage() -> None:
 @argument("--sha256", help="expected SHA-256 of the file; a mismatch refuses the load")
 @argument("--signature", metavar="FILE",
           help="model-signing signature of the file (default: FILE.gguf.sig if present), "
-          "verified offline against %%config KernelExt.signature_trusted_keys")
+          "verified offline against %%config KernelExt.signature_trusted_keys (keys, certificates) "
+          "or signature_identities (keyless Sigstore signatures)")
 @argument("--no-progress", action="store_true", help="no progress bar")
 def _load_usage() -> None:
     """Validate, hash-check, size and load a GGUF model (no argument: the default model)."""
