@@ -13,8 +13,10 @@ no subsystem needs to know about them:
 - ``memory_pressure`` (subject: ``ram``, ``cuda:N``, ``load`` or ``inference``): this process's
   RSS (or a GPU's used memory) over the memory guard's limit (``memory_fraction`` of the
   total), checked after each cell, load and inference; a load refused by the guard
-  (:class:`MemoryBudgetError`); an inference refused for memory (``out_of_memory``). Cleared
-  when usage is under the limit again, or the next load / inference succeeds.
+  (:class:`MemoryBudgetError`); an inference refused for memory (the provider ran out of
+  memory, ``out_of_memory``, or the request budget guard refused the request's KV cache and
+  prefill, :class:`RequestMemoryError`). Cleared when usage is under the limit again, or the
+  next load / inference succeeds.
 - ``checkpoint_failure`` (subject: ``store`` or ``task:NAME``): a checkpoint that could not be
   written; cleared by the next successful one.
 """
@@ -85,7 +87,8 @@ class Alerts:
         self._trips: dict[str, collections.deque[float]] = collections.defaultdict(collections.deque)
         bus = session.events
         self._unsubscribe = [bus.subscribe("audit", self._on_audit),
-                             bus.subscribe("breaker_call", self._on_breaker_call)]
+                             bus.subscribe("breaker_call", self._on_breaker_call),
+                             bus.subscribe("infer", self._on_infer)]
 
     def close(self) -> None:
         for fn in self._unsubscribe:
@@ -179,6 +182,18 @@ class Alerts:
                              "snapshot is kept (%checkpoint status)", error=rec.get("error"))
         elif kind == "checkpoint.commit":
             self.clear("checkpoint_failure", "store", "a checkpoint was written")
+
+    def _on_infer(self, event: Mapping[str, Any]) -> None:
+        """A request the budget guard refused for memory (its KV cache and prefill over the
+        limit) never reaches a provider, so no attempt records it: the failed call does."""
+        from .errors import RequestMemoryError
+
+        error = event.get("error")
+        if event.get("action") == "error" and isinstance(error, RequestMemoryError):
+            name = event.get("model") or getattr(self.session.models, "active", None)
+            self.raise_alert("memory_pressure", "inference",
+                             f"an inference on {name} was refused for memory: {error}",
+                             provider=name, **error.numbers)
 
     def _on_breaker_call(self, event: Mapping[str, Any]) -> None:
         if event.get("outcome") in ("rejected", "ignored"):

@@ -242,3 +242,86 @@ def test_checkpoint_failure_alert_fires_once_and_clears(
         assert "checkpoint_failure" not in banner_of(dash)
     finally:
         dash.close()
+
+
+def test_memory_alert_for_an_inference_refused_for_memory(
+    shell: InteractiveShell, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A real refusal: the request budget guard finds the KV cache over request_memory_gb."""
+    from widgets.dashboard import Dashboard
+
+    dash = Dashboard(session(), interval=0)
+    dash.start()
+    try:
+        model = write_tiny_llama(tmp_path / "tiny.gguf", seed=1)
+        run(shell, f"%model load {model} --name tiny --no-progress")
+        run(shell, "%config KernelExt.request_memory_gb = 1e-9")  # ~1 byte per request
+        capsys.readouterr()
+        ids = []
+        for _ in range(3):
+            r = shell.run_cell("%%infer --model tiny --max-new-tokens 4\nHello there")
+            assert not r.success and "RequestMemoryError" in str(r.error_in_exec)
+            ids.append(session().trace.cell_id)
+        out = capsys.readouterr().out
+        assert out.count("kernel_ext alert (memory_pressure)") == 1  # one notice, not one per cell
+        [alert] = session().audit.read("alert")
+        assert (alert["alert"], alert["subject"], alert["state"]) == (
+            "memory_pressure", "inference", "raised")
+        assert alert["correlation_id"] == ids[0] and alert["provider"] == "tiny"
+        assert "refused for memory" in alert["message"] and "KV cache" in alert["message"]
+        assert alert["estimate"] > alert["limit"] == 1  # the guard's numbers, in bytes
+        assert session().alerts.snapshot()[0]["occurrences"] == 3
+        assert "memory_pressure" in banner_of(dash) and "×3" in banner_of(dash)
+        # a prompt too long for the context is the user's own request, not memory pressure
+        run(shell, "%config KernelExt.request_memory_gb = 0.0")
+        r = shell.run_cell("%%infer --model tiny --max-new-tokens 4\n" + "word " * 5000)
+        assert "ContextOverflowError" in str(r.error_in_exec)
+        assert len(session().audit.read("alert")) == 1
+        # the next inference that runs clears it
+        run(shell, "%%infer --model tiny --max-new-tokens 2\nHello there")
+        states = [(a["subject"], a["state"]) for a in session().audit.read("alert")]
+        assert states == [("inference", "raised"), ("inference", "cleared")]
+        assert "memory_pressure" not in banner_of(dash)
+    finally:
+        dash.close()
+
+
+def test_memory_alert_for_gpu_memory_over_the_limit(
+    shell: InteractiveShell, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No GPU here: the GPU memory reading is injected at the one function that reads it
+    (kernel_ext.memory._gpus); the sample around it, the alert, the audit log and the dashboard
+    are the real ones, checked after each cell."""
+    from kernel_ext import memory
+    from widgets.dashboard import Dashboard
+
+    gib = 1024**3
+    reading = {"used": 78 * gib}
+    monkeypatch.setattr(memory, "_gpus", lambda: [memory.GpuSample(
+        0, "NVIDIA H100 80GB HBM3", 80 * gib, reading["used"], 80 * gib - reading["used"])])
+    dash = Dashboard(session(), interval=0)
+    dash.start()
+    try:
+        capsys.readouterr()
+        for i in range(3):
+            run(shell, f"x{i} = {i}")
+        out = capsys.readouterr().out
+        assert out.count("kernel_ext alert (memory_pressure)") == 1
+        [alert] = session().audit.read("alert")
+        assert (alert["alert"], alert["subject"], alert["state"]) == (
+            "memory_pressure", "cuda:0", "raised")
+        limit = int(80 * gib * session().config.memory_fraction)  # 0.8 by default
+        assert alert["used"] == 78 * gib and alert["limit"] == limit
+        assert "GPU 0 (NVIDIA H100 80GB HBM3)" in alert["message"]
+        assert "%model unload" in alert["message"]
+        [active] = session().alerts.snapshot()
+        assert active["subject"] == "cuda:0" and active["occurrences"] >= 3
+        assert "memory_pressure" in banner_of(dash) and "cuda:0" in banner_of(dash)
+        reading["used"] = 10 * gib  # memory freed: the next cell clears it
+        run(shell, "y = 1")
+        states = [(a["subject"], a["state"]) for a in session().audit.read("alert")]
+        assert states == [("cuda:0", "raised"), ("cuda:0", "cleared")]
+        assert "memory_pressure" not in banner_of(dash)
+        assert "kernel_ext alert" not in capsys.readouterr().out  # clearing prints nothing
+    finally:
+        dash.close()
