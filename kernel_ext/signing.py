@@ -198,7 +198,8 @@ def _verify_keyless(model: Path, raw: bytes, sig: Path, bundle: dict[str, Any],
         f"the keyless signature {sig.name} of {model.name} by {signer} does not verify against "
         f"the trust root ({source}): {'; '.join(errors)}; refusing to load it. A signature "
         "made with keys newer than that trust root needs a newer one: update sigstore "
-        "(pip install -U sigstore) or set %config KernelExt.signature_trust_config")
+        "(pip install -U sigstore) or set %config KernelExt.signature_trust_config (for a "
+        "private Sigstore instance: its trusted_root.json)")
 
 
 def _refuse_if_tampered(model: Path, sig: Path, errors: list[str]) -> None:

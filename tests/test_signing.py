@@ -336,3 +336,95 @@ def test_keyless_signature_on_load_is_audited_and_refused_clearly(
     assert "OIDC issuer URL" in capsys.readouterr().err  # a typo is refused at once, and kept
     assert kernel_ext.current_session().config.signature_identities == dict([SIGNER])
     _nothing_fetched(tmp_path, offline)
+
+
+# A private Sigstore instance made here (tests/sigstore_instance.py): keyless bundles for tiny
+# GGUF files, verified by sigstore against that instance's trust root (signature_trust_config).
+ALICE = ("alice@example.org", "https://login.example.org")
+
+
+@pytest.fixture
+def instance(tmp_path: Path) -> tuple[Any, Path]:
+    from sigstore_instance import SigstoreInstance
+
+    inst = SigstoreInstance()
+    return inst, inst.trusted_root(tmp_path / "trusted_root.json")
+
+
+def _keyless_gguf(tmp_path: Path, kind: str, inst: Any) -> tuple[Path, Path | None]:
+    model = write_tiny_llama(tmp_path / "tiny.gguf", seed=1)
+    if kind == "unsigned":
+        return model, None
+    identity = "mallory@example.org" if kind == "wrongly_signed" else ALICE[0]
+    sig = inst.sign(model, tmp_path / "release.sig", identity=identity, issuer=ALICE[1])
+    if kind == "tampered":
+        data = bytearray(model.read_bytes())
+        data[-100] ^= 0x01  # one bit of tensor data, after signing: still a valid GGUF file
+        model.write_bytes(bytes(data))
+    return model, sig
+
+
+KEYLESS_MESSAGES = {"unsigned": "is not signed",
+                    "wrongly_signed": "made by mallory@example.org .* not one of the trusted",
+                    "tampered": "modified after it was signed"}
+
+
+@pytest.mark.parametrize(("kind", "policy"), sorted(EXPECTED))
+def test_keyless_signature_policy_on_load(tmp_path: Path, instance: tuple[Any, Path],
+                                          offline: list[Any], kind: str, policy: str) -> None:
+    """The key matrix again, with keyless signatures of a private Sigstore instance."""
+    inst, root = instance
+    model, sig = _keyless_gguf(tmp_path, kind, inst)
+    cfg = KernelExtConfig(cache_dir=str(tmp_path / "kcache"), signature_policy=policy,
+                          signature_identities=dict([ALICE]), signature_trust_config=str(root))
+    session = Session(cfg, None, state_dir=tmp_path / "state")
+    load = lambda: session.models.load(str(model), name="m", progress=False,
+                                       signature=str(sig) if sig else None)
+    if EXPECTED[(kind, policy)]:
+        load()
+        [rec] = session.audit.read("model.signature")
+        assert rec["outcome"] == ("verified" if sig else "unsigned")
+        if sig:
+            assert rec["trusted_by"] == f"{ALICE[0]} ({ALICE[1]})"
+            assert (rec["identity"], rec["issuer"], rec["trust_root"]) == (*ALICE, str(root))
+            assert rec["sha256"] == session.audit.read("model.load")[-1]["sha256"]
+        assert "m" in session.models.names()
+    else:
+        with pytest.raises(SignatureError, match=KEYLESS_MESSAGES[kind]):
+            load()
+        [rec] = session.audit.read("model.signature")
+        assert rec["outcome"] == "refused" and rec["policy"] == policy
+        assert "m" not in session.models.names() and not session.audit.read("model.plan")
+    _nothing_fetched(tmp_path, offline)
+
+
+def test_keyless_signature_needs_the_trust_root_of_its_instance(
+    tmp_path: Path, instance: tuple[Any, Path], offline: list[Any], ip: Any
+) -> None:
+    """%model load with a bundle beside the file: refused against Sigstore's production root
+    (the default) and against another instance's root; loaded against its own."""
+    from IPython.core.error import UsageError
+    from sigstore_instance import SigstoreInstance
+
+    import kernel_ext
+
+    inst, root = instance
+    model = write_tiny_llama(tmp_path / "tiny.gguf", seed=1)
+    inst.sign(model, model.with_name("tiny.gguf.sig"), identity=ALICE[0], issuer=ALICE[1])
+    other = SigstoreInstance(name="another-instance").trusted_root(tmp_path / "other_root.json")
+    ip.run_line_magic("config", f"KernelExt.signature_identities = {dict([ALICE])!r}")
+    ip.run_line_magic("config", "KernelExt.signature_policy = 'require'")
+    load = f"load {model} --name m --no-progress"
+    with pytest.raises(UsageError, match="does not verify against the trust root .*production "
+                                         "trust root shipped with sigstore"):
+        ip.run_line_magic("model", load)
+    ip.run_line_magic("config", f"KernelExt.signature_trust_config = {str(other)!r}")
+    with pytest.raises(UsageError, match="does not verify against the trust root .*other_root"):
+        ip.run_line_magic("model", load)
+    ip.run_line_magic("config", f"KernelExt.signature_trust_config = {str(root)!r}")
+    ip.run_line_magic("model", load)
+    session = kernel_ext.current_session()
+    assert [r["outcome"] for r in session.audit.read("model.signature")] == [
+        "refused", "refused", "verified"]
+    assert "m" in session.models.names()
+    _nothing_fetched(tmp_path, offline)
