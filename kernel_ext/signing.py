@@ -142,6 +142,7 @@ def _verify_keyed(model: Path, raw: bytes, sig: Path, trusted: list[str]) -> Sig
         except OSError as e:
             errors.append(f"{material}: cannot read it: {e.strerror or e}")
             continue
+        setup: dict[str, dict[str, Any]]
         if b"BEGIN CERTIFICATE" in text:
             setup = {"use_certificate_verifier": {"certificate_chain": [material]}}
         elif b"PUBLIC KEY" in text:
@@ -260,12 +261,12 @@ def _claimed_signer(bundle: dict[str, Any]) -> tuple[str, str] | None:
     """(identity, OIDC issuer) the bundle's leaf certificate names, unverified: for messages."""
     from cryptography import x509
 
-    material = bundle.get("verificationMaterial") or {}
-    leaf = (material.get("certificate") or {}).get("rawBytes") or next(
-        iter((material.get("x509CertificateChain") or {}).get("certificates") or []),
-        {}).get("rawBytes")
+    material: dict[str, Any] = bundle.get("verificationMaterial") or {}
+    chain: list[dict[str, Any]] = (material.get("x509CertificateChain") or {}).get(
+        "certificates") or [{}]
+    leaf = (material.get("certificate") or {}).get("rawBytes") or chain[0].get("rawBytes")
     try:
-        cert = x509.load_der_x509_certificate(base64.b64decode(leaf))
+        cert = x509.load_der_x509_certificate(base64.b64decode(leaf or b""))
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         names = (san.get_values_for_type(x509.RFC822Name)
                  + san.get_values_for_type(x509.UniformResourceIdentifier))
