@@ -58,6 +58,19 @@ def banner_of(dash: Any) -> str:
     return str(dash.banner.get_state()["value"])
 
 
+@pytest.fixture
+def dash(shell: InteractiveShell) -> Iterator[Any]:
+    """A live %dashboard of the shell's session (updated by events, no timer)."""
+    from widgets.dashboard import Dashboard
+
+    board = Dashboard(session(), interval=0)
+    board.start()
+    try:
+        yield board
+    finally:
+        board.close()
+
+
 # --- traces --------------------------------------------------------------------------------------
 def test_correlation_id_reaches_the_server_and_every_record_of_the_cell(
     shell: InteractiveShell, stub: OpenAIStub
@@ -135,41 +148,34 @@ def test_audit_metrics_show_percentiles_trip_rate_and_checkpoints(
 
 # --- alerts --------------------------------------------------------------------------------------
 def test_trip_rate_alert_fires_once_then_clears(
-    shell: InteractiveShell, stub: OpenAIStub, capsys: pytest.CaptureFixture[str]
+    shell: InteractiveShell, stub: OpenAIStub, capsys: pytest.CaptureFixture[str], dash: Any
 ) -> None:
-    from widgets.dashboard import Dashboard
-
-    dash = Dashboard(session(), interval=0)
-    dash.start()
-    try:
-        run(shell, f"%model remote stub --url {stub.url}")
-        run(shell, "%model fallback --clear")
-        capsys.readouterr()
-        stub.script(500, 500)  # two failures in a row trip the breaker
-        for _ in range(2):
-            shell.run_cell("%%infer --model stub --max-new-tokens 2\nHi")
-        out = capsys.readouterr().out
-        assert out.count("kernel_ext alert (breaker_trip_rate)") == 1
-        alerts = session().audit.read("alert")
-        assert [(a["alert"], a["subject"], a["state"]) for a in alerts] == [
-            ("breaker_trip_rate", "stub", "raised")]
-        assert alerts[0]["correlation_id"] == session().trace.cell_id
-        assert "breaker_trip_rate" in banner_of(dash) and "stub" in banner_of(dash)
-        assert dash.banner.layout.display != "none"
-        # more cells with the breaker open: no new alert, no new notice
-        for _ in range(3):
-            shell.run_cell("%%infer --model stub --max-new-tokens 2\nHi")
-        assert "kernel_ext alert" not in capsys.readouterr().out
-        assert len(session().audit.read("alert")) == 1
-        # back to health: reset, then enough good calls bring the rate under 5 %
-        run(shell, "%breaker reset stub")
-        for _ in range(40):
-            session().infer("Hi", _params(), model="stub")
-        states = [a["state"] for a in session().audit.read("alert")]
-        assert states == ["raised", "cleared"]
-        assert "breaker_trip_rate" not in banner_of(dash)
-    finally:
-        dash.close()
+    run(shell, f"%model remote stub --url {stub.url}")
+    run(shell, "%model fallback --clear")
+    capsys.readouterr()
+    stub.script(500, 500)  # two failures in a row trip the breaker
+    for _ in range(2):
+        shell.run_cell("%%infer --model stub --max-new-tokens 2\nHi")
+    out = capsys.readouterr().out
+    assert out.count("kernel_ext alert (breaker_trip_rate)") == 1
+    alerts = session().audit.read("alert")
+    assert [(a["alert"], a["subject"], a["state"]) for a in alerts] == [
+        ("breaker_trip_rate", "stub", "raised")]
+    assert alerts[0]["correlation_id"] == session().trace.cell_id
+    assert "breaker_trip_rate" in banner_of(dash) and "stub" in banner_of(dash)
+    assert dash.banner.layout.display != "none"
+    # more cells with the breaker open: no new alert, no new notice
+    for _ in range(3):
+        shell.run_cell("%%infer --model stub --max-new-tokens 2\nHi")
+    assert "kernel_ext alert" not in capsys.readouterr().out
+    assert len(session().audit.read("alert")) == 1
+    # back to health: reset, then enough good calls bring the rate under 5 %
+    run(shell, "%breaker reset stub")
+    for _ in range(40):
+        session().infer("Hi", _params(), model="stub")
+    states = [a["state"] for a in session().audit.read("alert")]
+    assert states == ["raised", "cleared"]
+    assert "breaker_trip_rate" not in banner_of(dash)
 
 
 def _params() -> Any:
@@ -179,36 +185,29 @@ def _params() -> Any:
 
 
 def test_memory_alerts_for_a_refused_load_and_high_rss(
-    shell: InteractiveShell, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    shell: InteractiveShell, tmp_path: Path, capsys: pytest.CaptureFixture[str], dash: Any
 ) -> None:
-    from widgets.dashboard import Dashboard
-
-    dash = Dashboard(session(), interval=0)
-    dash.start()
-    try:
-        model = write_tiny_llama(tmp_path / "tiny.gguf", seed=1)
-        capsys.readouterr()
-        run(shell, "%config KernelExt.memory_fraction = 1e-9")  # RSS is over it after this cell
-        for i in range(2):
-            r = shell.run_cell(f"%model load {model} --name t{i} --no-progress")
-            assert r.error_in_exec is not None or r.error_before_exec is not None
-        out = capsys.readouterr().out
-        # one notice for the refused loads, one for RSS over the (tiny) limit; not one per cell
-        assert out.count("kernel_ext alert (memory_pressure)") == 2
-        raised = [(a["subject"], a["state"]) for a in session().audit.read("alert")]
-        assert sorted(raised) == [("load", "raised"), ("ram", "raised")]
-        active = {a["subject"]: a for a in session().alerts.snapshot()}
-        assert active["load"]["occurrences"] == 2
-        assert "refused for memory" in active["load"]["message"]
-        assert "RSS" in active["ram"]["message"]
-        assert "memory_pressure" in banner_of(dash) and "×2" in banner_of(dash)
-        run(shell, "%config KernelExt.memory_fraction = 0.9")
-        run(shell, f"%model load {model} --name ok --no-progress")
-        states = [(a["subject"], a["state"]) for a in session().audit.read("alert")]
-        assert ("load", "cleared") in states and ("ram", "cleared") in states
-        assert "memory_pressure" not in banner_of(dash)
-    finally:
-        dash.close()
+    model = write_tiny_llama(tmp_path / "tiny.gguf", seed=1)
+    capsys.readouterr()
+    run(shell, "%config KernelExt.memory_fraction = 1e-9")  # RSS is over it after this cell
+    for i in range(2):
+        r = shell.run_cell(f"%model load {model} --name t{i} --no-progress")
+        assert r.error_in_exec is not None or r.error_before_exec is not None
+    out = capsys.readouterr().out
+    # one notice for the refused loads, one for RSS over the (tiny) limit; not one per cell
+    assert out.count("kernel_ext alert (memory_pressure)") == 2
+    raised = [(a["subject"], a["state"]) for a in session().audit.read("alert")]
+    assert sorted(raised) == [("load", "raised"), ("ram", "raised")]
+    active = {a["subject"]: a for a in session().alerts.snapshot()}
+    assert active["load"]["occurrences"] == 2
+    assert "refused for memory" in active["load"]["message"]
+    assert "RSS" in active["ram"]["message"]
+    assert "memory_pressure" in banner_of(dash) and "×2" in banner_of(dash)
+    run(shell, "%config KernelExt.memory_fraction = 0.9")
+    run(shell, f"%model load {model} --name ok --no-progress")
+    states = [(a["subject"], a["state"]) for a in session().audit.read("alert")]
+    assert ("load", "cleared") in states and ("ram", "cleared") in states
+    assert "memory_pressure" not in banner_of(dash)
 
 
 def test_checkpoint_failure_alert_fires_once_and_clears(
@@ -245,83 +244,71 @@ def test_checkpoint_failure_alert_fires_once_and_clears(
 
 
 def test_memory_alert_for_an_inference_refused_for_memory(
-    shell: InteractiveShell, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    shell: InteractiveShell, tmp_path: Path, capsys: pytest.CaptureFixture[str], dash: Any
 ) -> None:
     """A real refusal: the request budget guard finds the KV cache over request_memory_gb."""
-    from widgets.dashboard import Dashboard
-
-    dash = Dashboard(session(), interval=0)
-    dash.start()
-    try:
-        model = write_tiny_llama(tmp_path / "tiny.gguf", seed=1)
-        run(shell, f"%model load {model} --name tiny --no-progress")
-        run(shell, "%config KernelExt.request_memory_gb = 1e-9")  # ~1 byte per request
-        capsys.readouterr()
-        ids = []
-        for _ in range(3):
-            r = shell.run_cell("%%infer --model tiny --max-new-tokens 4\nHello there")
-            assert not r.success and "RequestMemoryError" in str(r.error_in_exec)
-            ids.append(session().trace.cell_id)
-        out = capsys.readouterr().out
-        assert out.count("kernel_ext alert (memory_pressure)") == 1  # one notice, not one per cell
-        [alert] = session().audit.read("alert")
-        assert (alert["alert"], alert["subject"], alert["state"]) == (
-            "memory_pressure", "inference", "raised")
-        assert alert["correlation_id"] == ids[0] and alert["provider"] == "tiny"
-        assert "refused for memory" in alert["message"] and "KV cache" in alert["message"]
-        assert alert["estimate"] > alert["limit"] == 1  # the guard's numbers, in bytes
-        assert session().alerts.snapshot()[0]["occurrences"] == 3
-        assert "memory_pressure" in banner_of(dash) and "×3" in banner_of(dash)
-        # a prompt too long for the context is the user's own request, not memory pressure
-        run(shell, "%config KernelExt.request_memory_gb = 0.0")
-        r = shell.run_cell("%%infer --model tiny --max-new-tokens 4\n" + "word " * 5000)
-        assert "ContextOverflowError" in str(r.error_in_exec)
-        assert len(session().audit.read("alert")) == 1
-        # the next inference that runs clears it
-        run(shell, "%%infer --model tiny --max-new-tokens 2\nHello there")
-        states = [(a["subject"], a["state"]) for a in session().audit.read("alert")]
-        assert states == [("inference", "raised"), ("inference", "cleared")]
-        assert "memory_pressure" not in banner_of(dash)
-    finally:
-        dash.close()
+    model = write_tiny_llama(tmp_path / "tiny.gguf", seed=1)
+    run(shell, f"%model load {model} --name tiny --no-progress")
+    run(shell, "%config KernelExt.request_memory_gb = 1e-9")  # ~1 byte per request
+    capsys.readouterr()
+    ids = []
+    for _ in range(3):
+        r = shell.run_cell("%%infer --model tiny --max-new-tokens 4\nHello there")
+        assert not r.success and "RequestMemoryError" in str(r.error_in_exec)
+        ids.append(session().trace.cell_id)
+    out = capsys.readouterr().out
+    assert out.count("kernel_ext alert (memory_pressure)") == 1  # one notice, not one per cell
+    [alert] = session().audit.read("alert")
+    assert (alert["alert"], alert["subject"], alert["state"]) == (
+        "memory_pressure", "inference", "raised")
+    assert alert["correlation_id"] == ids[0] and alert["provider"] == "tiny"
+    assert "refused for memory" in alert["message"] and "KV cache" in alert["message"]
+    assert alert["estimate"] > alert["limit"] == 1  # the guard's numbers, in bytes
+    assert session().alerts.snapshot()[0]["occurrences"] == 3
+    assert "memory_pressure" in banner_of(dash) and "×3" in banner_of(dash)
+    # a prompt too long for the context is the user's own request, not memory pressure
+    run(shell, "%config KernelExt.request_memory_gb = 0.0")
+    r = shell.run_cell("%%infer --model tiny --max-new-tokens 4\n" + "word " * 5000)
+    assert "ContextOverflowError" in str(r.error_in_exec)
+    assert len(session().audit.read("alert")) == 1
+    # the next inference that runs clears it
+    run(shell, "%%infer --model tiny --max-new-tokens 2\nHello there")
+    states = [(a["subject"], a["state"]) for a in session().audit.read("alert")]
+    assert states == [("inference", "raised"), ("inference", "cleared")]
+    assert "memory_pressure" not in banner_of(dash)
 
 
 def test_memory_alert_for_gpu_memory_over_the_limit(
-    shell: InteractiveShell, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    shell: InteractiveShell, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str], dash: Any,
 ) -> None:
     """No GPU here: the GPU memory reading is injected at the one function that reads it
     (kernel_ext.memory._gpus); the sample around it, the alert, the audit log and the dashboard
     are the real ones, checked after each cell."""
     from kernel_ext import memory
-    from widgets.dashboard import Dashboard
 
     gib = 1024**3
     reading = {"used": 78 * gib}
     monkeypatch.setattr(memory, "_gpus", lambda: [memory.GpuSample(
         0, "NVIDIA H100 80GB HBM3", 80 * gib, reading["used"], 80 * gib - reading["used"])])
-    dash = Dashboard(session(), interval=0)
-    dash.start()
-    try:
-        capsys.readouterr()
-        for i in range(3):
-            run(shell, f"x{i} = {i}")
-        out = capsys.readouterr().out
-        assert out.count("kernel_ext alert (memory_pressure)") == 1
-        [alert] = session().audit.read("alert")
-        assert (alert["alert"], alert["subject"], alert["state"]) == (
-            "memory_pressure", "cuda:0", "raised")
-        limit = int(80 * gib * session().config.memory_fraction)  # 0.8 by default
-        assert alert["used"] == 78 * gib and alert["limit"] == limit
-        assert "GPU 0 (NVIDIA H100 80GB HBM3)" in alert["message"]
-        assert "%model unload" in alert["message"]
-        [active] = session().alerts.snapshot()
-        assert active["subject"] == "cuda:0" and active["occurrences"] >= 3
-        assert "memory_pressure" in banner_of(dash) and "cuda:0" in banner_of(dash)
-        reading["used"] = 10 * gib  # memory freed: the next cell clears it
-        run(shell, "y = 1")
-        states = [(a["subject"], a["state"]) for a in session().audit.read("alert")]
-        assert states == [("cuda:0", "raised"), ("cuda:0", "cleared")]
-        assert "memory_pressure" not in banner_of(dash)
-        assert "kernel_ext alert" not in capsys.readouterr().out  # clearing prints nothing
-    finally:
-        dash.close()
+    capsys.readouterr()
+    for i in range(3):
+        run(shell, f"x{i} = {i}")
+    out = capsys.readouterr().out
+    assert out.count("kernel_ext alert (memory_pressure)") == 1
+    [alert] = session().audit.read("alert")
+    assert (alert["alert"], alert["subject"], alert["state"]) == (
+        "memory_pressure", "cuda:0", "raised")
+    limit = int(80 * gib * session().config.memory_fraction)  # 0.8 by default
+    assert alert["used"] == 78 * gib and alert["limit"] == limit
+    assert "GPU 0 (NVIDIA H100 80GB HBM3)" in alert["message"]
+    assert "%model unload" in alert["message"]
+    [active] = session().alerts.snapshot()
+    assert active["subject"] == "cuda:0" and active["occurrences"] >= 3
+    assert "memory_pressure" in banner_of(dash) and "cuda:0" in banner_of(dash)
+    reading["used"] = 10 * gib  # memory freed: the next cell clears it
+    run(shell, "y = 1")
+    states = [(a["subject"], a["state"]) for a in session().audit.read("alert")]
+    assert states == [("cuda:0", "raised"), ("cuda:0", "cleared")]
+    assert "memory_pressure" not in banner_of(dash)
+    assert "kernel_ext alert" not in capsys.readouterr().out  # clearing prints nothing

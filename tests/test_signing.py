@@ -64,10 +64,14 @@ def _model(tmp_path: Path, kind: str, keys: dict[str, Path]) -> tuple[Path, Path
         return model, _sign(model, keys["other_priv"], tmp_path / "release.sig")
     assert kind == "tampered"
     sig = _sign(model, keys["priv"], tmp_path / "release.sig")
+    _tamper(model)
+    return model, sig
+
+
+def _tamper(model: Path) -> None:
     data = bytearray(model.read_bytes())
     data[-100] ^= 0x01  # one bit of tensor data, after signing: still a valid GGUF file
     model.write_bytes(bytes(data))
-    return model, sig
 
 
 EXPECTED = {  # (kind, policy) -> loads?
@@ -80,27 +84,36 @@ MESSAGES = {"unsigned": "is not signed", "wrongly_signed": "does not verify agai
             "tampered": "modified after it was signed"}
 
 
-@pytest.mark.parametrize(("kind", "policy"), sorted(EXPECTED))
-def test_signature_policy(tmp_path: Path, keys: dict[str, Path], kind: str, policy: str) -> None:
-    model, sig = _model(tmp_path, kind, keys)
-    session = _session(tmp_path, policy, [keys["pub"]])
+def _load_under_policy(session: Session, model: Path, sig: Path | None, kind: str, policy: str,
+                       messages: dict[str, str]) -> dict[str, Any]:
+    """Load ``model`` and check the decision EXPECTED says, with its audit records; the
+    ``model.signature`` record back."""
     load = lambda: session.models.load(str(model), name="m", progress=False,
                                        signature=str(sig) if sig else None)
     if EXPECTED[(kind, policy)]:
         load()
         [rec] = session.audit.read("model.signature")
         assert rec["outcome"] == ("verified" if sig else "unsigned")
-        if sig:
-            assert rec["trusted_by"] == str(keys["pub"]) and rec["signature"] == str(sig)
+        assert rec["signature"] == (str(sig) if sig else None)
         assert "m" in session.models.names()
     else:
-        with pytest.raises(SignatureError, match=MESSAGES[kind]):
+        with pytest.raises(SignatureError, match=messages[kind]):
             load()
         [rec] = session.audit.read("model.signature")
         assert rec["outcome"] == "refused" and rec["policy"] == policy
         assert "m" not in session.models.names()
         assert session.audit.read("model.load_failed")
         assert not session.audit.read("model.plan")  # refused before any weights were touched
+    return rec
+
+
+@pytest.mark.parametrize(("kind", "policy"), sorted(EXPECTED))
+def test_signature_policy(tmp_path: Path, keys: dict[str, Path], kind: str, policy: str) -> None:
+    model, sig = _model(tmp_path, kind, keys)
+    session = _session(tmp_path, policy, [keys["pub"]])
+    rec = _load_under_policy(session, model, sig, kind, policy, MESSAGES)
+    if rec["outcome"] == "verified":
+        assert rec["trusted_by"] == str(keys["pub"])
 
 
 def test_signature_beside_the_model_is_found(tmp_path: Path, keys: dict[str, Path]) -> None:
@@ -358,9 +371,7 @@ def _keyless_gguf(tmp_path: Path, kind: str, inst: Any) -> tuple[Path, Path | No
     identity = "mallory@example.org" if kind == "wrongly_signed" else ALICE[0]
     sig = inst.sign(model, tmp_path / "release.sig", identity=identity, issuer=ALICE[1])
     if kind == "tampered":
-        data = bytearray(model.read_bytes())
-        data[-100] ^= 0x01  # one bit of tensor data, after signing: still a valid GGUF file
-        model.write_bytes(bytes(data))
+        _tamper(model)
     return model, sig
 
 
@@ -378,23 +389,11 @@ def test_keyless_signature_policy_on_load(tmp_path: Path, instance: tuple[Any, P
     cfg = KernelExtConfig(cache_dir=str(tmp_path / "kcache"), signature_policy=policy,
                           signature_identities=dict([ALICE]), signature_trust_config=str(root))
     session = Session(cfg, None, state_dir=tmp_path / "state")
-    load = lambda: session.models.load(str(model), name="m", progress=False,
-                                       signature=str(sig) if sig else None)
-    if EXPECTED[(kind, policy)]:
-        load()
-        [rec] = session.audit.read("model.signature")
-        assert rec["outcome"] == ("verified" if sig else "unsigned")
-        if sig:
-            assert rec["trusted_by"] == f"{ALICE[0]} ({ALICE[1]})"
-            assert (rec["identity"], rec["issuer"], rec["trust_root"]) == (*ALICE, str(root))
-            assert rec["sha256"] == session.audit.read("model.load")[-1]["sha256"]
-        assert "m" in session.models.names()
-    else:
-        with pytest.raises(SignatureError, match=KEYLESS_MESSAGES[kind]):
-            load()
-        [rec] = session.audit.read("model.signature")
-        assert rec["outcome"] == "refused" and rec["policy"] == policy
-        assert "m" not in session.models.names() and not session.audit.read("model.plan")
+    rec = _load_under_policy(session, model, sig, kind, policy, KEYLESS_MESSAGES)
+    if rec["outcome"] == "verified":
+        assert rec["trusted_by"] == f"{ALICE[0]} ({ALICE[1]})"
+        assert (rec["identity"], rec["issuer"], rec["trust_root"]) == (*ALICE, str(root))
+        assert rec["sha256"] == session.audit.read("model.load")[-1]["sha256"]
     _nothing_fetched(tmp_path, offline)
 
 
