@@ -110,8 +110,9 @@ def verify_model_signature(
         if policy == "require":
             raise SignatureError(
                 f"{model.name} is not signed and signature_policy is 'require': sign it "
-                "(`model_signing sign key MODEL --private_key KEY --signature MODEL.sig`) and "
-                "pass --signature FILE, or put MODEL.gguf.sig beside it")
+                "(`model_signing sign key MODEL --private_key KEY --signature MODEL.sig`, or "
+                "keyless: `model_signing sign sigstore MODEL --signature MODEL.sig`) and pass "
+                "--signature FILE, or put MODEL.gguf.sig beside it")
         return SignatureCheck("unsigned")
     raw = sig.read_bytes()
     bundle = _read_bundle(raw, sig)
