@@ -397,6 +397,30 @@ def test_oom_degrades_max_new_tokens_then_falls_back(session: Session, hub: Resi
     assert r.provider == "b" and any("falling back" in n for n in r.notes)
 
 
+def test_an_out_of_memory_the_provider_reports_raises_one_memory_alert(
+    session: Session, hub: Resilience, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The provider's own OOM (on command: there is no GPU to fill here) is memory pressure:
+    one alert for repeated OOMs, even when the degraded retry answers; the next answer that
+    needed no degrading clears it."""
+    a = ScriptedProvider("a", answer="w " * 20)
+    add(hub, a)
+    capsys.readouterr()
+    for _ in range(2):
+        a.fail_with(ProviderOutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+        r = session.infer("Q", GenerationParams(max_new_tokens=16), model="a")
+        assert [x["outcome"] for x in r.attempts] == ["out_of_memory", "ok"]
+    assert capsys.readouterr().out.count("kernel_ext alert (memory_pressure)") == 1
+    [alert] = session.audit.read("alert")
+    assert (alert["alert"], alert["subject"], alert["provider"]) == (
+        "memory_pressure", "inference", "a")
+    assert "CUDA out of memory" in alert["message"]
+    assert session.alerts.snapshot()[0]["occurrences"] == 2
+    session.infer("Q", GenerationParams(max_new_tokens=16), model="a")
+    assert [x["state"] for x in session.audit.read("alert")] == ["raised", "cleared"]
+    assert session.alerts.snapshot() == []
+
+
 def test_timeout_returns_partial_text_not_counted_unless_slow_calls_count(
     session: Session, hub: Resilience, clock: Clock
 ) -> None:
