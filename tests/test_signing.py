@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import errno
+import hashlib
 import shutil
 import socket
 from pathlib import Path
@@ -427,3 +428,27 @@ def test_keyless_signature_needs_the_trust_root_of_its_instance(
         "refused", "refused", "verified"]
     assert "m" in session.models.names()
     _nothing_fetched(tmp_path, offline)
+
+
+@pytest.mark.parametrize("kind", ["key", "keyless"])
+def test_the_signature_must_cover_the_bytes_the_loader_parsed(
+    tmp_path: Path, keys: dict[str, Path], instance: tuple[Any, Path], kind: str
+) -> None:
+    """The library re-hashes the file by its path; the digest of the bytes the loader parsed
+    (another file swapped in between, here: another digest) must be the signed one too."""
+    from kernel_ext.signing import verify_model_signature
+
+    model = write_tiny_llama(tmp_path / "tiny.gguf", seed=1)
+    inst, root = instance
+    if kind == "key":
+        sig = _sign(model, keys["priv"])
+        kw: dict[str, Any] = {"trusted": [str(keys["pub"])]}
+    else:
+        sig = inst.sign(model, tmp_path / "tiny.gguf.sig", identity=ALICE[0], issuer=ALICE[1])
+        kw = {"trusted": [], "identities": dict([ALICE]), "trust_config": root}
+    parsed = hashlib.sha256(model.read_bytes()).hexdigest()
+    check = verify_model_signature(model, parsed, signature=sig, policy="require", **kw)
+    assert check.outcome == "verified"
+    with pytest.raises(SignatureError, match=f"valid for a file with SHA-256 {parsed}, but the "
+                                             "bytes loaded have 0{64}: the file changed"):
+        verify_model_signature(model, "0" * 64, signature=sig, policy="require", **kw)
