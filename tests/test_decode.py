@@ -621,3 +621,28 @@ def test_int8_screen_of_a_head_whose_width_is_not_a_multiple_of_16() -> None:
     want = h.to(torch.bfloat16).float() @ (q8.float() * scale.float()[:, None]).T
     got = _int8_matmul(q8[:, :], scale)(h)
     assert torch.allclose(got, want, rtol=1e-2, atol=1e-2 * float(want.abs().max()))
+
+
+def test_a_screen_choice_timed_on_a_busy_machine_is_not_recorded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A busy first load must not turn the head screen off for good: its timing is used in that
+    process only; a quiet one is recorded (and read back instead of timing again)."""
+    import json
+
+    from kernel_ext.providers import head as head_mod
+
+    weight = torch.randn(512, 64)
+    record = tmp_path / "decode-screens.json"
+    monkeypatch.setattr(head_mod, "_CHOICES", {})
+    monkeypatch.setattr(head_mod, "_busy", lambda: True)  # the load average, injected
+    head_mod.choose_screen(weight, record=record)
+    assert not record.exists()
+    monkeypatch.setattr(head_mod, "_CHOICES", {})
+    monkeypatch.setattr(head_mod, "_busy", lambda: False)
+    choice = head_mod.choose_screen(weight, record=record)
+    (entry,) = json.loads(record.read_text()).values()
+    assert entry["choice"] == choice and "float32" in entry["seconds"]
+    monkeypatch.setattr(head_mod, "_CHOICES", {})
+    monkeypatch.setattr(head_mod, "_time_screens", lambda *a: pytest.fail("timed again"))
+    assert head_mod.choose_screen(weight, record=record) == choice

@@ -43,6 +43,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import platform
 import time
 from collections.abc import Callable
@@ -72,6 +73,8 @@ log = logging.getLogger(__name__)
 
 _U_BF16 = 2.0**-8  # twice bf16's unit roundoff: generous for rounding to nearest
 _CHUNK = 8192
+_PREFILTER_GAP = 2.0**-10
+"""Rows whose bound is this far (relative) below the threshold are skipped without computing it."""
 
 
 @dataclass
@@ -202,7 +205,9 @@ def choose_screen(weight: torch.Tensor, kinds: tuple[str, ...] = SCREEN_KINDS, *
     best of three, with the caches flushed between runs. The choice is remembered per machine,
     torch, thread count and head width, in this process and in ``record`` (a JSON file, e.g. in
     the conversion cache), with the times it was based on; delete that file to measure again.
-    A choice measured while the machine was busy can only cost speed, never exactness.
+    A choice measured while the machine was busy can only cost speed, never exactness; it is
+    used in this process but not recorded (the 1-minute load average was above half the CPU
+    count), so a busy first load does not turn the screen off for good.
     """
     n, k = (int(d) for d in weight.shape)
     rows = min(n, _CAL_ROWS)
@@ -218,7 +223,7 @@ def choose_screen(weight: torch.Tensor, kinds: tuple[str, ...] = SCREEN_KINDS, *
     best = min(times, key=times.__getitem__) if times else None
     choice = best if best is not None and times[best] < 0.7 * base else None
     _CHOICES[key] = choice
-    if record is not None:
+    if record is not None and not _busy():
         known[key] = {"choice": choice, "seconds": {"float32": base, **times}, "at": time.time()}
         try:
             from ..gguf.cache import write_json
@@ -227,6 +232,14 @@ def choose_screen(weight: torch.Tensor, kinds: tuple[str, ...] = SCREEN_KINDS, *
         except OSError as e:
             log.info("kernel_ext: could not record the screen choice in %s: %s", record, e)
     return choice
+
+
+def _busy() -> bool:
+    """Whether other work competes for the CPUs now (timings taken now are not representative)."""
+    try:
+        return os.getloadavg()[0] > 0.5 * (os.cpu_count() or 1)
+    except OSError:  # no load average on this platform
+        return False
 
 
 def _read_record(record: Path | None) -> dict[str, Any]:
@@ -288,6 +301,7 @@ class Head:
         self.gamma = 1.1 * int(k) * 2.0**-24
         self.max_exact = max(64, int(int(n) * MAX_EXACT_SHARE))
         self.w_max = float(screen.w_norm.max()) if screen is not None and n else 0.0
+        self.e_max = float(screen.err_norm.max()) if screen is not None and n else 0.0
 
     @staticmethod
     def key_of(weight: torch.Tensor) -> tuple[Any, ...]:
@@ -338,19 +352,33 @@ class Head:
         h_norm, hb_norm = float(h.double().norm()), float(hb.double().norm())
         delta = float((h - hb).double().norm())
         g = self.gamma
-        # upper[r] >= what the model's own head computes for row r (see the module docstring)
         c_w = (delta + g * h_norm + hb_norm * (_U_BF16 + g)) * (1 + 1e-6)
         c_e = hb_norm * (1 + _U_BF16 + g) * (1 + 1e-6)
-        upper = a.abs().mul_(_U_BF16).add_(a).add_(screen.w_norm, alpha=c_w)
-        upper.add_(screen.err_norm, alpha=c_e)
-        if not bool(torch.isfinite(upper.max())):
+        lo, hi = torch.aminmax(a)
+        if not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
             return None
         # every row that could reach the screen's favourite (less the rounding margin below)
         guess = torch.argmax(a).reshape(1)
         margin = 2 * g * h_norm * self.w_max
-        must = upper >= float(self._exact(h, guess)[0]) - margin
-        rows = torch.nonzero(must).flatten()  # ascending: argmax keeps the lowest id on ties
-        if rows.numel() > self.max_exact:
+        thr = float(self._exact(h, guess)[0]) - margin
+        if not math.isfinite(thr):
+            return None
+        # upper[r] >= what the model's own head computes for row r (see the module docstring).
+        # It is at most f(a_r) + s_max with f(a) = a + u|a| increasing, so a row whose a_r is
+        # below t = f^-1(thr - gap - s_max) stays under thr - gap: only the rows at or above t
+        # (a few thousand of 262,144 on the demo model) need the bound, one pass picks them.
+        s_max = c_w * self.w_max + c_e * self.e_max
+        gap = _PREFILTER_GAP * (1 + abs(thr))
+        y = thr - gap - s_max
+        t = y / (1 + _U_BF16) if y >= 0 else y / (1 - _U_BF16)
+        t -= 1e-6 * (1 + abs(t))  # the comparison's own rounding: keep more rows, never fewer
+        cand = torch.nonzero(a >= t).flatten()
+        ac = a[cand]
+        upper = ac.abs().mul_(_U_BF16).add_(ac)
+        upper.add_(screen.w_norm[cand], alpha=c_w).add_(screen.err_norm[cand], alpha=c_e)
+        must = upper >= thr
+        rows = cand[must]  # ascending: argmax keeps the lowest id on ties
+        if not 0 < rows.numel() <= self.max_exact:
             return None
         raw = self._exact(h, rows)
         exact = self.cap(raw)
@@ -359,9 +387,11 @@ class Head:
         b_raw = float(raw[i0])
         if not math.isfinite(b_raw):
             return None
-        outside = -math.inf
-        if rows.numel() < upper.numel():
-            outside = float(upper.masked_fill(must, -math.inf).max())
+        outside = -math.inf  # an upper bound on every row not computed exactly
+        if cand.numel() < a.numel():
+            outside = thr - gap
+        if rows.numel() < cand.numel():
+            outside = max(outside, float(upper.masked_fill(must, -math.inf).max()))
         # the model's own value of the best row is at least b_raw - margin
         if self.softcap is None:
             if not b_raw - margin > outside:
