@@ -329,8 +329,11 @@ class ModelRegistry:
             self.session.audit.write("cache.rebuilt", name=name, path=path, piece=note["path"],
                                      reason=note["why"], tampered=note["tampered"])
             if note["tampered"]:
+                what = ("had no recorded digest (an older kernel_ext wrote it, or something "
+                        "else did)" if "no digest recorded" in note["why"]
+                        else "did not match its recorded digest")
                 print(f"kernel_ext: the conversion cache's {Path(note['path']).name} for {name} "
-                      "did not match its recorded digest; rebuilt it from the GGUF file")
+                      f"{what}; rebuilt it from the GGUF file")
 
     def _load_failed(self, name: str, path: Path, error: object) -> None:
         gc.collect()  # whatever the failed load built is garbage now: free it before reporting

@@ -136,6 +136,24 @@ def test_tampered_cached_weights_are_rebuilt_and_audited(
     torch.testing.assert_close(_entry_logits(session, "third"), expected, rtol=0, atol=0)
 
 
+def test_an_entry_without_digests_from_an_older_version_is_rebuilt_without_crying_wolf(
+    tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An upgrade: entries written before digests existed are rebuilt (never served
+    unverified), and the notice says why in words a user can act on."""
+    session = _session(tmp_path)
+    session.models.load(str(tiny), name="first", progress=False)
+    entry = cache.entry_dir(session.cache_dir / "conversions", sha256_file(tiny))
+    session.models.unload("first")
+    (entry / cache.DIGESTS).unlink()
+    capsys.readouterr()
+    session.models.load(str(tiny), name="second", progress=False)
+    notice = capsys.readouterr().out
+    assert "had no recorded digest (an older kernel_ext wrote it" in notice
+    assert "did not match" not in notice
+    assert all("no digest recorded" in r["reason"] for r in session.audit.read("cache.rebuilt"))
+
+
 @pytest.mark.parametrize("piece", ["config.json", "tokenizer/tokenizer.json",
                                    "tokenizer/tokenizer_config.json"])
 def test_tampered_small_pieces_are_rebuilt(tiny: Path, tmp_path: Path, piece: str) -> None:

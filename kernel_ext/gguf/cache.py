@@ -407,7 +407,7 @@ def discard(path: Path, why: str | BaseException) -> None:
     :func:`collect_discards`)."""
     tampered = isinstance(why, TamperedEntryError)
     log.warning("kernel_ext conversion cache: %s %s (%s); rebuilding it from the GGUF file",
-                "not using tampered" if tampered else "ignoring and rebuilding", path, why)
+                "not using unverified" if tampered else "ignoring and rebuilding", path, why)
     notes = _discards.get()
     if notes is not None:
         notes.append({"path": str(path), "why": str(why), "tampered": tampered})
