@@ -205,9 +205,10 @@ def choose_screen(weight: torch.Tensor, kinds: tuple[str, ...] = SCREEN_KINDS, *
     best of three, with the caches flushed between runs. The choice is remembered per machine,
     torch, thread count and head width, in this process and in ``record`` (a JSON file, e.g. in
     the conversion cache), with the times it was based on; delete that file to measure again.
-    A choice measured while the machine was busy can only cost speed, never exactness; it is
-    used in this process but not recorded (the 1-minute load average was above half the CPU
-    count), so a busy first load does not turn the screen off for good.
+    A choice measured while the machine was busy can only cost speed, never exactness. "No
+    screen" measured then (the 1-minute load average above half the CPU count) is used in this
+    process but not recorded, so a busy first load does not turn the screen off for good; a
+    screen chosen then is recorded (it is the usual winner on a CPU).
     """
     n, k = (int(d) for d in weight.shape)
     rows = min(n, _CAL_ROWS)
@@ -223,7 +224,7 @@ def choose_screen(weight: torch.Tensor, kinds: tuple[str, ...] = SCREEN_KINDS, *
     best = min(times, key=times.__getitem__) if times else None
     choice = best if best is not None and times[best] < 0.7 * base else None
     _CHOICES[key] = choice
-    if record is not None and not _busy():
+    if record is not None and (choice is not None or not _busy()):
         known[key] = {"choice": choice, "seconds": {"float32": base, **times}, "at": time.time()}
         try:
             from ..gguf.cache import write_json
