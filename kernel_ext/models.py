@@ -8,6 +8,13 @@ plan that fits the memory budget (:mod:`kernel_ext.memory`; the Transformers pat
 -> load into Transformers (:mod:`kernel_ext.gguf.loader`) with a progress bar -> register a
 provider. Every step that can fail raises a typed error; every load is written to the audit log,
 with the path that loaded it.
+
+The copies decoding keeps beside the weights (the LM head's screen; the int4 repacks of
+``quantized`` mode; :mod:`kernel_ext.providers.decode`) are built on a worker thread once the
+model is registered, so the cell returns as soon as the model is usable (:class:`_DecodePrep`).
+Everything that needs them waits for that thread instead of building them again: the model's
+first use (``%%infer``, ``%model warm``), its memory figures, unloading or evicting it, and the
+next load (one load or build at a time).
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import logging
 import os
 import re
 import shutil
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,6 +130,7 @@ class ModelRegistry:
         self._entries: dict[str, ModelEntry] = {}
         self.active: str | None = None
         self.residency = Residency()
+        self._prep: _DecodePrep | None = None  # the decoding copies being built, if any
 
     # --- queries ---------------------------------------------------------------------------------
     def names(self) -> list[str]:
@@ -150,6 +159,7 @@ class ModelRegistry:
     def memory(self, name: str) -> dict[str, Any]:
         """Measured memory of ``name``: weights, runtime copies, load overhead, total (0 while
         evicted), and the names it shares its weights with."""
+        self._wait_decode()  # copies still being built count once built, not half
         resident = self.residency.of(name)
         if resident is None:
             return {"resident": False, "weights": 0, "copies": 0, "overhead": 0, "total": 0,
@@ -213,6 +223,7 @@ class ModelRegistry:
                                      f"%model unload {name} first or pass --name")
         dev = resolve_device(device or cfg.device)
         dt = resolve_dtype(dtype or cfg.dtype, dev)
+        self._wait_decode()  # one load or build at a time: never two beside each other
         session.events.emit("model", action="loading", name=name, info={"path": str(path)})
         t0 = time.perf_counter()
         deadline = _Deadline(cfg.load_timeout, name)
@@ -295,13 +306,13 @@ class ModelRegistry:
             self.residency.share(name, shared)
         else:
             self._add_resident(name, entry, artifacts, anon0)
-        _prepare_decode(entry.provider)
         self._entries[name] = entry
         self.active = name
         session.audit.write("model.load", name=name, path=path, sha256=digest, plan=plan.describe(),
                             duration_s=round(load_s, 3), footprint=entry.footprint,
                             loader=loader, loader_reason=loader_reason)
         session.events.emit("model", action="loaded", name=name, info=entry.info())
+        self._prep = _DecodePrep(entry.provider)  # after the model is usable, beside the notebook
         return entry
 
     def _check_signature(self, name: str, path: Path, digest: str, signature: str | None) -> None:
@@ -334,6 +345,13 @@ class ModelRegistry:
                         else "did not match its recorded digest")
                 print(f"kernel_ext: the conversion cache's {Path(note['path']).name} for {name} "
                       f"{what}; rebuilt it from the GGUF file")
+
+    def _wait_decode(self) -> None:
+        """Wait until the decoding copies being built (if any) are done (see the module
+        docstring); at once on the building thread itself."""
+        prep = self._prep
+        if prep is not None and prep.wait():
+            self._prep = None
 
     def _load_failed(self, name: str, path: Path, error: object) -> None:
         gc.collect()  # whatever the failed load built is garbage now: free it before reporting
@@ -377,6 +395,7 @@ class ModelRegistry:
         return notes
 
     def _evict(self, resident: Resident) -> list[str]:
+        self._wait_decode()
         freed = resident.total()
         names = self.residency.evict(resident)
         for n in names:
@@ -395,6 +414,7 @@ class ModelRegistry:
     def _on_use(self, provider: TransformersGGUFProvider) -> None:
         """Each use of a model: mark it recently used; reload it when it was evicted."""
         name = provider.name
+        self._wait_decode()  # the first use waits for its copies instead of building them again
         if self.residency.evicted(name) and provider.local is None:
             self._reload(name)
         self.residency.touch(name)
@@ -403,6 +423,7 @@ class ModelRegistry:
         from .gguf.integrity import check_pin
         from .gguf.reader import read_gguf
 
+        self._wait_decode()
         entry = self._entries[name]
         plan = entry.plan
         key = self.residency.key_of(name)
@@ -487,6 +508,7 @@ class ModelRegistry:
         """Unload ``name``; ``entry.freed`` says the bytes freed (0 while other names share its
         weights or it was evicted)."""
         entry = self.get(name)
+        self._wait_decode()  # its copies are dropped with it, not built after it is gone
         del self._entries[name]
         dropped = self.residency.remove(name)
         freed = dropped.total() if dropped is not None else 0
@@ -586,14 +608,37 @@ def _decode_copies(mode: str, device: str, summary: dict[str, Any], hidden: Any)
     return screen, repacks
 
 
-def _prepare_decode(provider: TransformersGGUFProvider) -> None:
-    """Build the decoding copies now (or read them from the conversion cache), so the first
-    ``%%infer`` does not wait; a failure here only means they are built at the first call."""
-    try:
-        provider.prepare_decode()
-    except Exception as e:  # noqa: BLE001 - the model is loaded; decoding retries and reports
-        log.warning("kernel_ext: preparing decoding for %s failed (%s: %s); retried at first use",
-                    provider.name, type(e).__name__, e)
+class _DecodePrep:
+    """Builds a freshly loaded model's decoding copies (or reads them from the conversion
+    cache) on a worker thread, so ``%model load`` returns as soon as the model is usable and
+    the first ``%%infer`` finds them ready, or waits for the rest instead of building them a
+    second time. A failure only means they are built at the first call (it is logged)."""
+
+    def __init__(self, provider: TransformersGGUFProvider) -> None:
+        self.name = provider.name
+        self.seconds: float | None = None  # how long the build took, once done
+        self._thread = threading.Thread(target=self._run, args=(provider,), daemon=True,
+                                        name=f"kernel_ext-decode-copies-{provider.name}")
+        self._thread.start()
+
+    def _run(self, provider: TransformersGGUFProvider) -> None:
+        t0 = time.perf_counter()
+        try:
+            provider.prepare_decode()
+        except Exception as e:  # noqa: BLE001 - the model is loaded; decoding retries and reports
+            log.warning("kernel_ext: preparing decoding for %s failed (%s: %s); retried at first "
+                        "use", provider.name, type(e).__name__, e)
+        finally:
+            self.seconds = time.perf_counter() - t0
+
+    def wait(self) -> bool:
+        """Wait for the build (the stop button interrupts the wait, not the build); whether it
+        is done. On the building thread itself (it uses the model too) it returns at once."""
+        if threading.current_thread() is self._thread:
+            return False
+        while self._thread.is_alive():
+            self._thread.join(0.2)
+        return True
 
 
 def _name_from_path(path: Path) -> str:
