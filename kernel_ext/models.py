@@ -9,12 +9,13 @@ plan that fits the memory budget (:mod:`kernel_ext.memory`; the Transformers pat
 provider. Every step that can fail raises a typed error; every load is written to the audit log,
 with the path that loaded it.
 
-The copies decoding keeps beside the weights (the LM head's screen; the int4 repacks of
-``quantized`` mode; :mod:`kernel_ext.providers.decode`) are built on a worker thread once the
-model is registered, so the cell returns as soon as the model is usable (:class:`_DecodePrep`).
-Everything that needs them waits for that thread instead of building them again: the model's
-first use (``%%infer``, ``%model warm``), its memory figures, unloading or evicting it, and the
-next load (one load or build at a time).
+Two pieces of work are finished on a worker thread once the model is registered, so the cell
+returns as soon as the model is usable (:class:`_AfterLoad`): writing a freshly converted
+tokenizer to the conversion cache (atomically and sealed, as before) and building the copies
+decoding keeps beside the weights (the LM head's screen, the int4 repacks of ``quantized`` mode;
+:mod:`kernel_ext.providers.decode`). Everything that needs them waits for that thread instead
+of doing the work again: the model's first use (``%%infer``, ``%model warm``), its memory
+figures, unloading or evicting it, and the next load (one load or build at a time).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import re
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -130,7 +132,7 @@ class ModelRegistry:
         self._entries: dict[str, ModelEntry] = {}
         self.active: str | None = None
         self.residency = Residency()
-        self._prep: _DecodePrep | None = None  # the decoding copies being built, if any
+        self._prep: _AfterLoad | None = None  # the work finishing after the last load
 
     # --- queries ---------------------------------------------------------------------------------
     def names(self) -> list[str]:
@@ -265,7 +267,8 @@ class ModelRegistry:
                     session.audit.write("model.plan", name=name, path=path, sha256=digest,
                                         plan=plan.describe(), loader=path_to.path)
                     anon0 = process_anonymous_bytes()
-                    artifacts = self._load_weights(gf, digest, plan, name, progress, deadline)
+                    artifacts = self._load_weights(gf, digest, plan, name, progress, deadline,
+                                                   defer_cache_writes=True)
                     loader, loader_reason = artifacts.loader, artifacts.loader_reason
         except KeyboardInterrupt:
             self._load_failed(name, path, "interrupted by the user")
@@ -312,7 +315,8 @@ class ModelRegistry:
                             duration_s=round(load_s, 3), footprint=entry.footprint,
                             loader=loader, loader_reason=loader_reason)
         session.events.emit("model", action="loaded", name=name, info=entry.info())
-        self._prep = _DecodePrep(entry.provider)  # after the model is usable, beside the notebook
+        # after the model is usable, beside the notebook
+        self._prep = _AfterLoad(entry.provider, getattr(artifacts, "finish_cache_writes", None))
         return entry
 
     def _check_signature(self, name: str, path: Path, digest: str, signature: str | None) -> None:
@@ -347,8 +351,8 @@ class ModelRegistry:
                       f"{what}; rebuilt it from the GGUF file")
 
     def _wait_decode(self) -> None:
-        """Wait until the decoding copies being built (if any) are done (see the module
-        docstring); at once on the building thread itself."""
+        """Wait until the work finishing after the last load (if any) is done (see the
+        module docstring); at once on that thread itself."""
         prep = self._prep
         if prep is not None and prep.wait():
             self._prep = None
@@ -456,7 +460,7 @@ class ModelRegistry:
         self.session.events.emit("model", action="loaded", name=name, info=entry.info())
 
     def _load_weights(self, gf: Any, digest: str, plan: LoadPlan, name: str, progress: bool,
-                      deadline: _Deadline | None = None) -> Any:
+                      deadline: _Deadline | None = None, defer_cache_writes: bool = False) -> Any:
         import torch
 
         from .gguf.loader import load_transformers
@@ -484,6 +488,7 @@ class ModelRegistry:
                 cache_dir=cache, progress=on_progress,
                 cache_max_bytes=int(self.session.config.conversion_cache_max_gb * 1024**3),
                 quantization=plan.quantization, device_map=self._offload(plan, digest),
+                defer_cache_writes=defer_cache_writes,
             )
         finally:
             if bar is not None:
@@ -608,20 +613,23 @@ def _decode_copies(mode: str, device: str, summary: dict[str, Any], hidden: Any)
     return screen, repacks
 
 
-class _DecodePrep:
-    """Builds a freshly loaded model's decoding copies (or reads them from the conversion
-    cache) on a worker thread, so ``%model load`` returns as soon as the model is usable and
-    the first ``%%infer`` finds them ready, or waits for the rest instead of building them a
-    second time. A failure only means they are built at the first call (it is logged)."""
+class _AfterLoad:
+    """Finishes a load on a worker thread once the model is usable (see the module docstring):
+    builds its decoding copies (or reads them from the conversion cache), and waits for the
+    loader's cache writes (``finish_writes``). ``%model load`` returns before this; the first
+    ``%%infer`` finds the copies ready, or waits for the rest instead of building them a second
+    time. A failed build only means they are built at the first call (it is logged)."""
 
-    def __init__(self, provider: TransformersGGUFProvider) -> None:
+    def __init__(self, provider: TransformersGGUFProvider,
+                 finish_writes: Callable[[], None] | None = None) -> None:
         self.name = provider.name
-        self.seconds: float | None = None  # how long the build took, once done
-        self._thread = threading.Thread(target=self._run, args=(provider,), daemon=True,
-                                        name=f"kernel_ext-decode-copies-{provider.name}")
+        self.seconds: float | None = None  # how long it took, once done
+        self._thread = threading.Thread(target=self._run, args=(provider, finish_writes),
+                                        daemon=True, name=f"kernel_ext-after-load-{provider.name}")
         self._thread.start()
 
-    def _run(self, provider: TransformersGGUFProvider) -> None:
+    def _run(self, provider: TransformersGGUFProvider,
+             finish_writes: Callable[[], None] | None) -> None:
         t0 = time.perf_counter()
         try:
             provider.prepare_decode()
@@ -629,6 +637,8 @@ class _DecodePrep:
             log.warning("kernel_ext: preparing decoding for %s failed (%s: %s); retried at first "
                         "use", provider.name, type(e).__name__, e)
         finally:
+            if finish_writes is not None:
+                finish_writes()
             self.seconds = time.perf_counter() - t0
 
     def wait(self) -> bool:

@@ -92,9 +92,11 @@ def test_memory_reported_includes_runtime_copies(ip: Any, tmp_path: Path, capsys
 
 def test_decoding_copies_are_built_after_the_load_returns_and_once(ip: Any, tmp_path: Path,
                                                                     other: Path) -> None:
-    """%model load returns once the model is usable; its decoding copies are built on a worker
-    thread, which every later use waits for instead of building them again, and which the
-    next load waits for (never two builds or loads side by side)."""
+    """%model load returns once the model is usable; its decoding copies are built (and the
+    converted tokenizer stored in the conversion cache) on a worker thread, which every later
+    use waits for instead of building them again, and which the next load waits for (never two
+    builds or loads side by side)."""
+    from kernel_ext.gguf import cache
     from kernel_ext.providers import decode
 
     path = write_tiny_llama(tmp_path / "q8.gguf", seed=1, quant="Q8_0")
@@ -106,6 +108,8 @@ def test_decoding_copies_are_built_after_the_load_returns_and_once(ip: Any, tmp_
     model = models.get("a").provider.local.model
     assert models.memory("a")["copies"] > 0  # waits for the build, then counts it
     assert prep.seconds is not None and not prep._thread.is_alive()
+    entry = cache.entry_dir(session(ip).cache_dir / "conversions", models.get("a").sha256)
+    cache.verify_tree(entry / "tokenizer")  # the converted tokenizer was stored, sealed
     built = decode._PREPARED[model]["quantized"]
     assert built.mode == "quantized" and built.linears  # the int4 repacks of the layers
     cell(ip, "-n 4 -q -o r", "Hello")

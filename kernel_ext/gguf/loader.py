@@ -134,6 +134,17 @@ class LoadedArtifacts:
     loader: str = "fast"
     loader_reason: str = ""
     weight_sources: dict[str, WeightSource] = field(default_factory=dict)
+    # conversion-cache writes still running (``defer_cache_writes``): see finish_cache_writes
+    _writes: list[threading.Thread] = field(default_factory=list, repr=False)
+
+    def finish_cache_writes(self) -> None:
+        """Wait for the conversion-cache writes a load with ``defer_cache_writes`` left running
+        (the converted tokenizer); at once when there are none."""
+        while self._writes:
+            thread = self._writes[0]
+            while thread.is_alive():
+                thread.join(0.2)  # the stop button interrupts the wait, not the write
+            self._writes.pop(0)
 
 
 def to_torch_dtype(dtype: torch.dtype | str) -> torch.dtype:
@@ -172,6 +183,7 @@ class LoadOptions:
     cache_weights: bool = True
     cache_max_bytes: int = 4 << 30
     decode_threads: int | None = 1  # torch intra-op threads while decoding (None: leave it)
+    defer_cache_writes: bool = False  # return before the converted tokenizer is stored
 
     @property
     def via_transformers(self) -> bool:
@@ -311,10 +323,13 @@ def _finish_model(job: LoadJob) -> None:
 
 
 def _join_tokenizer(job: LoadJob) -> None:
-    if job.tokenizer_job is None:
+    tj = job.tokenizer_job
+    if tj is None:
         return
-    job.tokenizer = job.tokenizer_job.result()
-    job.timings["tokenizer"] = job.timings.get("tokenizer", 0.0) + job.tokenizer_job.seconds
+    job.tokenizer = tj.result()
+    job.timings["tokenizer"] = job.timings.get("tokenizer", 0.0) + tj.seconds
+    if not job.options.defer_cache_writes:
+        tj.wait_stored()
 
 
 def _record_use(job: LoadJob) -> None:
@@ -399,6 +414,7 @@ def load_transformers(
     cache_weights: bool = True,
     cache_max_bytes: int = 4 << 30,
     decode_threads: int | None = 1,
+    defer_cache_writes: bool = False,
 ) -> LoadedArtifacts:
     """Load the GGUF at ``path`` as a Transformers model and tokenizer.
 
@@ -417,7 +433,10 @@ def load_transformers(
     :class:`kernel_ext.gguf.gpu_plans.Offload`, or an explicit accelerate device map) and
     ``quantization`` ("8bit" / "4bit", bitsandbytes, CUDA only) load through
     :mod:`kernel_ext.gguf.gpu_plans`. ``decode_threads``: torch intra-op threads while decoding
-    (None: leave torch's setting).
+    (None: leave torch's setting). ``defer_cache_writes``: return as soon as the model and
+    tokenizer are usable, while a freshly converted tokenizer is still being written to the
+    cache (atomically: an entry is either complete and sealed or absent); the caller waits with
+    :meth:`LoadedArtifacts.finish_cache_writes` before it loads the same file again.
 
     Raises ``GGUFUnsupportedError`` (before hashing) for a file no path can load,
     ``GGUFFormatError`` for a malformed or incomplete one, :data:`LoadError` naming the stage
@@ -442,6 +461,7 @@ def load_transformers(
         cache_weights=cache_weights,
         cache_max_bytes=cache_max_bytes,
         decode_threads=decode_threads,
+        defer_cache_writes=defer_cache_writes,
     )
     name = path.path.name if isinstance(path, GGUFFile) else Path(path).name
     t_start = time.perf_counter()
@@ -482,6 +502,7 @@ def load_transformers(
         loader=job.route.path,
         loader_reason=job.route.reason,
         weight_sources=job.plan.sources if job.plan is not None else {},
+        _writes=[job.tokenizer_job.thread] if job.tokenizer_job is not None else [],
     )
 
 
@@ -506,15 +527,17 @@ def _intra_op_threads(n: int | None) -> Iterator[None]:
 
 
 class _TokenizerJob:
-    """Build (and cache) the tokenizer on a worker thread; :meth:`result` joins it."""
+    """Build the tokenizer on a worker thread, then store it in the cache entry (if any);
+    :meth:`result` waits for the tokenizer, :meth:`wait_stored` for the store too."""
 
     def __init__(self, metadata: Any, model_type: str, entry: Path | None) -> None:
         self._args = (metadata, model_type, entry)
         self._value: Any = None
         self._error: Exception | None = None
-        self.seconds = 0.0
-        self._thread = threading.Thread(target=self._run, name="kernel_ext-tokenizer", daemon=True)
-        self._thread.start()
+        self._built = threading.Event()
+        self.seconds = 0.0  # building it (the store comes after)
+        self.thread = threading.Thread(target=self._run, name="kernel_ext-tokenizer", daemon=True)
+        self.thread.start()
 
     def _run(self) -> None:
         t0 = time.perf_counter()
@@ -524,17 +547,24 @@ class _TokenizerJob:
             tokens = metadata.get("tokenizer.ggml.tokens")
             if isinstance(tokens, list) and len(tokens) >= _TRIM_VOCAB:
                 _trim_heap()
-            if entry is not None:
-                _store_tokenizer(entry, self._value)
         except Exception as e:  # noqa: BLE001 - handed to the caller by result()
             self._error = e
-        self.seconds = time.perf_counter() - t0
+        finally:
+            self.seconds = time.perf_counter() - t0
+            self._built.set()
+        if self._error is None and entry is not None:
+            _store_tokenizer(entry, self._value)
 
     def result(self) -> Any:
-        self._thread.join()
+        while not self._built.wait(0.2):  # the stop button interrupts the wait
+            pass
         if self._error is not None:
             raise self._error
         return self._value
+
+    def wait_stored(self) -> None:
+        while self.thread.is_alive():
+            self.thread.join(0.2)
 
 
 @contextlib.contextmanager
@@ -845,9 +875,11 @@ def _cached_tokenizer(entry: Path, model_type: str) -> Any:
 
 
 def _store_tokenizer(entry: Path, tokenizer: Any) -> None:
+    """Store the converted tokenizer (atomically, sealed); a failure is logged: the load that
+    converted it has its tokenizer, the next one converts it again."""
     try:
         _cache.write_tree(entry / "tokenizer", lambda d: tokenizer.save_pretrained(str(d)))
-    except OSError as e:
+    except Exception as e:  # noqa: BLE001 - may run after the load returned: nobody to raise to
         log.warning(
             "kernel_ext conversion cache: could not store the tokenizer in %s: %s", entry, e
         )
