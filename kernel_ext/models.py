@@ -267,8 +267,9 @@ class ModelRegistry:
                     session.audit.write("model.plan", name=name, path=path, sha256=digest,
                                         plan=plan.describe(), loader=path_to.path)
                     anon0 = process_anonymous_bytes()
+                    # the tokenizer is stored after the cell returns; _add_resident collects
                     artifacts = self._load_weights(gf, digest, plan, name, progress, deadline,
-                                                   defer_cache_writes=True)
+                                                   defer_cache_writes=True, trim_heap=False)
                     loader, loader_reason = artifacts.loader, artifacts.loader_reason
         except KeyboardInterrupt:
             self._load_failed(name, path, "interrupted by the user")
@@ -366,7 +367,9 @@ class ModelRegistry:
     def _add_resident(self, name: str, entry: ModelEntry, artifacts: Any, anon0: int) -> None:
         """Books new weights; their memory is measured (tensors, and what the load added to the
         anonymous memory besides anonymous tensors: tokenizer, buffers)."""
-        gc.collect()
+        from .gguf.loader import trim_heap
+
+        trim_heap()  # the one full collection of a load: conversion garbage is not overhead
         model = artifacts.model
         weights = tensor_bytes(model)
         anonymous_weights = weights - file_backed_bytes(model)
@@ -460,7 +463,8 @@ class ModelRegistry:
         self.session.events.emit("model", action="loaded", name=name, info=entry.info())
 
     def _load_weights(self, gf: Any, digest: str, plan: LoadPlan, name: str, progress: bool,
-                      deadline: _Deadline | None = None, defer_cache_writes: bool = False) -> Any:
+                      deadline: _Deadline | None = None, defer_cache_writes: bool = False,
+                      trim_heap: bool = True) -> Any:
         import torch
 
         from .gguf.loader import load_transformers
@@ -488,7 +492,7 @@ class ModelRegistry:
                 cache_dir=cache, progress=on_progress,
                 cache_max_bytes=int(self.session.config.conversion_cache_max_gb * 1024**3),
                 quantization=plan.quantization, device_map=self._offload(plan, digest),
-                defer_cache_writes=defer_cache_writes,
+                defer_cache_writes=defer_cache_writes, trim_heap=trim_heap,
             )
         finally:
             if bar is not None:
@@ -615,8 +619,8 @@ def _decode_copies(mode: str, device: str, summary: dict[str, Any], hidden: Any)
 
 class _AfterLoad:
     """Finishes a load on a worker thread once the model is usable (see the module docstring):
-    builds its decoding copies (or reads them from the conversion cache), and waits for the
-    loader's cache writes (``finish_writes``). ``%model load`` returns before this; the first
+    stores the converted tokenizer in the conversion cache (the loader's ``finish_writes``),
+    then builds the decoding copies (or reads them from the conversion cache). ``%model load`` returns before this; the first
     ``%%infer`` finds the copies ready, or waits for the rest instead of building them a second
     time. A failed build only means they are built at the first call (it is logged)."""
 
@@ -632,13 +636,13 @@ class _AfterLoad:
              finish_writes: Callable[[], None] | None) -> None:
         t0 = time.perf_counter()
         try:
+            if finish_writes is not None:
+                finish_writes()  # logs its own failures
             provider.prepare_decode()
         except Exception as e:  # noqa: BLE001 - the model is loaded; decoding retries and reports
             log.warning("kernel_ext: preparing decoding for %s failed (%s: %s); retried at first "
                         "use", provider.name, type(e).__name__, e)
         finally:
-            if finish_writes is not None:
-                finish_writes()
             self.seconds = time.perf_counter() - t0
 
     def wait(self) -> bool:
