@@ -132,7 +132,7 @@ class ModelRegistry:
         self._entries: dict[str, ModelEntry] = {}
         self.active: str | None = None
         self.residency = Residency()
-        self._prep: _AfterLoad | None = None  # the work finishing after the last load
+        self._after_load: _AfterLoad | None = None  # the work finishing after the last load
 
     # --- queries ---------------------------------------------------------------------------------
     def names(self) -> list[str]:
@@ -161,7 +161,7 @@ class ModelRegistry:
     def memory(self, name: str) -> dict[str, Any]:
         """Measured memory of ``name``: weights, runtime copies, load overhead, total (0 while
         evicted), and the names it shares its weights with."""
-        self._wait_decode()  # copies still being built count once built, not half
+        self._wait_after_load()  # copies still being built count once built, not half
         resident = self.residency.of(name)
         if resident is None:
             return {"resident": False, "weights": 0, "copies": 0, "overhead": 0, "total": 0,
@@ -225,7 +225,7 @@ class ModelRegistry:
                                      f"%model unload {name} first or pass --name")
         dev = resolve_device(device or cfg.device)
         dt = resolve_dtype(dtype or cfg.dtype, dev)
-        self._wait_decode()  # one load or build at a time: never two beside each other
+        self._wait_after_load()  # one load or build at a time: never two beside each other
         session.events.emit("model", action="loading", name=name, info={"path": str(path)})
         t0 = time.perf_counter()
         deadline = _Deadline(cfg.load_timeout, name)
@@ -317,7 +317,8 @@ class ModelRegistry:
                             loader=loader, loader_reason=loader_reason)
         session.events.emit("model", action="loaded", name=name, info=entry.info())
         # after the model is usable, beside the notebook
-        self._prep = _AfterLoad(entry.provider, getattr(artifacts, "finish_cache_writes", None))
+        self._after_load = _AfterLoad(entry.provider,
+                                      getattr(artifacts, "finish_cache_writes", None))
         return entry
 
     def _check_signature(self, name: str, path: Path, digest: str, signature: str | None) -> None:
@@ -351,12 +352,12 @@ class ModelRegistry:
                 print(f"kernel_ext: the conversion cache's {Path(note['path']).name} for {name} "
                       f"{what}; rebuilt it from the GGUF file")
 
-    def _wait_decode(self) -> None:
+    def _wait_after_load(self) -> None:
         """Wait until the work finishing after the last load (if any) is done (see the
         module docstring); at once on that thread itself."""
-        prep = self._prep
+        prep = self._after_load
         if prep is not None and prep.wait():
-            self._prep = None
+            self._after_load = None
 
     def _load_failed(self, name: str, path: Path, error: object) -> None:
         gc.collect()  # whatever the failed load built is garbage now: free it before reporting
@@ -369,7 +370,12 @@ class ModelRegistry:
         anonymous memory besides anonymous tensors: tokenizer, buffers)."""
         from .gguf.loader import trim_heap
 
-        trim_heap()  # the one full collection of a load: conversion garbage is not overhead
+        # the load's one full collection: conversion garbage is not overhead; the heap is
+        # trimmed too after a tokenizer conversion (the loader leaves both to us)
+        if getattr(artifacts, "cache_hits", {}).get("tokenizer", True):
+            gc.collect()
+        else:
+            trim_heap()
         model = artifacts.model
         weights = tensor_bytes(model)
         anonymous_weights = weights - file_backed_bytes(model)
@@ -402,7 +408,7 @@ class ModelRegistry:
         return notes
 
     def _evict(self, resident: Resident) -> list[str]:
-        self._wait_decode()
+        self._wait_after_load()
         freed = resident.total()
         names = self.residency.evict(resident)
         for n in names:
@@ -421,7 +427,7 @@ class ModelRegistry:
     def _on_use(self, provider: TransformersGGUFProvider) -> None:
         """Each use of a model: mark it recently used; reload it when it was evicted."""
         name = provider.name
-        self._wait_decode()  # the first use waits for its copies instead of building them again
+        self._wait_after_load()  # the first use waits for the copies, never builds them twice
         if self.residency.evicted(name) and provider.local is None:
             self._reload(name)
         self.residency.touch(name)
@@ -430,7 +436,7 @@ class ModelRegistry:
         from .gguf.integrity import check_pin
         from .gguf.reader import read_gguf
 
-        self._wait_decode()
+        self._wait_after_load()
         entry = self._entries[name]
         plan = entry.plan
         key = self.residency.key_of(name)
@@ -517,7 +523,7 @@ class ModelRegistry:
         """Unload ``name``; ``entry.freed`` says the bytes freed (0 while other names share its
         weights or it was evicted)."""
         entry = self.get(name)
-        self._wait_decode()  # its copies are dropped with it, not built after it is gone
+        self._wait_after_load()  # its copies are dropped with it, not built after it is gone
         del self._entries[name]
         dropped = self.residency.remove(name)
         freed = dropped.total() if dropped is not None else 0

@@ -103,7 +103,7 @@ def test_decoding_copies_are_built_after_the_load_returns_and_once(ip: Any, tmp_
     line(ip, "config", "KernelExt.decode_mode = 'quantized'")
     line(ip, "model", f"load {path} --name a --no-progress")
     models = session(ip).models
-    prep = models._prep
+    prep = models._after_load
     assert prep is not None and prep.name == "a"  # started by the load, maybe still running
     model = models.get("a").provider.local.model
     assert models.memory("a")["copies"] > 0  # waits for the build, then counts it
@@ -115,11 +115,11 @@ def test_decoding_copies_are_built_after_the_load_returns_and_once(ip: Any, tmp_
     cell(ip, "-n 4 -q -o r", "Hello")
     assert decode._PREPARED[model]["quantized"] is built  # used, not built again
     line(ip, "model", f"load {other} --name b --no-progress")
-    second = models._prep
+    second = models._after_load
     line(ip, "model", f"load {path} --name c --no-progress")  # shares a's weights
     assert second is not None and not second._thread.is_alive()  # c's load waited for b's build
     line(ip, "model", "unload c")  # waits for c's (instant) build, then drops it
-    assert models._prep is None
+    assert models._after_load is None
 
 
 def test_lru_cap_evicts_and_reloads_with_a_note(ip: Any, tiny: Path, other: Path,
