@@ -161,7 +161,7 @@ class ModelRegistry:
     def memory(self, name: str) -> dict[str, Any]:
         """Measured memory of ``name``: weights, runtime copies, load overhead, total (0 while
         evicted), and the names it shares its weights with."""
-        self._wait_after_load()  # copies still being built count once built, not half
+        self.wait_idle()  # copies still being built count once built, not half
         resident = self.residency.of(name)
         if resident is None:
             return {"resident": False, "weights": 0, "copies": 0, "overhead": 0, "total": 0,
@@ -225,7 +225,7 @@ class ModelRegistry:
                                      f"%model unload {name} first or pass --name")
         dev = resolve_device(device or cfg.device)
         dt = resolve_dtype(dtype or cfg.dtype, dev)
-        self._wait_after_load()  # one load or build at a time: never two beside each other
+        self.wait_idle()  # one load or build at a time: never two beside each other
         session.events.emit("model", action="loading", name=name, info={"path": str(path)})
         t0 = time.perf_counter()
         deadline = _Deadline(cfg.load_timeout, name)
@@ -352,9 +352,10 @@ class ModelRegistry:
                 print(f"kernel_ext: the conversion cache's {Path(note['path']).name} for {name} "
                       f"{what}; rebuilt it from the GGUF file")
 
-    def _wait_after_load(self) -> None:
-        """Wait until the work finishing after the last load (if any) is done (see the
-        module docstring); at once on that thread itself."""
+    def wait_idle(self) -> None:
+        """Wait until the work the last load left to a worker thread (storing the converted
+        tokenizer, building the decoding copies; see the module docstring) is done; at once on
+        that thread itself. Every use of a model waits for it already."""
         prep = self._after_load
         if prep is not None and prep.wait():
             self._after_load = None
@@ -408,7 +409,7 @@ class ModelRegistry:
         return notes
 
     def _evict(self, resident: Resident) -> list[str]:
-        self._wait_after_load()
+        self.wait_idle()
         freed = resident.total()
         names = self.residency.evict(resident)
         for n in names:
@@ -427,7 +428,7 @@ class ModelRegistry:
     def _on_use(self, provider: TransformersGGUFProvider) -> None:
         """Each use of a model: mark it recently used; reload it when it was evicted."""
         name = provider.name
-        self._wait_after_load()  # the first use waits for the copies, never builds them twice
+        self.wait_idle()  # the first use waits for the copies, never builds them twice
         if self.residency.evicted(name) and provider.local is None:
             self._reload(name)
         self.residency.touch(name)
@@ -436,7 +437,7 @@ class ModelRegistry:
         from .gguf.integrity import check_pin
         from .gguf.reader import read_gguf
 
-        self._wait_after_load()
+        self.wait_idle()
         entry = self._entries[name]
         plan = entry.plan
         key = self.residency.key_of(name)
@@ -523,7 +524,7 @@ class ModelRegistry:
         """Unload ``name``; ``entry.freed`` says the bytes freed (0 while other names share its
         weights or it was evicted)."""
         entry = self.get(name)
-        self._wait_after_load()  # its copies are dropped with it, not built after it is gone
+        self.wait_idle()  # its copies are dropped with it, not built after it is gone
         del self._entries[name]
         dropped = self.residency.remove(name)
         freed = dropped.total() if dropped is not None else 0
