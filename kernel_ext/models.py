@@ -8,6 +8,14 @@ plan that fits the memory budget (:mod:`kernel_ext.memory`; the Transformers pat
 -> load into Transformers (:mod:`kernel_ext.gguf.loader`) with a progress bar -> register a
 provider. Every step that can fail raises a typed error; every load is written to the audit log,
 with the path that loaded it.
+
+Two pieces of work are finished on a worker thread once the model is registered, so the cell
+returns as soon as the model is usable (:class:`_AfterLoad`): writing a freshly converted
+tokenizer to the conversion cache (atomically and sealed, as before) and building the copies
+decoding keeps beside the weights (the LM head's screen, the int4 repacks of ``quantized`` mode;
+:mod:`kernel_ext.providers.decode`). Everything that needs them waits for that thread instead
+of doing the work again: the model's first use (``%%infer``, ``%model warm``), its memory
+figures, unloading or evicting it, and the next load (one load or build at a time).
 """
 
 from __future__ import annotations
@@ -18,7 +26,9 @@ import logging
 import os
 import re
 import shutil
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -122,6 +132,7 @@ class ModelRegistry:
         self._entries: dict[str, ModelEntry] = {}
         self.active: str | None = None
         self.residency = Residency()
+        self._after_load: _AfterLoad | None = None  # the work finishing after the last load
 
     # --- queries ---------------------------------------------------------------------------------
     def names(self) -> list[str]:
@@ -150,6 +161,7 @@ class ModelRegistry:
     def memory(self, name: str) -> dict[str, Any]:
         """Measured memory of ``name``: weights, runtime copies, load overhead, total (0 while
         evicted), and the names it shares its weights with."""
+        self.wait_idle()  # copies still being built count once built, not half
         resident = self.residency.of(name)
         if resident is None:
             return {"resident": False, "weights": 0, "copies": 0, "overhead": 0, "total": 0,
@@ -213,6 +225,7 @@ class ModelRegistry:
                                      f"%model unload {name} first or pass --name")
         dev = resolve_device(device or cfg.device)
         dt = resolve_dtype(dtype or cfg.dtype, dev)
+        self.wait_idle()  # one load or build at a time: never two beside each other
         session.events.emit("model", action="loading", name=name, info={"path": str(path)})
         t0 = time.perf_counter()
         deadline = _Deadline(cfg.load_timeout, name)
@@ -254,7 +267,9 @@ class ModelRegistry:
                     session.audit.write("model.plan", name=name, path=path, sha256=digest,
                                         plan=plan.describe(), loader=path_to.path)
                     anon0 = process_anonymous_bytes()
-                    artifacts = self._load_weights(gf, digest, plan, name, progress, deadline)
+                    # the tokenizer is stored after the cell returns; _add_resident collects
+                    artifacts = self._load_weights(gf, digest, plan, name, progress, deadline,
+                                                   defer_cache_writes=True, trim_heap=False)
                     loader, loader_reason = artifacts.loader, artifacts.loader_reason
         except KeyboardInterrupt:
             self._load_failed(name, path, "interrupted by the user")
@@ -295,13 +310,15 @@ class ModelRegistry:
             self.residency.share(name, shared)
         else:
             self._add_resident(name, entry, artifacts, anon0)
-        _prepare_decode(entry.provider)
         self._entries[name] = entry
         self.active = name
         session.audit.write("model.load", name=name, path=path, sha256=digest, plan=plan.describe(),
                             duration_s=round(load_s, 3), footprint=entry.footprint,
                             loader=loader, loader_reason=loader_reason)
         session.events.emit("model", action="loaded", name=name, info=entry.info())
+        # after the model is usable, beside the notebook
+        self._after_load = _AfterLoad(entry.provider,
+                                      getattr(artifacts, "finish_cache_writes", None))
         return entry
 
     def _check_signature(self, name: str, path: Path, digest: str, signature: str | None) -> None:
@@ -335,6 +352,14 @@ class ModelRegistry:
                 print(f"kernel_ext: the conversion cache's {Path(note['path']).name} for {name} "
                       f"{what}; rebuilt it from the GGUF file")
 
+    def wait_idle(self) -> None:
+        """Wait until the work the last load left to a worker thread (storing the converted
+        tokenizer, building the decoding copies; see the module docstring) is done; at once on
+        that thread itself. Every use of a model waits for it already."""
+        prep = self._after_load
+        if prep is not None and prep.wait():
+            self._after_load = None
+
     def _load_failed(self, name: str, path: Path, error: object) -> None:
         gc.collect()  # whatever the failed load built is garbage now: free it before reporting
         self.session.audit.write("model.load_failed", name=name, path=path, error=error)
@@ -344,7 +369,14 @@ class ModelRegistry:
     def _add_resident(self, name: str, entry: ModelEntry, artifacts: Any, anon0: int) -> None:
         """Books new weights; their memory is measured (tensors, and what the load added to the
         anonymous memory besides anonymous tensors: tokenizer, buffers)."""
-        gc.collect()
+        from .gguf.loader import trim_heap
+
+        # the load's one full collection: conversion garbage is not overhead; the heap is
+        # trimmed too after a tokenizer conversion (the loader leaves both to us)
+        if getattr(artifacts, "cache_hits", {}).get("tokenizer", True):
+            gc.collect()
+        else:
+            trim_heap()
         model = artifacts.model
         weights = tensor_bytes(model)
         anonymous_weights = weights - file_backed_bytes(model)
@@ -377,6 +409,7 @@ class ModelRegistry:
         return notes
 
     def _evict(self, resident: Resident) -> list[str]:
+        self.wait_idle()
         freed = resident.total()
         names = self.residency.evict(resident)
         for n in names:
@@ -395,6 +428,7 @@ class ModelRegistry:
     def _on_use(self, provider: TransformersGGUFProvider) -> None:
         """Each use of a model: mark it recently used; reload it when it was evicted."""
         name = provider.name
+        self.wait_idle()  # the first use waits for the copies, never builds them twice
         if self.residency.evicted(name) and provider.local is None:
             self._reload(name)
         self.residency.touch(name)
@@ -403,6 +437,7 @@ class ModelRegistry:
         from .gguf.integrity import check_pin
         from .gguf.reader import read_gguf
 
+        self.wait_idle()
         entry = self._entries[name]
         plan = entry.plan
         key = self.residency.key_of(name)
@@ -435,7 +470,8 @@ class ModelRegistry:
         self.session.events.emit("model", action="loaded", name=name, info=entry.info())
 
     def _load_weights(self, gf: Any, digest: str, plan: LoadPlan, name: str, progress: bool,
-                      deadline: _Deadline | None = None) -> Any:
+                      deadline: _Deadline | None = None, defer_cache_writes: bool = False,
+                      trim_heap: bool = True) -> Any:
         import torch
 
         from .gguf.loader import load_transformers
@@ -463,6 +499,7 @@ class ModelRegistry:
                 cache_dir=cache, progress=on_progress,
                 cache_max_bytes=int(self.session.config.conversion_cache_max_gb * 1024**3),
                 quantization=plan.quantization, device_map=self._offload(plan, digest),
+                defer_cache_writes=defer_cache_writes, trim_heap=trim_heap,
             )
         finally:
             if bar is not None:
@@ -487,6 +524,7 @@ class ModelRegistry:
         """Unload ``name``; ``entry.freed`` says the bytes freed (0 while other names share its
         weights or it was evicted)."""
         entry = self.get(name)
+        self.wait_idle()  # its copies are dropped with it, not built after it is gone
         del self._entries[name]
         dropped = self.residency.remove(name)
         freed = dropped.total() if dropped is not None else 0
@@ -586,14 +624,42 @@ def _decode_copies(mode: str, device: str, summary: dict[str, Any], hidden: Any)
     return screen, repacks
 
 
-def _prepare_decode(provider: TransformersGGUFProvider) -> None:
-    """Build the decoding copies now (or read them from the conversion cache), so the first
-    ``%%infer`` does not wait; a failure here only means they are built at the first call."""
-    try:
-        provider.prepare_decode()
-    except Exception as e:  # noqa: BLE001 - the model is loaded; decoding retries and reports
-        log.warning("kernel_ext: preparing decoding for %s failed (%s: %s); retried at first use",
-                    provider.name, type(e).__name__, e)
+class _AfterLoad:
+    """Finishes a load on a worker thread once the model is usable (see the module docstring):
+    stores the converted tokenizer in the conversion cache (the loader's ``finish_writes``),
+    then builds the decoding copies (or reads them from the conversion cache). ``%model load`` returns before this; the first
+    ``%%infer`` finds the copies ready, or waits for the rest instead of building them a second
+    time. A failed build only means they are built at the first call (it is logged)."""
+
+    def __init__(self, provider: TransformersGGUFProvider,
+                 finish_writes: Callable[[], None] | None = None) -> None:
+        self.name = provider.name
+        self.seconds: float | None = None  # how long it took, once done
+        self._thread = threading.Thread(target=self._run, args=(provider, finish_writes),
+                                        daemon=True, name=f"kernel_ext-after-load-{provider.name}")
+        self._thread.start()
+
+    def _run(self, provider: TransformersGGUFProvider,
+             finish_writes: Callable[[], None] | None) -> None:
+        t0 = time.perf_counter()
+        try:
+            if finish_writes is not None:
+                finish_writes()  # logs its own failures
+            provider.prepare_decode()
+        except Exception as e:  # noqa: BLE001 - the model is loaded; decoding retries and reports
+            log.warning("kernel_ext: preparing decoding for %s failed (%s: %s); retried at first "
+                        "use", provider.name, type(e).__name__, e)
+        finally:
+            self.seconds = time.perf_counter() - t0
+
+    def wait(self) -> bool:
+        """Wait for the build (the stop button interrupts the wait, not the build); whether it
+        is done. On the building thread itself (it uses the model too) it returns at once."""
+        if threading.current_thread() is self._thread:
+            return False
+        while self._thread.is_alive():
+            self._thread.join(0.2)
+        return True
 
 
 def _name_from_path(path: Path) -> str:

@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 import torch
+from tinymodels import write_tiny_gemma3, write_tiny_llama
 
 from kernel_ext.gguf import cache, sha256_file
 from kernel_ext.gguf.loader import LoadedArtifacts, load_transformers
-from tinymodels import write_tiny_gemma3, write_tiny_llama
 
 PROMPT = "hello world"
 
@@ -51,6 +51,25 @@ def test_second_load_hits_every_piece_and_matches(tiny: Path, tmp_path: Path) ->
     nocache = load_transformers(tiny)
     torch.testing.assert_close(_logits(cold), _logits(nocache), rtol=0, atol=0)
     assert not list(root.rglob("*.tmp")), "no temporary files are left behind"
+
+
+def test_deferred_cache_writes_finish_after_the_load_and_are_complete(
+    tiny: Path, tmp_path: Path
+) -> None:
+    """With defer_cache_writes the load returns a usable model and tokenizer while the
+    converted tokenizer may still be written; the entry is complete (and sealed) once
+    finish_cache_writes returns, never half there before."""
+    root = tmp_path / "cache"
+    cold = load_transformers(tiny, cache_dir=root, defer_cache_writes=True)
+    tdir = _entry(root, tiny) / "tokenizer"
+    assert cold.tokenizer(PROMPT).input_ids  # usable at once
+    assert not tdir.exists() or (tdir / "tokenizer.json").is_file()  # all there or not at all
+    cold.finish_cache_writes()
+    cache.verify_tree(tdir)  # complete and sealed
+    cold.finish_cache_writes()  # idempotent
+    warm = load_transformers(tiny, cache_dir=root)
+    assert warm.cache_hits == {"config": True, "tokenizer": True, "weights": True}
+    assert warm.tokenizer(PROMPT).input_ids == cold.tokenizer(PROMPT).input_ids
 
 
 def test_precomputed_sha256_is_the_key_and_skips_hashing(tiny: Path, tmp_path: Path) -> None:

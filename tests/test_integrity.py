@@ -114,6 +114,7 @@ def test_tampered_cached_weights_are_rebuilt_and_audited(
     expected = _logits(clean.model, clean.tokenizer)
     session = _session(tmp_path)
     session.models.load(str(tiny), name="first", progress=False)
+    session.models.wait_idle()  # the converted tokenizer is stored after the load returns
     entry = cache.entry_dir(session.cache_dir / "conversions", sha256_file(tiny))
     weights = entry / "weights-float32.safetensors"
     digests = json.loads((entry / cache.DIGESTS).read_text())

@@ -90,6 +90,38 @@ def test_memory_reported_includes_runtime_copies(ip: Any, tmp_path: Path, capsys
     assert "measured: weights" in out and "runtime copies" in out
 
 
+def test_decoding_copies_are_built_after_the_load_returns_and_once(ip: Any, tmp_path: Path,
+                                                                    other: Path) -> None:
+    """%model load returns once the model is usable; its decoding copies are built (and the
+    converted tokenizer stored in the conversion cache) on a worker thread, which every later
+    use waits for instead of building them again, and which the next load waits for (never two
+    builds or loads side by side)."""
+    from kernel_ext.gguf import cache
+    from kernel_ext.providers import decode
+
+    path = write_tiny_llama(tmp_path / "q8.gguf", seed=1, quant="Q8_0")
+    line(ip, "config", "KernelExt.decode_mode = 'quantized'")
+    line(ip, "model", f"load {path} --name a --no-progress")
+    models = session(ip).models
+    prep = models._after_load
+    assert prep is not None and prep.name == "a"  # started by the load, maybe still running
+    model = models.get("a").provider.local.model
+    assert models.memory("a")["copies"] > 0  # waits for the build, then counts it
+    assert prep.seconds is not None and not prep._thread.is_alive()
+    entry = cache.entry_dir(session(ip).cache_dir / "conversions", models.get("a").sha256)
+    cache.verify_tree(entry / "tokenizer")  # the converted tokenizer was stored, sealed
+    built = decode._PREPARED[model]["quantized"]
+    assert built.mode == "quantized" and built.linears  # the int4 repacks of the layers
+    cell(ip, "-n 4 -q -o r", "Hello")
+    assert decode._PREPARED[model]["quantized"] is built  # used, not built again
+    line(ip, "model", f"load {other} --name b --no-progress")
+    second = models._after_load
+    line(ip, "model", f"load {path} --name c --no-progress")  # shares a's weights
+    assert second is not None and not second._thread.is_alive()  # c's load waited for b's build
+    line(ip, "model", "unload c")  # waits for c's (instant) build, then drops it
+    assert models._after_load is None
+
+
 def test_lru_cap_evicts_and_reloads_with_a_note(ip: Any, tiny: Path, other: Path,
                                                capsys: Any) -> None:
     line(ip, "model", f"load {tiny} --name a --no-progress")

@@ -160,6 +160,7 @@ def _cache(ext: Any, args: list[str]) -> None:
     from ..gguf import cache
 
     root = ext.session.cache_dir / "conversions"
+    ext.session.models.wait_idle()  # a load's cache writes finish first (never cleared halfway)
     if args == ["list"] or not args:
         entries = cache.list_entries(root)
         if not entries:

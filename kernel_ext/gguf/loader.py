@@ -75,6 +75,7 @@ __all__ = [
     "estimate_bytes",
     "load_transformers",
     "to_torch_dtype",
+    "trim_heap",
 ]
 
 log = logging.getLogger(__name__)
@@ -134,6 +135,15 @@ class LoadedArtifacts:
     loader: str = "fast"
     loader_reason: str = ""
     weight_sources: dict[str, WeightSource] = field(default_factory=dict)
+    # conversion-cache writes a load with ``defer_cache_writes`` left: see finish_cache_writes
+    _writes: list[Callable[[], None]] = field(default_factory=list, repr=False)
+
+    def finish_cache_writes(self) -> None:
+        """Do the conversion-cache writes a load with ``defer_cache_writes`` left for later
+        (storing the converted tokenizer: atomic and sealed, a failure is logged); at once when
+        there are none. Call it once, from any thread, while nothing else changes the tokenizer."""
+        while self._writes:
+            self._writes.pop(0)()
 
 
 def to_torch_dtype(dtype: torch.dtype | str) -> torch.dtype:
@@ -172,6 +182,8 @@ class LoadOptions:
     cache_weights: bool = True
     cache_max_bytes: int = 4 << 30
     decode_threads: int | None = 1  # torch intra-op threads while decoding (None: leave it)
+    defer_cache_writes: bool = False  # the tokenizer is stored by finish_cache_writes()
+    trim_heap: bool = True  # collect a large vocabulary's conversion garbage before returning
 
     @property
     def via_transformers(self) -> bool:
@@ -248,7 +260,10 @@ def _start_tokenizer(job: LoadJob) -> None:
     job.hits["tokenizer"] = job.tokenizer is not None
     if job.tokenizer is None:
         # converting is mostly Python, decoding mostly GIL-free torch: do both at once
-        job.tokenizer_job = _TokenizerJob(job.gf.metadata, model_type, job.entry)
+        opts = job.options
+        job.tokenizer_job = _TokenizerJob(job.gf.metadata, model_type,
+                                          None if opts.defer_cache_writes else job.entry,
+                                          trim=opts.trim_heap)
         job.stack.enter_context(_switch_interval(True))
 
 
@@ -311,10 +326,11 @@ def _finish_model(job: LoadJob) -> None:
 
 
 def _join_tokenizer(job: LoadJob) -> None:
-    if job.tokenizer_job is None:
+    tj = job.tokenizer_job
+    if tj is None:
         return
-    job.tokenizer = job.tokenizer_job.result()
-    job.timings["tokenizer"] = job.timings.get("tokenizer", 0.0) + job.tokenizer_job.seconds
+    job.tokenizer = tj.result()
+    job.timings["tokenizer"] = job.timings.get("tokenizer", 0.0) + tj.seconds
 
 
 def _record_use(job: LoadJob) -> None:
@@ -399,6 +415,8 @@ def load_transformers(
     cache_weights: bool = True,
     cache_max_bytes: int = 4 << 30,
     decode_threads: int | None = 1,
+    defer_cache_writes: bool = False,
+    trim_heap: bool = True,
 ) -> LoadedArtifacts:
     """Load the GGUF at ``path`` as a Transformers model and tokenizer.
 
@@ -417,7 +435,12 @@ def load_transformers(
     :class:`kernel_ext.gguf.gpu_plans.Offload`, or an explicit accelerate device map) and
     ``quantization`` ("8bit" / "4bit", bitsandbytes, CUDA only) load through
     :mod:`kernel_ext.gguf.gpu_plans`. ``decode_threads``: torch intra-op threads while decoding
-    (None: leave torch's setting).
+    (None: leave torch's setting). ``defer_cache_writes``: return as soon as the model and
+    tokenizer are usable and leave storing a freshly converted tokenizer to
+    :meth:`LoadedArtifacts.finish_cache_writes` (e.g. on a worker thread once the model is in
+    use; atomic as every cache write: the entry has the tokenizer, sealed, or none).
+    ``trim_heap``: after converting a large vocabulary, run a full garbage collection and give
+    the freed heap back to the OS (False: the caller does that itself).
 
     Raises ``GGUFUnsupportedError`` (before hashing) for a file no path can load,
     ``GGUFFormatError`` for a malformed or incomplete one, :data:`LoadError` naming the stage
@@ -442,6 +465,8 @@ def load_transformers(
         cache_weights=cache_weights,
         cache_max_bytes=cache_max_bytes,
         decode_threads=decode_threads,
+        defer_cache_writes=defer_cache_writes,
+        trim_heap=trim_heap,
     )
     name = path.path.name if isinstance(path, GGUFFile) else Path(path).name
     t_start = time.perf_counter()
@@ -482,7 +507,16 @@ def load_transformers(
         loader=job.route.path,
         loader_reason=job.route.reason,
         weight_sources=job.plan.sources if job.plan is not None else {},
+        _writes=_deferred_writes(job),
     )
+
+
+def _deferred_writes(job: LoadJob) -> list[Callable[[], None]]:
+    """What ``defer_cache_writes`` left for :meth:`LoadedArtifacts.finish_cache_writes`."""
+    entry, tokenizer = job.entry, job.tokenizer
+    if not job.options.defer_cache_writes or job.tokenizer_job is None or entry is None:
+        return []
+    return [lambda: _store_tokenizer(entry, tokenizer)]
 
 
 # --- helpers -------------------------------------------------------------------------------------
@@ -506,10 +540,12 @@ def _intra_op_threads(n: int | None) -> Iterator[None]:
 
 
 class _TokenizerJob:
-    """Build (and cache) the tokenizer on a worker thread; :meth:`result` joins it."""
+    """Build (and, given an ``entry``, cache) the tokenizer on a worker thread; :meth:`result`
+    joins it."""
 
-    def __init__(self, metadata: Any, model_type: str, entry: Path | None) -> None:
-        self._args = (metadata, model_type, entry)
+    def __init__(self, metadata: Any, model_type: str, entry: Path | None, *,
+                 trim: bool = True) -> None:
+        self._args = (metadata, model_type, entry, trim)
         self._value: Any = None
         self._error: Exception | None = None
         self.seconds = 0.0
@@ -518,12 +554,12 @@ class _TokenizerJob:
 
     def _run(self) -> None:
         t0 = time.perf_counter()
-        metadata, model_type, entry = self._args
+        metadata, model_type, entry, trim = self._args
         try:
             self._value = convert.build_tokenizer(metadata, model_type)
             tokens = metadata.get("tokenizer.ggml.tokens")
-            if isinstance(tokens, list) and len(tokens) >= _TRIM_VOCAB:
-                _trim_heap()
+            if trim and isinstance(tokens, list) and len(tokens) >= _TRIM_VOCAB:
+                trim_heap()
             if entry is not None:
                 _store_tokenizer(entry, self._value)
         except Exception as e:  # noqa: BLE001 - handed to the caller by result()
@@ -531,7 +567,8 @@ class _TokenizerJob:
         self.seconds = time.perf_counter() - t0
 
     def result(self) -> Any:
-        self._thread.join()
+        while self._thread.is_alive():
+            self._thread.join(0.2)  # the stop button interrupts the wait
         if self._error is not None:
             raise self._error
         return self._value
@@ -553,8 +590,9 @@ def _switch_interval(active: bool) -> Iterator[None]:
         sys.setswitchinterval(before)
 
 
-def _trim_heap() -> None:
-    """Give freed heap pages back to the OS (glibc), so conversion garbage does not stay in RSS."""
+def trim_heap() -> None:
+    """A full garbage collection, then freed heap pages given back to the OS (glibc), so
+    conversion garbage does not stay in RSS."""
     gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -845,9 +883,11 @@ def _cached_tokenizer(entry: Path, model_type: str) -> Any:
 
 
 def _store_tokenizer(entry: Path, tokenizer: Any) -> None:
+    """Store the converted tokenizer (atomically, sealed); a failure is logged: the load that
+    converted it has its tokenizer, the next one converts it again."""
     try:
         _cache.write_tree(entry / "tokenizer", lambda d: tokenizer.save_pretrained(str(d)))
-    except OSError as e:
+    except Exception as e:  # noqa: BLE001 - may run after the load returned: nobody to raise to
         log.warning(
             "kernel_ext conversion cache: could not store the tokenizer in %s: %s", entry, e
         )
