@@ -82,6 +82,11 @@ DECODE_MODES: tuple[str, ...] = ("exact", "full", "quantized")
 PREFILL_CHUNK = 512
 """Prompt tokens per forward while prefilling (stop checks happen between chunks)."""
 
+FUSED_MODES: frozenset[str] = frozenset({"quantized"})
+"""Modes whose single-token steps run the fused step of :mod:`kernel_ext.providers.fused`
+(with a static KV cache) where the model's family supports it."""
+"""Prompt tokens per forward while prefilling (stop checks happen between chunks)."""
+
 # Model families whose ``ForCausalLM.forward`` is exactly ``lm_head(base(...))`` (plus Gemma's
 # final logit soft-capping): for these the head can be computed by this module. Others (logit
 # scaling, biases, ...) always run the model's own forward.
@@ -160,6 +165,8 @@ class Prepared:
     summary: str = ""  # for %model info / logs: what was repacked, what stayed dense
     nbytes: int = 0  # memory held by the copies (the head's screen included)
     screen: str = "auto"  # the screen that was asked for
+    fused: bool = False  # single-token steps run the fused step (:mod:`.fused`)
+    fused_groups: dict[Any, Any] = field(default_factory=dict)  # its fused int4 copies
 
     def _with_notes(self, notes: list[str]) -> Prepared:
         self.notes = [*notes, *self.notes]
@@ -264,8 +271,22 @@ def _build(model: Any, mode: str, source: Source | None, screen: str) -> Prepare
             kind, weight, entry=source.entry if source is not None else None)
         nbytes += screen_obj.nbytes + 8 * int(weight.shape[0])
     head = Head(weight, softcap, screen_obj, fast=fast, rows=rows)
-    summary = "; ".join(p for p in (summary, f"LM head screen: {kind or 'none'}") if p)
-    return Prepared(mode, head, linears, notes, summary, nbytes)
+    fused, why = _fused_choice(model, mode)
+    step = "fused decode step" if fused else f"the model's own forward per token ({why})"
+    summary = "; ".join(p for p in (summary, f"LM head screen: {kind or 'none'}", step) if p)
+    if not fused and mode in FUSED_MODES:
+        notes.append(f"decoded with the model's own forward per token: {why}")
+    return Prepared(mode, head, linears, notes, summary, nbytes, fused=fused)
+
+
+def _fused_choice(model: Any, mode: str) -> tuple[bool, str]:
+    """Whether single-token steps of ``mode`` run the fused step, else why not."""
+    if mode not in FUSED_MODES:
+        return False, f"{mode} decoding keeps it"
+    from .fused import unsupported
+
+    why = unsupported(model)
+    return why is None, why or ""
 
 
 def _shared_screen(model: Any, weight: Any, kind: str) -> Any:
@@ -393,7 +414,7 @@ def decode(
     t0 = clock()
     step: _Stepper | None = None
     try:
-        step = _Stepper(model, prepare(model, mode))
+        step = _Stepper(model, prepare(model, mode), capacity=int(input_ids.shape[1]) + max_new_tokens)
         with torch.inference_mode(), step.weights():
             if not step.prefill(input_ids, prefill_chunk, should_stop):
                 reason = "cancelled"
@@ -428,7 +449,7 @@ def decode(
 class _Stepper:
     """Runs forwards with the cache and picks next tokens (rows of a batch each on their own)."""
 
-    def __init__(self, model: Any, prepared: Prepared) -> None:
+    def __init__(self, model: Any, prepared: Prepared, capacity: int = 0) -> None:
         from transformers import DynamicCache
 
         self.mode = prepared.mode
@@ -444,6 +465,14 @@ class _Stepper:
         self.screened = 0
         self.fallbacks = 0
         self.prefilled = 0
+        self.fed = 0  # positions in the cache
+        self.capacity = capacity
+        self.fused: Any = None  # the fused step's plan, once the prompt is in the cache
+        self.fused_state: Any = None
+        if prepared.fused:
+            from .fused import FusedDecoder
+
+            self.fused = FusedDecoder(model, self.linears, prepared.fused_groups)
 
     def weights(self) -> contextlib.AbstractContextManager[None]:
         return int4_forwards(self.linears)
@@ -459,7 +488,17 @@ class _Stepper:
         return True
 
     def feed(self, ids: Any) -> None:
+        n = int(ids.shape[1])
+        if self.fused is not None and n == 1 and ids.shape[0] == 1 and self.fed:
+            if self.fused_state is None:  # the prompt is in the model's cache: continue there
+                self.fused_state = self.fused.start(self.cache, self.fed, max(self.capacity, self.fed + 1))
+            self.last = self.fused.step(self.fused_state, ids)
+            self.fed += 1
+            return
+        if self.fused_state is not None:
+            raise RuntimeError("the fused step owns the cache now: feed one token at a time")
         out = self.run(input_ids=ids, **self.kwargs)
+        self.fed += n
         if self.head is None:
             # generate() copies the last row to float32 before its processors: so do we
             self.last = out.logits[:, -1, :].float()
