@@ -113,7 +113,7 @@ def test_dense_step_gives_the_models_hidden_states(dense: Any, prompt: int) -> N
     assert unsupported(dense) is None
     ids = _tokens(dense, 40)
     with torch.inference_mode():
-        _assert_close(_fused_hidden(dense, ids, prompt), _own_hidden(dense, ids, prompt))
+        _assert_close(_fused_hidden(dense, ids, prompt), _own_hidden(dense, ids, prompt), rtol=0.0)
 
 
 @pytest.mark.parametrize("build", [_mistral, _qwen2_windowed], ids=["mistral", "qwen2-window"])
@@ -123,14 +123,14 @@ def test_sliding_windows_of_other_families(build: Any) -> None:
     ids = _tokens(model, 30)
     with torch.inference_mode():
         for prompt in (2, 9):
-            _assert_close(_fused_hidden(model, ids, prompt), _own_hidden(model, ids, prompt))
+            _assert_close(_fused_hidden(model, ids, prompt), _own_hidden(model, ids, prompt), rtol=0.0)
 
 
 def test_the_cache_grows_past_its_capacity(dense: Any) -> None:
     """A state sized for fewer tokens than come reallocates, keeping every window."""
     ids = _tokens(dense, 30, seed=2)
     with torch.inference_mode():
-        _assert_close(_fused_hidden(dense, ids, 4, capacity=5), _own_hidden(dense, ids, 4))
+        _assert_close(_fused_hidden(dense, ids, 4, capacity=5), _own_hidden(dense, ids, 4), rtol=0.0)
 
 
 def test_decode_uses_the_fused_step_and_says_so_when_not(tmp_path: Path) -> None:
@@ -213,3 +213,28 @@ def test_quantized_greedy_tokens_equal_todays_path(quantized: tuple[Any, Path]) 
     finally:
         ready.fused = True
     assert fused.tokens == today.tokens
+
+
+# --- the decode loop ---------------------------------------------------------------------------
+def test_exact_greedy_tokens_equal_generate_past_the_window(dense: Any) -> None:
+    """``decode_mode='exact'`` runs the fused step: still generate's greedy tokens, 40 of them
+    (past Gemma 3's window of 8)."""
+    ready = prepare(dense, "exact")
+    assert ready.fused
+    ids = _tokens(dense, 5, seed=7)
+    with torch.inference_mode():
+        want = dense.generate(ids, max_new_tokens=40, do_sample=False, temperature=None,
+                              top_p=None, top_k=None, pad_token_id=0)[0, 5:].tolist()
+    got = decode(dense, ids, max_new_tokens=40, mode="exact")
+    assert got.tokens[:len(want)] == want
+
+
+@pytest.mark.slow
+def test_demo_model_hidden_states_are_the_models_own_past_the_window(demo_model_path: Path,
+                                                                      cache_dir: Path) -> None:
+    """Gemma 3 270M: 15 of 18 layers see a window of 512; a 600-token prompt runs past it."""
+    model = load_transformers(demo_model_path, cache_dir=cache_dir / "conversions").model
+    assert unsupported(model) is None
+    ids = _tokens(model, 616, seed=11)
+    with torch.inference_mode():
+        _assert_close(_fused_hidden(model, ids, 600), _own_hidden(model, ids, 600), rtol=0.0)

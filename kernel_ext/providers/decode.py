@@ -18,10 +18,18 @@ by memory bandwidth, so what it mainly changes is *which bytes are read per toke
   Logits differ from the float32 model by about llama.cpp's own rounding, so text can change.
 * ``"full"``: the model's own forward and whole head every token: what ``generate`` computes.
 
-Measured on the demo model: see ``benchmarks/bench_decode.py`` and the README. Why the loop
-stays eager with a dynamic cache: a ``StaticCache`` in eager mode attends over the whole
-preallocated length (about 2x slower here), and ``torch.compile(model.forward)`` recompiled at
-every step (a guard on the cache length) and changes the rounding, which the exact mode may not.
+Measured on the demo model: see ``benchmarks/bench_decode.py`` and the README.
+
+**The per-token step.** Prompts run through the model's own forward (a ``DynamicCache``); in
+``exact`` and ``quantized`` mode each later token then runs the *fused step* of
+:mod:`kernel_ext.providers.fused` where the model's family supports it (llama, mistral, qwen2,
+qwen3, gemma3; float32 on CPU): a static KV cache continued from the prefill's, fused int4
+projections, precomputed rotary tables, no per-step masks. With dense weights its hidden
+states are bitwise the model's own, so ``exact`` keeps ``generate``'s greedy text. Other models
+keep the model's own forward per token and say so in :attr:`DecodeResult.notes`. Stock
+``StaticCache`` was not used: in eager mode it attends over the whole preallocated length
+(about 2x slower here), and ``torch.compile(model.forward)`` recompiled at every step (a guard
+on the cache length) and changes the rounding, which the exact mode may not.
 
 **Prompts are processed in chunks** of :data:`PREFILL_CHUNK` tokens; ``should_stop`` is polled
 between chunks (and between tokens), and the stop button (``KeyboardInterrupt``) is caught, so a
@@ -82,9 +90,11 @@ DECODE_MODES: tuple[str, ...] = ("exact", "full", "quantized")
 PREFILL_CHUNK = 512
 """Prompt tokens per forward while prefilling (stop checks happen between chunks)."""
 
-FUSED_MODES: frozenset[str] = frozenset({"quantized"})
+FUSED_MODES: frozenset[str] = frozenset({"exact", "quantized"})
 """Modes whose single-token steps run the fused step of :mod:`kernel_ext.providers.fused`
-(with a static KV cache) where the model's family supports it."""
+(static KV cache, fused int4 projections) where the model's family supports it. With dense
+weights its hidden states are bitwise the model's own (``tests/test_fused.py``), so ``exact``
+keeps ``generate``'s greedy text; ``full`` always runs the model's own forward."""
 """Prompt tokens per forward while prefilling (stop checks happen between chunks)."""
 
 # Model families whose ``ForCausalLM.forward`` is exactly ``lm_head(base(...))`` (plus Gemma's

@@ -306,10 +306,18 @@ class FusedDecoder:
             q = q * c + torch.roll(q, hd, -1) * s
             k = k * c + torch.roll(k, hd, -1) * s
             keys, values, lo, hi = state.write(li, p, k, v.view(kv_heads, d))
-            a = F.scaled_dot_product_attention(
-                q.view(1, heads, 1, d), keys[:, :, lo:hi], values[:, :, lo:hi],
-                scale=layer.scaling, enable_gqa=heads != kv_heads)
-            (a,) = layer.o(a.view(1, heads * d))
+            if layer.window is not None and p >= layer.window - 1:
+                # a full window: Transformers passes its sliding mask, and SDPA then runs its
+                # masked kernel on the query heads packed per key/value head; so do we (the
+                # sums round as the model's do)
+                a = F.scaled_dot_product_attention(
+                    q.view(1, kv_heads, heads // kv_heads, d), keys[:, :, lo:hi],
+                    values[:, :, lo:hi], attn_mask=state.mask(hi - lo), scale=layer.scaling)
+            else:
+                a = F.scaled_dot_product_attention(
+                    q.view(1, heads, 1, d), keys[:, :, lo:hi], values[:, :, lo:hi],
+                    scale=layer.scaling, enable_gqa=heads != kv_heads)
+            (a,) = layer.o(a.reshape(1, heads * d))
             if layer.post_attn_norm is not None:
                 a = F.rms_norm(a, hidden, layer.post_attn_norm, eps)
             h = h + a
@@ -337,10 +345,18 @@ class FusedState:
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         self.rope: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.masks: dict[int, torch.Tensor] = {}
         layers = _cache_layers(cache)
         if len(layers) != len(plan.layers):
             raise ValueError(f"the cache has {len(layers)} layers, the model {len(plan.layers)}")
         self.grow(max(capacity, position + 1), [(k, v) for k, v in layers])
+
+    def mask(self, n: int) -> torch.Tensor:
+        """An all-true attention mask over ``n`` keys (kept: one per window size)."""
+        m = self.masks.get(n)
+        if m is None:
+            m = self.masks[n] = torch.ones(1, 1, 1, n, dtype=torch.bool)
+        return m
 
     def _slots(self, window: int | None) -> int:
         if window is None or self.capacity <= 2 * window:
