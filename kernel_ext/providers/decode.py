@@ -501,7 +501,10 @@ class _Stepper:
         n = int(ids.shape[1])
         if self.fused is not None and n == 1 and ids.shape[0] == 1 and self.fed:
             if self.fused_state is None:  # the prompt is in the model's cache: continue there
-                self.fused_state = self.fused.start(self.cache, self.fed, max(self.capacity, self.fed + 1))
+                self.fused_state = self.fused.start(self.cache, self.fed,
+                                                    max(self.capacity, self.fed + 1))
+                if isinstance(getattr(self.cache, "layers", None), list):
+                    self.cache.layers.clear()  # its tensors live on in the static cache only
             self.last = self.fused.step(self.fused_state, ids)
             self.fed += 1
             return
