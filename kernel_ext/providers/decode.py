@@ -284,9 +284,19 @@ def _build(model: Any, mode: str, source: Source | None, screen: str) -> Prepare
     fused, why = _fused_choice(model, mode)
     step = "fused decode step" if fused else f"the model's own forward per token ({why})"
     summary = "; ".join(p for p in (summary, f"LM head screen: {kind or 'none'}", step) if p)
-    if not fused and mode in FUSED_MODES:
+    if not fused and mode == "quantized":  # the opt-in speed mode says when it is slower
         notes.append(f"decoded with the model's own forward per token: {why}")
     return Prepared(mode, head, linears, notes, summary, nbytes, fused=fused)
+
+
+def describe(model: Any, mode: str) -> str | None:
+    """What :func:`prepare` built for ``model`` in ``mode`` (``%model info``), or None when it
+    has not been prepared yet (nothing is built here)."""
+    ready = _PREPARED.get(model, {}).get(mode)
+    if ready is None:
+        return None
+    text = ready.mode + (f" ({ready.summary})" if ready.summary else "")
+    return "; ".join([text, *ready.notes])
 
 
 def _fused_choice(model: Any, mode: str) -> tuple[bool, str]:
