@@ -104,6 +104,9 @@ _PLAIN_HEAD_FAMILIES = frozenset({
     "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2",
 })
 
+_STATIC_AHEAD = 512
+"""Positions past the prompt the fused step's static cache allocates at first."""
+
 TokenHook = Callable[[int], bool]
 """Called with each new token id; returning True stops decoding after that token."""
 
@@ -511,8 +514,10 @@ class _Stepper:
         n = int(ids.shape[1])
         if self.fused is not None and n == 1 and ids.shape[0] == 1 and self.fed:
             if self.fused_state is None:  # the prompt is in the model's cache: continue there
-                self.fused_state = self.fused.start(self.cache, self.fed,
-                                                    max(self.capacity, self.fed + 1))
+                # room for the tokens asked for, at most _STATIC_AHEAD at first (the buffers
+                # double when full): a large max_new_tokens that ends early allocates little
+                ahead = min(max(self.capacity - self.fed, 1), _STATIC_AHEAD)
+                self.fused_state = self.fused.start(self.cache, self.fed, self.fed + ahead)
                 if isinstance(getattr(self.cache, "layers", None), list):
                     self.cache.layers.clear()  # its tensors live on in the static cache only
             self.last = self.fused.step(self.fused_state, ids)

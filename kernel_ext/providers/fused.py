@@ -374,8 +374,8 @@ class FusedState:
         shape = (1, plan.kv_heads, 0, plan.head_dim)
         for li, layer in enumerate(plan.layers):
             slots = self._slots(layer.window)
-            k = torch.zeros(shape[:2] + (slots,) + shape[3:])
-            v = torch.zeros_like(k)
+            k = torch.empty(shape[:2] + (slots,) + shape[3:])  # only written slots are read
+            v = torch.empty_like(k)
             self.keys.append(k)
             self.values.append(v)
             ck, cv = cached[li]
