@@ -57,6 +57,18 @@ def _qwen2_windowed() -> Any:
     return Qwen2ForCausalLM(config).eval()
 
 
+def _llama_wide_heads() -> Any:
+    """A real Llama with heads of 320 values: Transformers packs the query heads per KV head
+    for SDPA (no ``enable_gqa`` over 256), and so must the fused step."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(2)
+    config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, head_dim=320,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=256)
+    return LlamaForCausalLM(config).eval()
+
+
 @pytest.fixture(scope="module", params=["llama", "qwen2", "qwen3", "gemma3"])
 def dense(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
     path = _write(tmp_path_factory.mktemp(request.param), request.param)
@@ -116,8 +128,9 @@ def test_dense_step_gives_the_models_hidden_states(dense: Any, prompt: int) -> N
         _assert_close(_fused_hidden(dense, ids, prompt), _own_hidden(dense, ids, prompt), rtol=0.0)
 
 
-@pytest.mark.parametrize("build", [_mistral, _qwen2_windowed], ids=["mistral", "qwen2-window"])
-def test_sliding_windows_of_other_families(build: Any) -> None:
+@pytest.mark.parametrize("build", [_mistral, _qwen2_windowed, _llama_wide_heads],
+                         ids=["mistral", "qwen2-window", "llama-head-320"])
+def test_sliding_windows_and_wide_heads_of_other_families(build: Any) -> None:
     model = build()
     assert unsupported(model) is None
     ids = _tokens(model, 30)
@@ -149,6 +162,10 @@ def test_decode_uses_the_fused_step_and_says_so_when_not(tmp_path: Path) -> None
 
 def test_unsupported_models_are_named() -> None:
     model = _mistral()
+    model.config._attn_implementation = "eager"  # rounds otherwise than SDPA: not bitwise
+    assert "'eager'" in str(unsupported(model))
+    model.config._attn_implementation = "sdpa"
+    assert unsupported(model) is None
     assert unsupported(model.to(torch.bfloat16)) == "it computes float32 models"
 
 

@@ -201,6 +201,9 @@ def unsupported(model: Any) -> str | None:
         return "it computes float32 models"
     if any("forward" in vars(m) for m in model.modules() if not isinstance(m, torch.nn.Linear)):
         return "modules of this model are hooked (offloading)"
+    impl = getattr(config, "_attn_implementation", None) or "sdpa"
+    if impl != "sdpa":
+        return f"the model attends with {impl!r}; the fused step computes what SDPA computes"
     if getattr(config, "attn_logit_softcapping", None):
         return "attention logit soft-capping is not implemented"
     for params in _rope_parameters(config).values():
@@ -306,13 +309,15 @@ class FusedDecoder:
             q = q * c + torch.roll(q, hd, -1) * s
             k = k * c + torch.roll(k, hd, -1) * s
             keys, values, lo, hi = state.write(li, p, k, v.view(kv_heads, d))
-            if layer.window is not None and p >= layer.window - 1:
+            masked = layer.window is not None and p >= layer.window - 1
+            if masked or (d > 256 and heads != kv_heads):
                 # a full window: Transformers passes its sliding mask, and SDPA then runs its
-                # masked kernel on the query heads packed per key/value head; so do we (the
-                # sums round as the model's do)
+                # masked kernel on the query heads packed per key/value head (as it does for
+                # head sizes over 256); so do we, and the sums round as the model's do
                 a = F.scaled_dot_product_attention(
                     q.view(1, kv_heads, heads // kv_heads, d), keys[:, :, lo:hi],
-                    values[:, :, lo:hi], attn_mask=state.mask(hi - lo), scale=layer.scaling)
+                    values[:, :, lo:hi], attn_mask=state.mask(hi - lo) if masked else None,
+                    scale=layer.scaling)
             else:
                 a = F.scaled_dot_product_attention(
                     q.view(1, heads, 1, d), keys[:, :, lo:hi], values[:, :, lo:hi],
