@@ -26,9 +26,13 @@ window, gelu-tanh), float32 weights on CPU, rotary types whose angles do not dep
 sequence length. :func:`unsupported` says why anything else runs the model's own forward.
 
 With dense weights the step computes what the model computes, op for op (the same matmuls,
-norms, rotary values and SDPA over the same keys): hidden states agree with the model's own to
-within float32 rounding (``tests/test_fused.py`` compares them at positions past a sliding
-window on the tiny models of each family, and greedy text on the demo model).
+norms, rotary values, and SDPA over the same keys in the same order, on the same kernel path:
+the masked one with packed query heads once a window is full, as Transformers calls it): its
+hidden states are *bitwise* the model's own. ``tests/test_fused.py`` checks that with
+``torch.equal`` past sliding windows on tiny llama, qwen2, qwen3, gemma3, mistral and windowed
+qwen2 models and on the demo model; it relies on Transformers 5's SDPA dispatch (checked
+against 5.24), so a change there shows as a failing test, not as changed text. Models that
+attend with another implementation (eager, flash) are refused by :func:`unsupported`.
 """
 
 from __future__ import annotations
