@@ -553,7 +553,10 @@ class TestLocalProviderContract(ProviderTests):
 
 
 def test_the_setting_reaches_loaded_models(ip: Any, tmp_path: Path) -> None:
-    """%config KernelExt.decode_mode applies to models already loaded, at the next %%infer."""
+    """%config KernelExt.decode_mode applies to models already loaded, at the next %%infer;
+    %model info says how the model decodes (the fused step here)."""
+    from IPython.utils.capture import capture_output
+
     path = write_tiny_llama(tmp_path / "cfg.gguf", seed=6, quant="Q8_0")
     ip.run_line_magic("model", f"load {path} --no-progress")
     ip.run_cell_magic("infer", "-n 4 -o a -q", "hello")
@@ -561,6 +564,9 @@ def test_the_setting_reaches_loaded_models(ip: Any, tmp_path: Path) -> None:
     ip.run_line_magic("config", "KernelExt.decode_mode = 'quantized'")
     ip.run_cell_magic("infer", "-n 4 -o b -q", "hello")
     assert "int4 weights" in ip.user_ns["b"].notes
+    with capture_output() as out:
+        ip.run_line_magic("model", "info")
+    assert "decoding  quantized (" in out.stdout and "fused decode step" in out.stdout
     ip.run_line_magic("config", "KernelExt.decode_mode = 'int8'")  # refused (logged), value kept
     ext = next(c for c in ip.configurables if type(c).__name__ == "KernelExt")
     assert ext.decode_mode == "quantized"

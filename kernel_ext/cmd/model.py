@@ -25,7 +25,7 @@ def usage() -> None:
       %model list                        every provider: memory, health, breaker state
       %model health [NAME]               probe providers (one token), feed their breakers
       %model warm [NAME|PATH]            load, page in and run a first forward pass
-      %model info [NAME]                 parameters, quant types, SHA-256, memory, plan
+      %model info [NAME]                 parameters, quant types, SHA-256, memory, plan, decoding
       %model unload NAME                 free the model's memory
       %model fallback [NAME ...|--clear] the providers tried after the primary
       %model remote NAME --url URL ...   an OpenAI-compatible server as a provider
@@ -137,7 +137,23 @@ def _info(ext: Any, args: list[str]) -> None:
     if len(args) > 1:
         raise UsageError("usage: %model info [NAME]")
     models = ext.session.models
-    print(models.describe(models.get(args[0] if args else None)))
+    entry = models.get(args[0] if args else None)
+    print(models.describe(entry))
+    decoding = _decoding(entry)
+    if decoding:
+        print(f"  decoding  {decoding}")
+
+
+def _decoding(entry: Any) -> str | None:
+    """How a local model decodes now (mode, copies, fused step or why not), once prepared."""
+    provider = getattr(entry, "provider", None)
+    local = getattr(provider, "local", None)
+    mode = getattr(provider, "decode_mode", None)
+    if local is None or mode is None:
+        return None
+    from ..providers.decode import describe
+
+    return describe(local.model, mode() if callable(mode) else mode)
 
 
 def _unload(ext: Any, args: list[str]) -> None:

@@ -18,10 +18,18 @@ by memory bandwidth, so what it mainly changes is *which bytes are read per toke
   Logits differ from the float32 model by about llama.cpp's own rounding, so text can change.
 * ``"full"``: the model's own forward and whole head every token: what ``generate`` computes.
 
-Measured on the demo model: see ``benchmarks/bench_decode.py`` and the README. Why the loop
-stays eager with a dynamic cache: a ``StaticCache`` in eager mode attends over the whole
-preallocated length (about 2x slower here), and ``torch.compile(model.forward)`` recompiled at
-every step (a guard on the cache length) and changes the rounding, which the exact mode may not.
+Measured on the demo model: see ``benchmarks/bench_decode.py`` and the README.
+
+**The per-token step.** Prompts run through the model's own forward (a ``DynamicCache``); in
+``exact`` and ``quantized`` mode each later token then runs the *fused step* of
+:mod:`kernel_ext.providers.fused` where the model's family supports it (llama, mistral, qwen2,
+qwen3, gemma3; float32 on CPU): a static KV cache continued from the prefill's, fused int4
+projections, precomputed rotary tables, no per-step masks. With dense weights its hidden
+states are bitwise the model's own, so ``exact`` keeps ``generate``'s greedy text. Other models
+keep the model's own forward per token and say so in :attr:`DecodeResult.notes`. Stock
+``StaticCache`` was not used: in eager mode it attends over the whole preallocated length
+(about 2x slower here), and ``torch.compile(model.forward)`` recompiled at every step (a guard
+on the cache length) and changes the rounding, which the exact mode may not.
 
 **Prompts are processed in chunks** of :data:`PREFILL_CHUNK` tokens; ``should_stop`` is polled
 between chunks (and between tokens), and the stop button (``KeyboardInterrupt``) is caught, so a
@@ -82,12 +90,22 @@ DECODE_MODES: tuple[str, ...] = ("exact", "full", "quantized")
 PREFILL_CHUNK = 512
 """Prompt tokens per forward while prefilling (stop checks happen between chunks)."""
 
+FUSED_MODES: frozenset[str] = frozenset({"exact", "quantized"})
+"""Modes whose single-token steps run the fused step of :mod:`kernel_ext.providers.fused`
+(static KV cache, fused int4 projections) where the model's family supports it. With dense
+weights its hidden states are bitwise the model's own (``tests/test_fused.py``), so ``exact``
+keeps ``generate``'s greedy text; ``full`` always runs the model's own forward."""
+"""Prompt tokens per forward while prefilling (stop checks happen between chunks)."""
+
 # Model families whose ``ForCausalLM.forward`` is exactly ``lm_head(base(...))`` (plus Gemma's
 # final logit soft-capping): for these the head can be computed by this module. Others (logit
 # scaling, biases, ...) always run the model's own forward.
 _PLAIN_HEAD_FAMILIES = frozenset({
     "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2",
 })
+
+_STATIC_AHEAD = 512
+"""Positions past the prompt the fused step's static cache allocates at first."""
 
 TokenHook = Callable[[int], bool]
 """Called with each new token id; returning True stops decoding after that token."""
@@ -160,6 +178,8 @@ class Prepared:
     summary: str = ""  # for %model info / logs: what was repacked, what stayed dense
     nbytes: int = 0  # memory held by the copies (the head's screen included)
     screen: str = "auto"  # the screen that was asked for
+    fused: bool = False  # single-token steps run the fused step (:mod:`.fused`)
+    fused_groups: dict[Any, Any] = field(default_factory=dict)  # its fused int4 copies
 
     def _with_notes(self, notes: list[str]) -> Prepared:
         self.notes = [*notes, *self.notes]
@@ -264,8 +284,32 @@ def _build(model: Any, mode: str, source: Source | None, screen: str) -> Prepare
             kind, weight, entry=source.entry if source is not None else None)
         nbytes += screen_obj.nbytes + 8 * int(weight.shape[0])
     head = Head(weight, softcap, screen_obj, fast=fast, rows=rows)
-    summary = "; ".join(p for p in (summary, f"LM head screen: {kind or 'none'}") if p)
-    return Prepared(mode, head, linears, notes, summary, nbytes)
+    fused, why = _fused_choice(model, mode)
+    step = "fused decode step" if fused else f"the model's own forward per token ({why})"
+    summary = "; ".join(p for p in (summary, f"LM head screen: {kind or 'none'}", step) if p)
+    if not fused and mode == "quantized":  # the opt-in speed mode says when it is slower
+        notes.append(f"decoded with the model's own forward per token: {why}")
+    return Prepared(mode, head, linears, notes, summary, nbytes, fused=fused)
+
+
+def describe(model: Any, mode: str) -> str | None:
+    """What :func:`prepare` built for ``model`` in ``mode`` (``%model info``), or None when it
+    has not been prepared yet (nothing is built here)."""
+    ready = _PREPARED.get(model, {}).get(mode)
+    if ready is None:
+        return None
+    text = ready.mode + (f" ({ready.summary})" if ready.summary else "")
+    return "; ".join([text, *ready.notes])
+
+
+def _fused_choice(model: Any, mode: str) -> tuple[bool, str]:
+    """Whether single-token steps of ``mode`` run the fused step, else why not."""
+    if mode not in FUSED_MODES:
+        return False, f"{mode} decoding keeps it"
+    from .fused import unsupported
+
+    why = unsupported(model)
+    return why is None, why or ""
 
 
 def _shared_screen(model: Any, weight: Any, kind: str) -> Any:
@@ -393,7 +437,7 @@ def decode(
     t0 = clock()
     step: _Stepper | None = None
     try:
-        step = _Stepper(model, prepare(model, mode))
+        step = _Stepper(model, prepare(model, mode), capacity=int(input_ids.shape[1]) + max_new_tokens)
         with torch.inference_mode(), step.weights():
             if not step.prefill(input_ids, prefill_chunk, should_stop):
                 reason = "cancelled"
@@ -428,7 +472,7 @@ def decode(
 class _Stepper:
     """Runs forwards with the cache and picks next tokens (rows of a batch each on their own)."""
 
-    def __init__(self, model: Any, prepared: Prepared) -> None:
+    def __init__(self, model: Any, prepared: Prepared, capacity: int = 0) -> None:
         from transformers import DynamicCache
 
         self.mode = prepared.mode
@@ -444,6 +488,14 @@ class _Stepper:
         self.screened = 0
         self.fallbacks = 0
         self.prefilled = 0
+        self.fed = 0  # positions in the cache
+        self.capacity = capacity
+        self.fused: Any = None  # the fused step's plan, once the prompt is in the cache
+        self.fused_state: Any = None
+        if prepared.fused:
+            from .fused import FusedDecoder
+
+            self.fused = FusedDecoder(model, self.linears, prepared.fused_groups)
 
     def weights(self) -> contextlib.AbstractContextManager[None]:
         return int4_forwards(self.linears)
@@ -459,7 +511,22 @@ class _Stepper:
         return True
 
     def feed(self, ids: Any) -> None:
+        n = int(ids.shape[1])
+        if self.fused is not None and n == 1 and ids.shape[0] == 1 and self.fed:
+            if self.fused_state is None:  # the prompt is in the model's cache: continue there
+                # room for the tokens asked for, at most _STATIC_AHEAD at first (the buffers
+                # double when full): a large max_new_tokens that ends early allocates little
+                ahead = min(max(self.capacity - self.fed, 1), _STATIC_AHEAD)
+                self.fused_state = self.fused.start(self.cache, self.fed, self.fed + ahead)
+                if isinstance(getattr(self.cache, "layers", None), list):
+                    self.cache.layers.clear()  # its tensors live on in the static cache only
+            self.last = self.fused.step(self.fused_state, ids)
+            self.fed += 1
+            return
+        if self.fused_state is not None:
+            raise RuntimeError("the fused step owns the cache now: feed one token at a time")
         out = self.run(input_ids=ids, **self.kwargs)
+        self.fed += n
         if self.head is None:
             # generate() copies the last row to float32 before its processors: so do we
             self.last = out.logits[:, -1, :].float()
