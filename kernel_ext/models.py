@@ -44,7 +44,7 @@ from .errors import (
 )
 from .memory import LoadPlan, choose_plan, format_bytes, half_dtype, process_anonymous_bytes
 from .providers.transformers_gguf import LocalModel, TransformersGGUFProvider
-from .residency import Residency, Resident, file_backed_bytes, tensor_bytes
+from .residency import Residency, Resident, file_backed_bytes, tensor_bytes, weights_in_memory
 
 if TYPE_CHECKING:  # pragma: no cover
     from .session import Session
@@ -167,9 +167,11 @@ class ModelRegistry:
             return {"resident": False, "weights": 0, "copies": 0, "overhead": 0, "total": 0,
                     "shared_with": []}
         copies = resident.copies()
-        return {"resident": True, "weights": resident.weights, "copies": copies,
-                "overhead": resident.overhead,
-                "total": resident.weights + copies + resident.overhead,
+        model = resident.model  # read once: the dashboard's thread may ask while it is evicted
+        weights = weights_in_memory(model) if model is not None else resident.weights
+        return {"resident": True, "weights": weights, "weights_total": resident.weights,
+                "copies": copies, "overhead": resident.overhead,
+                "total": weights + copies + resident.overhead,
                 "shared_with": [n for n in resident.users if n != name]}
 
     # --- loading ---------------------------------------------------------------------------------
@@ -585,7 +587,10 @@ class ModelRegistry:
         m = self.memory(name)
         if not m["resident"]:
             return "evicted (resident_max_gb); reloads on next use"
-        text = (f"{format_bytes(m['total'])} measured: weights {format_bytes(m['weights'])} + "
+        weights = format_bytes(m["weights"])
+        if m["weights"] < m["weights_total"]:  # memory-mapped pages not read yet stay on disk
+            weights += f" in memory of {format_bytes(m['weights_total'])}"
+        text = (f"{format_bytes(m['total'])} measured: weights {weights} + "
                 f"runtime copies {format_bytes(m['copies'])} + tokenizer and buffers "
                 f"{format_bytes(m['overhead'])}")
         if m["shared_with"]:

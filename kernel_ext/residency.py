@@ -20,7 +20,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Residency", "Resident", "ResidentKey", "file_backed_bytes", "tensor_bytes"]
+__all__ = ["Residency", "Resident", "ResidentKey", "file_backed_bytes", "tensor_bytes",
+           "weights_in_memory"]
 
 ResidentKey = tuple[str, str, str, str | None, bool]
 """(sha256, dtype, device, quantization, offload)"""
@@ -183,3 +184,59 @@ def file_backed_bytes(model: Any) -> int:
         if i >= 0 and ranges[i][0] <= ptr < ranges[i][1]:
             total += storage.nbytes()
     return total
+
+
+def _file_mappings(with_rss: bool) -> list[tuple[int, int, int]]:
+    """(start, end, resident bytes or 0) of this process's file-backed mappings, sorted
+    (``/proc/self/smaps`` when ``with_rss``, else ``/proc/self/maps``); empty off Linux."""
+    out: list[tuple[int, int, int]] = []
+    current: list[int] | None = None
+    try:
+        with open("/proc/self/smaps" if with_rss else "/proc/self/maps", encoding="ascii",
+                  errors="replace") as fh:
+            for line in fh:
+                head = line.split(None, 1)[0]
+                if "-" in head and not head.endswith(":"):
+                    parts = line.split(None, 5)
+                    current = None
+                    if len(parts) == 6 and parts[5].strip().startswith("/") and parts[4] != "0":
+                        lo, hi = parts[0].split("-")
+                        current = [int(lo, 16), int(hi, 16), 0]
+                        out.append(current)  # type: ignore[arg-type]
+                elif current is not None and head == "Rss:":
+                    current[2] = int(line.split()[1]) * 1024
+    except OSError:
+        return []
+    return sorted((int(a), int(b), int(c)) for a, b, c in out)
+
+
+def weights_in_memory(model: Any) -> int:
+    """Bytes of ``model``'s tensors in this process's memory now: anonymous storages whole,
+    and of the file mappings holding the others (weights memory-mapped from the conversion
+    cache) only their resident pages - an exact-mode model never reads most of its tied
+    embedding / LM head, so those pages stay on disk. Linux; elsewhere :func:`tensor_bytes`."""
+    import bisect
+
+    maps = _file_mappings(with_rss=True)
+    if not maps:
+        return tensor_bytes(model)
+    starts = [m[0] for m in maps]
+    seen: set[tuple[str, int]] = set()
+    used_maps: dict[int, int] = {}  # mapping -> bytes of the model's storages in it
+    total = 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.device.type == "meta":
+            continue
+        storage = t.untyped_storage()
+        ident = (str(t.device), storage.data_ptr())
+        if ident in seen:
+            continue
+        seen.add(ident)
+        ptr = storage.data_ptr()
+        i = bisect.bisect_right(starts, ptr) - 1 if t.device.type == "cpu" else -1
+        if i >= 0 and maps[i][0] <= ptr < maps[i][1]:
+            used_maps[i] = used_maps.get(i, 0) + storage.nbytes()
+        else:
+            total += storage.nbytes()
+    # a mapping's resident pages, at most its tensors' bytes (the file's header shares a page)
+    return total + sum(min(maps[i][2], held) for i, held in used_maps.items())

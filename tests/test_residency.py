@@ -39,6 +39,7 @@ def other(tmp_path: Path) -> Path:
 def test_same_file_dtype_device_shares_weights(ip: Any, tiny: Path, capsys: Any) -> None:
     line(ip, "model", f"load {tiny} --name a --no-progress")
     models = session(ip).models
+    models.wait_idle()  # the decoding copies are built after the load returns: count them too
     total_one = models.residency.total()
     line(ip, "model", f"load {tiny} --name b --no-progress")
     assert "shares the weights of a" in capsys.readouterr().out
