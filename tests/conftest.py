@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -54,4 +55,8 @@ def ip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[object]:
         yield shell
     finally:
         shell.extension_manager.unload_extension("kernel_ext")
+        # IPython registers every shell's exit cleanup with atexit, which keeps each test's
+        # namespace (models included) alive until the interpreter exits, then resets them all
+        # there (one full garbage collection each: minutes at the end of the suite)
+        atexit.unregister(shell.atexit_operations)
         InteractiveShell.clear_instance()
