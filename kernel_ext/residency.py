@@ -15,8 +15,9 @@ This class only keeps the books; it loads and frees nothing itself.
 
 from __future__ import annotations
 
+import bisect
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -136,10 +137,10 @@ class Residency:
         return out
 
 
-def tensor_bytes(model: Any) -> int:
-    """Bytes of ``model``'s parameters and buffers, each storage once (tied weights share)."""
+def _storages(model: Any) -> Iterator[tuple[str, int, int]]:
+    """Each storage of ``model``'s parameters and buffers once (tied weights share one):
+    ``(device type, data pointer, bytes)``; meta tensors have none."""
     seen: set[tuple[str, int]] = set()
-    total = 0
     for t in [*model.parameters(), *model.buffers()]:
         if t.device.type == "meta":
             continue
@@ -148,48 +149,35 @@ def tensor_bytes(model: Any) -> int:
         if ident in seen:
             continue
         seen.add(ident)
-        total += storage.nbytes()
-    return total
+        yield t.device.type, storage.data_ptr(), storage.nbytes()
+
+
+def _mapping_of(maps: list[tuple[int, int, int]], starts: list[int], device: str,
+                ptr: int) -> int | None:
+    """The index in ``maps`` of the file mapping holding CPU address ``ptr``, or None."""
+    i = bisect.bisect_right(starts, ptr) - 1 if device == "cpu" and ptr else -1
+    return i if i >= 0 and maps[i][0] <= ptr < maps[i][1] else None
+
+
+def tensor_bytes(model: Any) -> int:
+    """Bytes of ``model``'s parameters and buffers, each storage once (tied weights share)."""
+    return sum(n for _, _, n in _storages(model))
 
 
 def file_backed_bytes(model: Any) -> int:
     """Bytes of ``model``'s CPU tensors that live in file mappings (weights memory-mapped from
     the conversion cache): page cache, not the process's anonymous memory. Linux only (0
     elsewhere)."""
-    try:
-        with open("/proc/self/maps", encoding="ascii", errors="replace") as fh:
-            ranges = []
-            for line in fh:
-                parts = line.split(None, 5)
-                if len(parts) == 6 and parts[5].strip().startswith("/") and parts[4] != "0":
-                    lo, hi = parts[0].split("-")
-                    ranges.append((int(lo, 16), int(hi, 16)))
-    except OSError:
-        return 0
-    ranges.sort()
-    seen: set[int] = set()
-    total = 0
-    import bisect
-
-    starts = [r[0] for r in ranges]
-    for t in [*model.parameters(), *model.buffers()]:
-        if t.device.type != "cpu":
-            continue
-        storage = t.untyped_storage()
-        ptr = storage.data_ptr()
-        if ptr in seen or not ptr:
-            continue
-        seen.add(ptr)
-        i = bisect.bisect_right(starts, ptr) - 1
-        if i >= 0 and ranges[i][0] <= ptr < ranges[i][1]:
-            total += storage.nbytes()
-    return total
+    maps = _file_mappings(with_rss=False)
+    starts = [m[0] for m in maps]
+    return sum(n for device, ptr, n in _storages(model)
+               if _mapping_of(maps, starts, device, ptr) is not None)
 
 
 def _file_mappings(with_rss: bool) -> list[tuple[int, int, int]]:
     """(start, end, resident bytes or 0) of this process's file-backed mappings, sorted
     (``/proc/self/smaps`` when ``with_rss``, else ``/proc/self/maps``); empty off Linux."""
-    out: list[tuple[int, int, int]] = []
+    out: list[list[int]] = []
     current: list[int] | None = None
     try:
         with open("/proc/self/smaps" if with_rss else "/proc/self/maps", encoding="ascii",
@@ -202,12 +190,12 @@ def _file_mappings(with_rss: bool) -> list[tuple[int, int, int]]:
                     if len(parts) == 6 and parts[5].strip().startswith("/") and parts[4] != "0":
                         lo, hi = parts[0].split("-")
                         current = [int(lo, 16), int(hi, 16), 0]
-                        out.append(current)  # type: ignore[arg-type]
+                        out.append(current)
                 elif current is not None and head == "Rss:":
                     current[2] = int(line.split()[1]) * 1024
     except OSError:
         return []
-    return sorted((int(a), int(b), int(c)) for a, b, c in out)
+    return sorted((a, b, c) for a, b, c in out)
 
 
 def weights_in_memory(model: Any) -> int:
@@ -215,28 +203,17 @@ def weights_in_memory(model: Any) -> int:
     and of the file mappings holding the others (weights memory-mapped from the conversion
     cache) only their resident pages - an exact-mode model never reads most of its tied
     embedding / LM head, so those pages stay on disk. Linux; elsewhere :func:`tensor_bytes`."""
-    import bisect
-
     maps = _file_mappings(with_rss=True)
     if not maps:
         return tensor_bytes(model)
     starts = [m[0] for m in maps]
-    seen: set[tuple[str, int]] = set()
-    used_maps: dict[int, int] = {}  # mapping -> bytes of the model's storages in it
+    held: dict[int, int] = {}  # mapping -> bytes of the model's storages in it
     total = 0
-    for t in [*model.parameters(), *model.buffers()]:
-        if t.device.type == "meta":
-            continue
-        storage = t.untyped_storage()
-        ident = (str(t.device), storage.data_ptr())
-        if ident in seen:
-            continue
-        seen.add(ident)
-        ptr = storage.data_ptr()
-        i = bisect.bisect_right(starts, ptr) - 1 if t.device.type == "cpu" else -1
-        if i >= 0 and maps[i][0] <= ptr < maps[i][1]:
-            used_maps[i] = used_maps.get(i, 0) + storage.nbytes()
+    for device, ptr, n in _storages(model):
+        i = _mapping_of(maps, starts, device, ptr)
+        if i is None:
+            total += n
         else:
-            total += storage.nbytes()
+            held[i] = held.get(i, 0) + n
     # a mapping's resident pages, at most its tensors' bytes (the file's header shares a page)
-    return total + sum(min(maps[i][2], held) for i, held in used_maps.items())
+    return total + sum(min(maps[i][2], n) for i, n in held.items())

@@ -33,7 +33,6 @@ alone. :func:`default_batch_size` sizes batches from a KV-cache memory budget.
 
 from __future__ import annotations
 
-import math
 import time
 from collections import deque
 from collections.abc import Callable, Collection, Iterable, Sequence
@@ -41,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ProviderError
-from .decode import Prepared, Sampling, int4_forwards
+from .decode import Prepared, Sampling, int4_forwards, sampling_probs
 from .streaming import IncrementalDecoder
 
 __all__ = ["BatchEngine", "BatchOutput", "BatchRequest", "default_batch_size", "kv_bytes_per_token"]
@@ -402,22 +401,9 @@ def _sliding_window(config: Any) -> int | None:
 
 
 def _sample(logits: Any, sampling: Sampling, generator: Any) -> int:
-    """One sampled token from a (1, V) row: temperature, top-k, top-p, then ``multinomial`` on
-    the row's own generator (the warpers of ``generate``, in its order)."""
+    """One sampled token from a (1, V) row (the warpers of ``generate``, in its order), drawn
+    with ``multinomial`` on the row's own generator."""
     import torch
 
-    scores = logits
-    if sampling.temperature != 1.0:
-        scores = scores / sampling.temperature
-    if sampling.top_k:
-        k = min(sampling.top_k, scores.size(-1))
-        scores = scores.masked_fill(scores < torch.topk(scores, k)[0][..., -1, None], -math.inf)
-    if sampling.top_p < 1.0:
-        sorted_scores, order = torch.sort(scores, descending=False)
-        cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
-        drop_sorted = cumulative <= (1 - sampling.top_p)
-        drop_sorted[..., -1:] = 0
-        drop = drop_sorted.scatter(1, order, drop_sorted)
-        scores = scores.masked_fill(drop, -math.inf)
-    probs = torch.nn.functional.softmax(scores, dim=-1)
+    probs = sampling_probs(logits, sampling)
     return int(torch.multinomial(probs, num_samples=1, generator=generator)[0, 0])

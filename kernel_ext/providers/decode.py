@@ -82,6 +82,7 @@ __all__ = [
     "decode",
     "int4_forwards",
     "prepare",
+    "sampling_probs",
 ]
 
 DECODE_MODES: tuple[str, ...] = ("exact", "full", "quantized")
@@ -579,12 +580,11 @@ def _int4_forward(w: Any, bias: Any) -> Callable[[Any], Any]:
     return forward
 
 
-def _choose(logits: Any, sampling: Sampling) -> list[int]:
-    """Greedy or sampled tokens from rows of float32 logits (``generate``'s warpers, in order)."""
+def sampling_probs(logits: Any, sampling: Sampling) -> Any:
+    """Probabilities to sample from, for rows of float32 logits: temperature, top-k, top-p and
+    softmax (``generate``'s warpers, in its order)."""
     import torch
 
-    if sampling.greedy:
-        return [int(t) for t in torch.argmax(logits, dim=-1)]
     scores = logits
     if sampling.temperature != 1.0:
         scores = scores / sampling.temperature
@@ -598,8 +598,16 @@ def _choose(logits: Any, sampling: Sampling) -> list[int]:
         drop_sorted[..., -1:] = 0
         drop = drop_sorted.scatter(1, order, drop_sorted)
         scores = scores.masked_fill(drop, -math.inf)
-    probs = torch.nn.functional.softmax(scores, dim=-1)
-    return [int(t) for t in torch.multinomial(probs, num_samples=1)[:, 0]]
+    return torch.nn.functional.softmax(scores, dim=-1)
+
+
+def _choose(logits: Any, sampling: Sampling) -> list[int]:
+    """Greedy or sampled tokens from rows of float32 logits (``generate``'s warpers, in order)."""
+    import torch
+
+    if sampling.greedy:
+        return [int(t) for t in torch.argmax(logits, dim=-1)]
+    return [int(t) for t in torch.multinomial(sampling_probs(logits, sampling), num_samples=1)[:, 0]]
 
 
 def _cache_kwarg(module: Any) -> str:
