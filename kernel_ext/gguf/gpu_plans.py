@@ -202,18 +202,11 @@ def load_placed(
     adapter (:func:`kernel_ext.gguf.arch.route`), which says which GGUF rows fill which
     parameter. ``offload``: the plan's budgets (:class:`Offload`), or an explicit accelerate
     device map."""
-    from .loader import _materialize, _new_model, _set_tensor
+    from .loader import _materialize, _new_model, _set_tensor, complete_plan
 
     model = _new_model(config, dtype)
     model.tie_weights()
-    plan = adapter.plan(model)
-    if plan.missing:
-        raise GGUFFormatError(
-            f"the file has no tensors for {len(plan.missing)} model parameters "
-            f"(e.g. {', '.join(plan.missing[:3])}); it is incomplete or not a "
-            f"{adapter.architecture} model",
-            field="tensors",
-        )
+    plan = complete_plan(adapter, model)
     device_map: dict[str, int | str] | None = None
     folder: Path | None = None
     if isinstance(offload, Offload):

@@ -274,8 +274,12 @@ def _build_model(job: LoadJob) -> None:
 
 def _plan_weights(job: LoadJob) -> None:
     """Which GGUF rows fill which parameter (the adapter's plan); refuse an incomplete file."""
-    adapter = job.adapter
     model = job.model if job.model is not None else _new_model(job.config, job.options.dtype)
+    job.plan = complete_plan(job.adapter, model)
+
+
+def complete_plan(adapter: Any, model: Any) -> Any:
+    """``adapter``'s plan for ``model``; refused when the file lacks tensors for parameters."""
     plan = adapter.plan(model)
     if plan.missing:
         raise GGUFFormatError(
@@ -284,7 +288,7 @@ def _plan_weights(job: LoadJob) -> None:
             f"{adapter.architecture} model",
             field="tensors",
         )
-    job.plan = plan
+    return plan
 
 
 def _fill_weights(job: LoadJob) -> None:
