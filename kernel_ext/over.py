@@ -350,7 +350,7 @@ def _run_batched(session: Any, target: str | None, provider: Any, prompts: Seque
     batch_size = min(batch_size, len(requests))
     out.mode = f"batches of {batch_size}"
     # numerics differ from the model's own in quantized mode: each answer says so, as alone
-    notes = ("int4 weights",) if engine.mode == "quantized" else ()
+    notes = ("quantized weights",) if engine.mode == "quantized" else ()
     hub = getattr(session, "resilience", None)
     name = target or provider.name
     breaker = hub.breaker(name) if hub is not None else None

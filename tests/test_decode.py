@@ -563,7 +563,7 @@ def test_the_setting_reaches_loaded_models(ip: Any, tmp_path: Path) -> None:
     assert ip.user_ns["a"].notes == []
     ip.run_line_magic("config", "KernelExt.decode_mode = 'quantized'")
     ip.run_cell_magic("infer", "-n 4 -o b -q", "hello")
-    assert "int4 weights" in ip.user_ns["b"].notes
+    assert "quantized weights" in ip.user_ns["b"].notes
     with capture_output() as out:
         ip.run_line_magic("model", "info")
     assert "decoding  quantized (" in out.stdout and "fused decode step" in out.stdout

@@ -170,10 +170,16 @@ def test_unsupported_models_are_named() -> None:
 
 
 # --- quantized ---------------------------------------------------------------------------------
-@pytest.fixture(scope="module", params=[("llama", "Q8_0"), ("gemma3", "Q4_0"), ("qwen2", "Q5_0"),
-                                        ("qwen3", "Q4_K")], ids=lambda p: "-".join(p))
+@pytest.fixture(scope="module", params=[
+    (family, quant, kernels)
+    for family, quant in (("llama", "Q8_0"), ("gemma3", "Q4_0"), ("qwen2", "Q5_0"), ("qwen3", "Q4_K"))
+    for kernels in ("blocks", "int4")
+], ids=lambda p: "-".join(p))
 def quantized(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    family, quant = request.param
+    """A tiny quantised model prepared for ``decode_mode='quantized'`` with the block kernels
+    (``blockdot``: the file's blocks, int8 activations) or torch's int4 kernel (the fallback
+    where no C compiler is, ``KERNEL_EXT_BLOCKDOT=0``)."""
+    family, quant, kernels = request.param
     folder = tmp_path_factory.mktemp(family)
     if family == "qwen3":  # K-quant blocks need rows of 256
         path = write_tiny(folder / "qwen3.gguf", "qwen3", quant=quant, seed=4,
@@ -181,16 +187,25 @@ def quantized(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
     else:
         path = _write(folder, family, quant)
     art = load_transformers(path)
+    with pytest.MonkeyPatch.context() as mp:
+        if kernels == "int4":
+            mp.setenv("KERNEL_EXT_BLOCKDOT", "0")
+        ready = prepare(art.model, "quantized", source=Source(path))  # kept with the model
+    assert ready.mode == "quantized", ready.notes
+    assert ("computed on the file's blocks" in ready.summary) == (kernels == "blocks"), ready.summary
     return art.model, path
 
 
 def test_fused_int4_projections_equal_the_separate_ones(quantized: tuple[Any, Path]) -> None:
     """Gate and up (rows a multiple of the packing's 64-row blocks) always fuse; q/k/v fuse
     when their rows allow it, else they run one call each (never a wrong concatenation)."""
+    from kernel_ext.gguf.qlinear import Int4Weight
     from kernel_ext.providers.fused import _rep
 
     model, path = quantized
     ready = prepare(model, "quantized", source=Source(path))
+    if not all(isinstance(w, Int4Weight) for w in ready.linears.values()):
+        pytest.skip("the block kernels compute these layers (one call per group, by design)")
     layer = model.base_model.layers[0]
     attn, mlp = layer.self_attn, layer.mlp
     for modules in ((mlp.gate_proj, mlp.up_proj), (attn.q_proj, attn.k_proj, attn.v_proj)):
@@ -217,6 +232,18 @@ def test_quantized_step_gives_todays_quantized_hidden_states(quantized: tuple[An
             want = _own_hidden(model, ids, 6)
             got = _fused_hidden(model, ids, 6, int4=ready.linears, groups=ready.fused_groups)
     _assert_close(got, want, rtol=1e-4)
+
+
+def test_block_kernels_run_the_whole_layer_step(quantized: tuple[Any, Path]) -> None:
+    """With every projection on the file's blocks, single-token steps run the C layer step
+    (norms, rotary, attention and residuals beside the products); with int4 copies, torch's."""
+    from kernel_ext.gguf.blockdot import BlockWeight
+
+    model, path = quantized
+    ready = prepare(model, "quantized", source=Source(path))
+    plan = FusedDecoder(model, ready.linears, ready.fused_groups)
+    blocks = all(isinstance(w, BlockWeight) for w in ready.linears.values())
+    assert (plan.blocks is not None) == blocks
 
 
 def test_quantized_greedy_tokens_equal_todays_path(quantized: tuple[Any, Path]) -> None:

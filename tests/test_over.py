@@ -168,7 +168,7 @@ def test_batched_rows_decode_like_a_single_call_in_its_decode_mode(
 ) -> None:
     """The engine runs the model's body and the decode mode's head: the certified screen picks
     every greedy token (the float32 head's choice), and quantized mode's int4 linears compute
-    the batch as they compute a single call; answers say "int4 weights" as single calls do."""
+    the batch as they compute a single call; answers say "quantized weights" as single calls do."""
     from kernel_ext.providers.decode import prepare
     from kernel_ext.providers.transformers_gguf import _eos_ids
 
@@ -194,7 +194,7 @@ def test_batched_rows_decode_like_a_single_call_in_its_decode_mode(
     cell(ip, "--over qs --into out -n 3 --batch-size 4 -q", "{item}")
     out = ip.user_ns["out"]
     assert out.mode == "batches of 4" and not out.failed
-    assert all(("int4 weights" in r.notes) == (mode == "quantized") for r in out)
+    assert all(("quantized weights" in r.notes) == (mode == "quantized") for r in out)
 
 
 def test_seeded_sampling_is_reproducible_per_item_whatever_the_batch(ip: Any, tiny: Path) -> None:

@@ -255,12 +255,17 @@ def _build(model: Any, mode: str, source: Source | None, screen: str) -> Prepare
         else:
             assert source is not None
             from ..errors import KernelExtError
-            from .quantized import head_rows, repack_model
+            from ..gguf import blockdot
+            from .quantized import block_model, head_rows, repack_model
 
+            blocks = blockdot.unavailable() is None
             try:
-                q = repack_model(model, source.path, entry=source.entry, part="body")
+                if blocks:  # the file's blocks as they are (blockdot.c)
+                    q = block_model(model, source.path, part="body")
+                else:  # torch's int4 kernel on repacked copies
+                    q = repack_model(model, source.path, entry=source.entry, part="body")
                 rows = head_rows(model, source.path)
-            except (KernelExtError, OSError) as e:
+            except (KernelExtError, OSError, ValueError) as e:
                 notes.append(f"quantized decoding unavailable ({e}); decoded exactly")
                 return _build(model, "exact", source, screen)._with_notes(notes)
             summary = q.summary()
@@ -274,7 +279,7 @@ def _build(model: Any, mode: str, source: Source | None, screen: str) -> Prepare
                 notes.append("no layer of this file has an int4 form; decoded exactly")
                 mode = "exact"
             else:
-                fast = _head_int4(model, source)
+                fast = _head_int4(model, source, blocks)
     screen_obj = None
     record = source.entry.parent / "decode-screens.json" if source and source.entry else None
     kind = _screen_kind(weight, screen, record)
@@ -324,20 +329,24 @@ def _shared_screen(model: Any, weight: Any, kind: str) -> Any:
     return None
 
 
-def _head_int4(model: Any, source: Source) -> Callable[[], Any]:
-    """The LM head's int4 copy from the file's blocks, built (or read from the cache) the
-    first time sampling or an uncertified greedy token needs it; None when it has no int4 form."""
+def _head_int4(model: Any, source: Source, blocks: bool = False) -> Callable[[], Any]:
+    """The LM head computed from the file's blocks (``blocks``: as they are, with the block
+    kernels; else an int4 copy, built or read from the cache) the first time sampling or an
+    uncertified greedy token needs it; None when it has no such form."""
     built: list[Any] = []
     ref = weakref.ref(model)  # the copies must not keep the model alive
 
     def get() -> Any:
         if not built:
-            from .quantized import repack_model
+            from .quantized import block_model, repack_model
 
             owner = ref()
             if owner is None:
                 return None
-            q = repack_model(owner, source.path, entry=source.entry, part="head")
+            if blocks:
+                q = block_model(owner, source.path, part="head")
+            else:
+                q = repack_model(owner, source.path, entry=source.entry, part="head")
             built.append(next(iter(q.weights.values()), None))
         return built[0]
 
@@ -364,9 +373,14 @@ def _quantized_unavailable(model: Any, source: Source | None) -> str | None:
         return f"the GGUF file {source.path} is not there any more"
     device = next(iter(model.parameters())).device.type
     if device != "cpu":
-        return (f"it runs torch's int4 CPU kernels and the model is on {device}; on a GPU, "
-                "load with bitsandbytes 8/4-bit instead")
-    return qlinear.available()
+        return (f"it runs CPU kernels on the file's blocks and the model is on {device}; on a "
+                "GPU, load with bitsandbytes 8/4-bit instead")
+    from ..gguf import blockdot
+
+    int4, blocks = qlinear.available(), blockdot.unavailable()
+    if int4 is not None and blocks is not None:
+        return f"{int4}; and the block kernels cannot run here ({blocks})"
+    return None
 
 
 def _named_linears(model: Any) -> Iterator[tuple[str, Any]]:

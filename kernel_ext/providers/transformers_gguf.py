@@ -210,7 +210,7 @@ class TransformersGGUFProvider:
             reason = "stop"
         notes = [*self.take_notes(), *request_notes, *(out.notes if out is not None else [])]
         if out is not None and out.mode == "quantized":
-            notes.append("int4 weights")  # numerics differ from the model's own: say so
+            notes.append("quantized weights")  # numerics differ from the model's own: say so
         return GenerationResult(
             text=final, prompt=prompt, model=self.name, provider=self.name,
             prompt_tokens=out.prompt_tokens if out is not None else 0,

@@ -1,0 +1,635 @@
+/* Matrix-vector products on GGUF's own quantised blocks, with 8-bit activations.
+ *
+ * Built on the machine that runs it by kernel_ext/gguf/blockdot.py (gcc -O3 -march=native,
+ * into the user cache, keyed by this file, the compiler and the CPU), loaded with ctypes.
+ *
+ *   y[m][r] = sum over the row's blocks of  W_block(r) . X_block(m)
+ *
+ * X is quantised per block of 32 values as llama.cpp quantises activations (Q8_0: int8 values
+ * and one scale, max|x|/127, kept here in float32). The weight blocks are read as they are in
+ * the GGUF file (the map, or a copy with permuted rows); each block's integer dot product is
+ * exact in int32, scaled in float32. Supported: Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q4_K Q5_K Q6_K.
+ *
+ * The loops are written for the compiler's vectoriser: a block's weights are unpacked to int8,
+ * multiplied pairwise into 16 int32 lanes, and those lanes accumulate into 16 float lanes with
+ * the block's scale (no horizontal sum per block). Rows are split across OpenMP threads (the
+ * libgomp torch already loaded, so no second thread pool).
+ */
+#include <stdint.h>
+#include <string.h>
+#include <math.h>
+
+#define QK 32
+
+/* ggml type ids */
+enum { T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q8_0 = 8,
+       T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14 };
+
+static inline float fp16(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, mant = h & 0x3ff, f;
+    if (exp == 0) {
+        if (mant == 0) {
+            f = sign;
+        } else { /* subnormal: normalise */
+            exp = 127 - 15 + 1;
+            while (!(mant & 0x400)) { mant <<= 1; exp--; }
+            mant &= 0x3ff;
+            f = sign | (exp << 23) | (mant << 13);
+        }
+    } else if (exp == 31) {
+        f = sign | 0x7f800000u | (mant << 13);
+    } else {
+        f = sign | ((exp + 127 - 15) << 23) | (mant << 13);
+    }
+    float out;
+    memcpy(&out, &f, 4);
+    return out;
+}
+
+/* ---- activations ------------------------------------------------------------------------- */
+/* x (K floats) -> q (K int8), d (K/32 floats), s (K/32 int32: the sum of each block's q) */
+static void quantize_row(const float *x, int K, int8_t *q, float *d, int32_t *s) {
+    for (int b = 0; b < K / QK; b++) {
+        const float *xb = x + b * QK;
+        float amax = 0.0f;
+        for (int i = 0; i < QK; i++) {
+            float a = fabsf(xb[i]);
+            amax = a > amax ? a : amax;
+        }
+        float scale = amax / 127.0f, inv = scale > 0.0f ? 1.0f / scale : 0.0f;
+        int32_t sum = 0;
+        for (int i = 0; i < QK; i++) {
+            int v = (int)nearbyintf(xb[i] * inv);
+            v = v > 127 ? 127 : (v < -127 ? -127 : v);
+            q[b * QK + i] = (int8_t)v;
+            sum += v;
+        }
+        d[b] = scale;
+        s[b] = sum;
+    }
+}
+
+/* the activations as the products see them: d * q (for error bounds) */
+void bd_q8_roundtrip(const float *x, int K, float *out) {
+    int8_t q[K];
+    float d[K / QK];
+    int32_t s[K / QK];
+    quantize_row(x, K, q, d, s);
+    for (int i = 0; i < K; i++) out[i] = d[i / QK] * (float)q[i];
+}
+
+/* ---- one 32-value block: 16 int32 lanes of pairwise products -------------------------------- */
+static inline void pairs(const int8_t *w, const int8_t *x, int32_t *p) {
+    for (int j = 0; j < 16; j++)
+        p[j] = (int32_t)w[2 * j] * x[2 * j] + (int32_t)w[2 * j + 1] * x[2 * j + 1];
+}
+
+static inline void acc16(float *acc, const int32_t *p, float scale) {
+    for (int j = 0; j < 16; j++) acc[j] += (float)p[j] * scale;
+}
+
+/* ---- unpacking a block of a row to int8 (32 values), its scale, and its minimum ------------- */
+typedef struct {
+    int8_t w[QK];
+    float scale;      /* value = scale * w + minv  (per block of 32) ...                   */
+    float minv;
+    float scale2;     /* ... Q6_K: the second 16 values' scale (scale: the first 16's)      */
+    int two;          /* 1: scale2 applies to w[16..31]                                     */
+} blk;
+
+static inline void unpack(int type, const uint8_t *row, int b, blk *o) {
+    int i;
+    o->minv = 0.0f;
+    o->two = 0;
+    switch (type) {
+    case T_Q4_0: {
+        const uint8_t *p = row + b * 18, *qs = p + 2;
+        o->scale = fp16(p);
+        for (i = 0; i < 16; i++) { o->w[i] = (int8_t)((qs[i] & 15) - 8); o->w[i + 16] = (int8_t)((qs[i] >> 4) - 8); }
+        break;
+    }
+    case T_Q4_1: {
+        const uint8_t *p = row + b * 20, *qs = p + 4;
+        o->scale = fp16(p);
+        o->minv = fp16(p + 2);
+        for (i = 0; i < 16; i++) { o->w[i] = (int8_t)(qs[i] & 15); o->w[i + 16] = (int8_t)(qs[i] >> 4); }
+        break;
+    }
+    case T_Q5_0: {
+        const uint8_t *p = row + b * 22, *qs = p + 6;
+        uint32_t qh;
+        memcpy(&qh, p + 2, 4);
+        o->scale = fp16(p);
+        for (i = 0; i < 16; i++) {
+            o->w[i] = (int8_t)(((qs[i] & 15) | (((qh >> i) & 1) << 4)) - 16);
+            o->w[i + 16] = (int8_t)(((qs[i] >> 4) | (((qh >> (i + 16)) & 1) << 4)) - 16);
+        }
+        break;
+    }
+    case T_Q5_1: {
+        const uint8_t *p = row + b * 24, *qs = p + 8;
+        uint32_t qh;
+        memcpy(&qh, p + 4, 4);
+        o->scale = fp16(p);
+        o->minv = fp16(p + 2);
+        for (i = 0; i < 16; i++) {
+            o->w[i] = (int8_t)((qs[i] & 15) | (((qh >> i) & 1) << 4));
+            o->w[i + 16] = (int8_t)((qs[i] >> 4) | (((qh >> (i + 16)) & 1) << 4));
+        }
+        break;
+    }
+    case T_Q8_0: {
+        const uint8_t *p = row + b * 34;
+        o->scale = fp16(p);
+        memcpy(o->w, p + 2, QK);
+        break;
+    }
+    case T_Q4_K:
+    case T_Q5_K: {
+        int sb = b / 8, j = b % 8, five = type == T_Q5_K;
+        const uint8_t *p = row + sb * (five ? 176 : 144), *sc = p + 4;
+        const uint8_t *qs = p + (five ? 48 : 16) + 32 * (j / 2), *qh = p + 16;
+        int shift = 4 * (j & 1);
+        uint8_t s, m;
+        if (j < 4) { s = sc[j] & 63; m = sc[j + 4] & 63; }
+        else { s = (sc[j + 4] & 0xF) | ((sc[j - 4] >> 6) << 4); m = (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4); }
+        o->scale = fp16(p) * (float)s;
+        o->minv = -fp16(p + 2) * (float)m;
+        if (five) {
+            for (i = 0; i < QK; i++) o->w[i] = (int8_t)(((qs[i] >> shift) & 15) | (((qh[i] >> j) & 1) << 4));
+        } else {
+            for (i = 0; i < QK; i++) o->w[i] = (int8_t)((qs[i] >> shift) & 15);
+        }
+        break;
+    }
+    case T_Q6_K: {
+        int sb = b / 8, j = b % 8, n = j / 4, qd = j % 4;
+        const uint8_t *p = row + sb * 210;
+        const uint8_t *ql = p + n * 64 + (qd & 1) * 32, *qh = p + 128 + n * 32;
+        const int8_t *sc = (const int8_t *)(p + 192) + n * 8 + 2 * qd;
+        float d = fp16(p + 208);
+        int shift = 4 * (qd >> 1), hs = 2 * qd;
+        for (i = 0; i < QK; i++)
+            o->w[i] = (int8_t)((((ql[i] >> shift) & 15) | (((qh[i] >> hs) & 3) << 4)) - 32);
+        o->scale = d * (float)sc[0];
+        o->scale2 = d * (float)sc[1];
+        o->two = 1;
+        break;
+    }
+    }
+}
+
+static int block_values(int type) { return (type == T_Q4_K || type == T_Q5_K || type == T_Q6_K) ? 256 : 32; }
+
+static int block_bytes(int type) {
+    switch (type) {
+    case T_Q4_0: return 18;
+    case T_Q4_1: return 20;
+    case T_Q5_0: return 22;
+    case T_Q5_1: return 24;
+    case T_Q8_0: return 34;
+    case T_Q4_K: return 144;
+    case T_Q5_K: return 176;
+    case T_Q6_K: return 210;
+    }
+    return 0;
+}
+
+/* bytes of one row of K values of `type`, or 0 when the type or K is not supported */
+long bd_row_bytes(int type, int K) {
+    int n = block_values(type), b = block_bytes(type);
+    if (!b || K <= 0 || K % n) return 0;
+    return (long)(K / n) * b;
+}
+
+/* ---- the small steps of a decoder layer around the products (decode_mode "quantized") ------ */
+/* out = x * rsqrt(mean(x^2) + eps) * w   (w: the norm's weight, Gemma's 1 + w folded in) */
+static void rms_norm(const float *x, const float *w, int K, float eps, float *out) {
+    double ss = 0.0;
+    #pragma omp simd reduction(+:ss)
+    for (int i = 0; i < K; i++) ss += (double)x[i] * x[i];
+    float r = 1.0f / sqrtf((float)(ss / K) + eps);
+    for (int i = 0; i < K; i++) out[i] = x[i] * r * w[i];
+}
+
+/* h += rms_norm(a) * w  (w NULL: h += a) */
+void bd_add_norm(float *h, const float *a, const float *w, int K, float eps) {
+    if (!w) {
+        for (int i = 0; i < K; i++) h[i] += a[i];
+        return;
+    }
+    float t[K];
+    rms_norm(a, w, K, eps, t);
+    for (int i = 0; i < K; i++) h[i] += t[i];
+}
+
+/* per head of x (heads x D, in place): an RMS norm with weight w (NULL: none), then rotary
+ * x * cos + roll(x, D/2) * sin, with sin's first half negated (rotate_half) */
+void bd_norm_rope(float *x, int heads, int D, const float *w, float eps, const float *cos,
+                  const float *sin) {
+    int half = D / 2;
+    float t[D];
+    for (int h = 0; h < heads; h++) {
+        float *v = x + (long)h * D;
+        if (w) rms_norm(v, w, D, eps, v);
+        for (int i = 0; i < D; i++) t[i] = v[i] * cos[i] + v[(i + half) % D] * sin[i];
+        memcpy(v, t, sizeof(float) * D);
+    }
+}
+
+/* one query position: out (heads x D) = softmax(q . K^T * scale) V over keys [lo, hi) of the
+ * cache (kv_heads x slots x D, one query-head group per key head) */
+void bd_attend(const float *q, int heads, int kv_heads, int D, const float *keys,
+               const float *values, long slots, int lo, int hi, float scale, float *out) {
+    int group = heads / kv_heads, n = hi - lo;
+    float w[n > 0 ? n : 1];
+    for (int h = 0; h < heads; h++) {
+        const float *qh = q + (long)h * D;
+        const float *kh = keys + (long)(h / group) * slots * D;
+        const float *vh = values + (long)(h / group) * slots * D;
+        float mx = -INFINITY;
+        for (int j = 0; j < n; j++) {
+            const float *k = kh + (long)(lo + j) * D;
+            float s = 0.0f;
+            #pragma omp simd reduction(+:s)
+            for (int i = 0; i < D; i++) s += qh[i] * k[i];
+            w[j] = s * scale;
+            mx = w[j] > mx ? w[j] : mx;
+        }
+        float sum = 0.0f;
+        for (int j = 0; j < n; j++) { w[j] = expf(w[j] - mx); sum += w[j]; }
+        float *o = out + (long)h * D;
+        for (int i = 0; i < D; i++) o[i] = 0.0f;
+        for (int j = 0; j < n; j++) {
+            const float *v = vh + (long)(lo + j) * D;
+            float c = w[j] / sum;
+            for (int i = 0; i < D; i++) o[i] += c * v[i];
+        }
+    }
+}
+
+/* ---- scans of a logit row (the LM head's certificate, kernel_ext/providers/head.py) -------- */
+/* the first index of the largest value of a[0..n), its value in *hi and the smallest in *lo;
+ * -1 when a value is not finite */
+long bd_scan(const float *a, long n, float *lo, float *hi) {
+    float mn = INFINITY, mx = -INFINITY;
+    int finite = 1;
+    #pragma omp simd reduction(min:mn) reduction(max:mx) reduction(&:finite)
+    for (long i = 0; i < n; i++) {
+        mn = a[i] < mn ? a[i] : mn;
+        mx = a[i] > mx ? a[i] : mx;
+        finite &= (a[i] - a[i]) == 0.0f; /* false for inf and nan */
+    }
+    *lo = mn;
+    *hi = mx;
+    if (!finite) return -1;
+    for (long i = 0; i < n; i++)
+        if (a[i] == mx) return i;
+    return -1;
+}
+
+/* the indexes i (ascending) with a[i] >= t, at most cap of them written to out; their count */
+long bd_select_ge(const float *a, long n, float t, long *out, long cap) {
+    long c = 0;
+    long i = 0;
+    for (; i + 16 <= n; i += 16) {
+        int any = 0;
+        #pragma omp simd reduction(|:any)
+        for (int j = 0; j < 16; j++) any |= a[i + j] >= t;
+        if (!any) continue;
+        for (int j = 0; j < 16; j++)
+            if (a[i + j] >= t) { if (c < cap) out[c] = i + j; c++; }
+    }
+    for (; i < n; i++)
+        if (a[i] >= t) { if (c < cap) out[c] = i; c++; }
+    return c;
+}
+
+/* ---- whole rows in float32 (the certificate's exact rows) ---------------------------------- */
+static inline void dequant_row(int type, const uint8_t *row, int K, float *out) {
+    for (int b = 0; b < K / QK; b++) {
+        blk k;
+        unpack(type, row, b, &k);
+        for (int i = 0; i < QK; i++) {
+            float sc = (k.two && i >= 16) ? k.scale2 : k.scale;
+            out[b * QK + i] = k.minv == 0.0f ? sc * (float)k.w[i] : sc * (float)k.w[i] + k.minv;
+        }
+    }
+}
+
+/* rows[0..n) of W as float32 (n x K), as the blocks define them */
+void bd_rows_dequant(int type, const uint8_t *W, long row_bytes, int K, const long *rows, long n,
+                     float *out) {
+    for (long r = 0; r < n; r++) dequant_row(type, W + rows[r] * row_bytes, K, out + r * K);
+}
+
+/* out[r] = h . row rows[r] of W, in float32 */
+void bd_rows_dot(int type, const uint8_t *W, long row_bytes, int K, const long *rows, long n,
+                 const float *h, float *out) {
+    float v[K];
+    for (long r = 0; r < n; r++) {
+        dequant_row(type, W + rows[r] * row_bytes, K, v);
+        float s = 0.0f;
+        #pragma omp simd reduction(+:s)
+        for (int i = 0; i < K; i++) s += h[i] * v[i];
+        out[r] = s;
+    }
+}
+
+#define MAXM 8 /* activation rows per pass over the weights */
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+
+static inline float h2f(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+    return _cvtsh_ss(h);
+}
+
+/* 32 bits -> 32 bytes, 0xFF where the bit is set (llama.cpp's bytes_from_bits_32) */
+static inline __m256i bits32(const uint8_t *x) {
+    uint32_t v;
+    memcpy(&v, x, 4);
+    const __m256i shuf = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202,
+                                           0x0101010101010101, 0x0000000000000000);
+    __m256i bytes = _mm256_shuffle_epi8(_mm256_set1_epi32((int)v), shuf);
+    bytes = _mm256_or_si256(bytes, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe));
+    return _mm256_cmpeq_epi8(bytes, _mm256_set1_epi64x(-1));
+}
+
+/* 16 bytes of nibbles -> 32 bytes: low nibbles first, then high ones */
+static inline __m256i nibbles32(const uint8_t *qs) {
+    __m128i t = _mm_loadu_si128((const __m128i *)qs);
+    __m256i b = _mm256_set_m128i(_mm_srli_epi16(t, 4), t);
+    return _mm256_and_si256(b, _mm256_set1_epi8(0x0F));
+}
+
+/* signed int8 w times signed int8 x, 32 values: 8 int32 lanes (lane j: values 4j..4j+3) */
+static inline __m256i dot8(__m256i w, __m256i x) {
+    __m256i aw = _mm256_sign_epi8(w, w), sx = _mm256_sign_epi8(x, w);
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), aw, sx);
+#else
+    __m256i p16 = _mm256_maddubs_epi16(aw, sx);
+    return _mm256_madd_epi16(p16, _mm256_set1_epi16(1));
+#endif
+}
+
+static inline float hsum(__m256 v) {
+    __m128 r = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+    r = _mm_add_ss(r, _mm_movehdup_ps(r));
+    return _mm_cvtss_f32(r);
+}
+
+/* block b of a row: int8 values; `sc` the scale of each int32 lane; `minv` the block's offset */
+static inline __attribute__((always_inline)) __m256i load_block(
+        int type, const uint8_t *row, int b, __m256 *sc, float *minv) {
+    __m256i w;
+    *minv = 0.0f;
+    switch (type) {
+    case T_Q4_0: {
+        const uint8_t *p = row + b * 18;
+        *sc = _mm256_set1_ps(h2f(p));
+        w = _mm256_sub_epi8(nibbles32(p + 2), _mm256_set1_epi8(8));
+        break;
+    }
+    case T_Q4_1: {
+        const uint8_t *p = row + b * 20;
+        *sc = _mm256_set1_ps(h2f(p));
+        *minv = h2f(p + 2);
+        w = nibbles32(p + 4);
+        break;
+    }
+    case T_Q5_0: {
+        const uint8_t *p = row + b * 22;
+        *sc = _mm256_set1_ps(h2f(p));
+        __m256i hi = _mm256_andnot_si256(bits32(p + 2), _mm256_set1_epi8((char)0xF0));
+        w = _mm256_or_si256(nibbles32(p + 6), hi); /* q - 16 in two's complement */
+        break;
+    }
+    case T_Q5_1: {
+        const uint8_t *p = row + b * 24;
+        *sc = _mm256_set1_ps(h2f(p));
+        *minv = h2f(p + 2);
+        __m256i hi = _mm256_and_si256(bits32(p + 4), _mm256_set1_epi8(0x10));
+        w = _mm256_or_si256(nibbles32(p + 8), hi);
+        break;
+    }
+    case T_Q8_0: {
+        const uint8_t *p = row + b * 34;
+        *sc = _mm256_set1_ps(h2f(p));
+        w = _mm256_loadu_si256((const __m256i *)(p + 2));
+        break;
+    }
+    default: /* the K types go through k_values */
+        w = _mm256_setzero_si256();
+        *sc = _mm256_setzero_ps();
+        break;
+    }
+    return w;
+}
+
+/* the 8 sub-blocks' scales and minima of a Q4_K/Q5_K super-block, as floats */
+static inline void k_scales(const uint8_t *p, float *sc, float *mn) {
+    const uint8_t *s = p + 4;
+    float d = h2f(p), dmin = h2f(p + 2);
+    for (int j = 0; j < 4; j++) {
+        sc[j] = d * (float)(s[j] & 63);
+        mn[j] = -dmin * (float)(s[j + 4] & 63);
+        sc[j + 4] = d * (float)((s[j + 8] & 0xF) | ((s[j] >> 6) << 4));
+        mn[j + 4] = -dmin * (float)((s[j + 8] >> 4) | ((s[j + 4] >> 6) << 4));
+    }
+}
+
+/* sub-block j of a Q4_K/Q5_K/Q6_K super-block at p: int8 values */
+static inline __attribute__((always_inline)) __m256i k_values(int type, const uint8_t *p, int j) {
+    if (type == T_Q6_K) {
+        int n = j / 4, qd = j % 4;
+        __m256i l = _mm256_loadu_si256((const __m256i *)(p + n * 64 + (qd & 1) * 32));
+        l = _mm256_and_si256(_mm256_srl_epi16(l, _mm_cvtsi32_si128(4 * (qd >> 1))), _mm256_set1_epi8(0x0F));
+        __m256i h = _mm256_loadu_si256((const __m256i *)(p + 128 + n * 32));
+        h = _mm256_and_si256(_mm256_srl_epi16(h, _mm_cvtsi32_si128(2 * qd)), _mm256_set1_epi8(3));
+        return _mm256_sub_epi8(_mm256_or_si256(l, _mm256_slli_epi16(h, 4)), _mm256_set1_epi8(32));
+    }
+    int five = type == T_Q5_K;
+    __m256i q = _mm256_loadu_si256((const __m256i *)(p + (five ? 48 : 16) + 32 * (j / 2)));
+    q = _mm256_and_si256(_mm256_srl_epi16(q, _mm_cvtsi32_si128(4 * (j & 1))), _mm256_set1_epi8(0x0F));
+    if (five) {
+        __m256i h = _mm256_loadu_si256((const __m256i *)(p + 16));
+        h = _mm256_and_si256(_mm256_srl_epi16(h, _mm_cvtsi32_si128(j)), _mm256_set1_epi8(1));
+        q = _mm256_or_si256(q, _mm256_slli_epi16(h, 4));
+    }
+    return q;
+}
+
+static inline __attribute__((always_inline)) void rows_typed(
+        int type, const uint8_t *W, long row_bytes, int K, int r0, int r1,
+        const int8_t *q, const float *d, const int32_t *s, int M, float *y, long ldy) {
+    int nb = K / QK;
+    int kq = type == T_Q4_K || type == T_Q5_K || type == T_Q6_K;
+    int has_min = type == T_Q4_1 || type == T_Q5_1 || type == T_Q4_K || type == T_Q5_K;
+    int sb_bytes = type == T_Q4_K ? 144 : (type == T_Q5_K ? 176 : 210);
+    for (int r = r0; r < r1; r++) {
+        const uint8_t *row = W + (long)r * row_bytes;
+        __m256 acc[MAXM];
+        float mins[MAXM];
+        for (int m = 0; m < M; m++) { acc[m] = _mm256_setzero_ps(); mins[m] = 0.0f; }
+        if (kq) {
+            for (int sb = 0; sb < nb / 8; sb++) {
+                const uint8_t *p = row + (long)sb * sb_bytes;
+                float sc[16], mn[8];
+                if (type == T_Q6_K) {
+                    const int8_t *s6 = (const int8_t *)(p + 192);
+                    float d6 = h2f(p + 208);
+                    for (int i = 0; i < 16; i++) sc[i] = d6 * (float)s6[i];
+                } else {
+                    k_scales(p, sc, mn);
+                }
+                for (int j = 0; j < 8; j++) {
+                    int b = sb * 8 + j;
+                    __m256i w = k_values(type, p, j);
+                    __m256 scv;
+                    if (type == T_Q6_K) {
+                        int at = (j / 4) * 8 + 2 * (j % 4);
+                        scv = _mm256_setr_m128(_mm_set1_ps(sc[at]), _mm_set1_ps(sc[at + 1]));
+                    } else {
+                        scv = _mm256_set1_ps(sc[j]);
+                    }
+                    for (int m = 0; m < M; m++) {
+                        __m256i x = _mm256_loadu_si256((const __m256i *)(q + (long)m * K + b * QK));
+                        float dx = d[(long)m * nb + b];
+                        __m256 pr = _mm256_cvtepi32_ps(dot8(w, x));
+                        acc[m] = _mm256_fmadd_ps(pr, _mm256_mul_ps(scv, _mm256_set1_ps(dx)), acc[m]);
+                        if (has_min) mins[m] += mn[j] * dx * (float)s[(long)m * nb + b];
+                    }
+                }
+            }
+        } else {
+            for (int b = 0; b < nb; b++) {
+                __m256 sc;
+                float minv;
+                __m256i w = load_block(type, row, b, &sc, &minv);
+                for (int m = 0; m < M; m++) {
+                    __m256i x = _mm256_loadu_si256((const __m256i *)(q + (long)m * K + b * QK));
+                    float dx = d[(long)m * nb + b];
+                    __m256 pr = _mm256_cvtepi32_ps(dot8(w, x));
+                    acc[m] = _mm256_fmadd_ps(pr, _mm256_mul_ps(sc, _mm256_set1_ps(dx)), acc[m]);
+                    if (has_min) mins[m] += minv * dx * (float)s[(long)m * nb + b];
+                }
+            }
+        }
+        for (int m = 0; m < M; m++) y[(long)m * ldy + r] = hsum(acc[m]) + mins[m];
+    }
+}
+
+static void rows_times(int type, const uint8_t *W, long row_bytes, int K, int r0, int r1,
+                       const int8_t *q, const float *d, const int32_t *s, int M,
+                       float *y, long ldy) {
+    switch (type) { /* one specialised loop per type */
+    case T_Q4_0: rows_typed(T_Q4_0, W, row_bytes, K, r0, r1, q, d, s, M, y, ldy); break;
+    case T_Q4_1: rows_typed(T_Q4_1, W, row_bytes, K, r0, r1, q, d, s, M, y, ldy); break;
+    case T_Q5_0: rows_typed(T_Q5_0, W, row_bytes, K, r0, r1, q, d, s, M, y, ldy); break;
+    case T_Q5_1: rows_typed(T_Q5_1, W, row_bytes, K, r0, r1, q, d, s, M, y, ldy); break;
+    case T_Q8_0: rows_typed(T_Q8_0, W, row_bytes, K, r0, r1, q, d, s, M, y, ldy); break;
+    case T_Q4_K: rows_typed(T_Q4_K, W, row_bytes, K, r0, r1, q, d, s, M, y, ldy); break;
+    case T_Q5_K: rows_typed(T_Q5_K, W, row_bytes, K, r0, r1, q, d, s, M, y, ldy); break;
+    case T_Q6_K: rows_typed(T_Q6_K, W, row_bytes, K, r0, r1, q, d, s, M, y, ldy); break;
+    }
+}
+
+#else /* portable C: the same arithmetic, one block at a time */
+
+/* rows [r0, r1) of W (N rows of `row_bytes`) times M quantised activation rows */
+static void rows_times(int type, const uint8_t *W, long row_bytes, int K, int r0, int r1,
+                       const int8_t *q, const float *d, const int32_t *s, int M,
+                       float *y, long ldy) {
+    int nb = K / QK;
+    for (int r = r0; r < r1; r++) {
+        const uint8_t *row = W + (long)r * row_bytes;
+        float acc[MAXM][16];
+        float mins[MAXM];
+        memset(acc, 0, sizeof(acc));
+        memset(mins, 0, sizeof(mins));
+        for (int b = 0; b < nb; b++) {
+            blk k;
+            unpack(type, row, b, &k);
+            for (int m = 0; m < M; m++) {
+                int32_t p[16];
+                const int8_t *xq = q + (long)m * K + b * QK;
+                float dx = d[(long)m * nb + b];
+                pairs(k.w, xq, p);
+                if (k.two) {
+                    float sa = k.scale * dx, sb = k.scale2 * dx;
+                    for (int j = 0; j < 8; j++) acc[m][j] += (float)p[j] * sa;
+                    for (int j = 8; j < 16; j++) acc[m][j] += (float)p[j] * sb;
+                } else {
+                    acc16(acc[m], p, k.scale * dx);
+                }
+                mins[m] += k.minv * dx * (float)s[(long)m * nb + b];
+            }
+        }
+        for (int m = 0; m < M; m++) {
+            float t = 0.0f;
+            for (int j = 0; j < 16; j++) t += acc[m][j];
+            y[(long)m * ldy + r] = t + mins[m];
+        }
+    }
+}
+
+#endif
+
+#define MAXW 8 /* weights per call */
+
+/* n weights that read the same input, in one call: y_i (M x ldy_i floats, columns [0, N_i)) =
+ * x (M x K floats) times W_i^T, W_i: N_i rows of GGUF blocks of types[i]. The activations are
+ * quantised once (after an RMS norm with weight `norm`, when not NULL); the rows of all weights
+ * are split across `threads` threads. Returns 0, or -1 when a type, K or n is not supported. */
+int bd_matmul_n(int n, const int *types, const uint8_t *const *W, const long *row_bytes,
+                const int *N, int K, const float *x, int M, float *const *y, const long *ldy,
+                int threads, const float *norm, float eps) {
+    if (n < 1 || n > MAXW || K % QK) return -1;
+    int first[MAXW + 1], total_rows = 0;
+    first[0] = 0;
+    for (int i = 0; i < n; i++) {
+        if (bd_row_bytes(types[i], K) != row_bytes[i] || N[i] < 0) return -1;
+        first[i + 1] = first[i] + (N[i] + 15) / 16; /* tiles of 16 rows */
+        total_rows += N[i];
+    }
+    int nb = K / QK, tiles = first[n];
+    for (int m0 = 0; m0 < M; m0 += MAXM) {
+        int mm = M - m0 < MAXM ? M - m0 : MAXM;
+        int8_t q[(long)mm * K];
+        float d[(long)mm * nb];
+        int32_t s[(long)mm * nb];
+        for (int m = 0; m < mm; m++) {
+            const float *xm = x + (long)(m0 + m) * K;
+            float normed[norm ? K : 1];
+            if (norm) {
+                rms_norm(xm, norm, K, eps, normed);
+                xm = normed;
+            }
+            quantize_row(xm, K, q + (long)m * K, d + (long)m * nb, s + (long)m * nb);
+        }
+        #pragma omp parallel for schedule(static) num_threads(threads) if (total_rows >= 64 && threads > 1)
+        for (int t = 0; t < tiles; t++) {
+            int i = 0;
+            while (t >= first[i + 1]) i++;
+            int r0 = (t - first[i]) * 16, r1 = r0 + 16 < N[i] ? r0 + 16 : N[i];
+            rows_times(types[i], W[i], row_bytes[i], K, r0, r1, q, d, s, mm,
+                       y[i] + (long)m0 * ldy[i], ldy[i]);
+        }
+    }
+    return 0;
+}
+
+/* one weight: see bd_matmul_n */
+int bd_matmul(int type, const uint8_t *W, long row_bytes, int N, int K,
+              const float *x, int M, float *y, long ldy, int threads) {
+    return bd_matmul_n(1, &type, &W, &row_bytes, &N, K, x, M, &y, &ldy, threads, NULL, 0.0f);
+}
+
+int bd_version(void) { return 4; }

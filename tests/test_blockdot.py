@@ -1,0 +1,197 @@
+"""The block kernels (kernel_ext.gguf.blockdot): products on GGUF's own blocks with 8-bit
+activations, checked against gguf-py's dequantisation; the C steps of the quantized layer
+against torch; the build, its cache and the fallback when no compiler is there."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
+
+from kernel_ext.gguf import blockdot
+
+_T = GGMLQuantizationType
+# where each type keeps its fp16 scale (and minimum), so random blocks get sane values there
+_HALVES = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,),
+           "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
+
+pytestmark = pytest.mark.skipif(blockdot.unavailable() is not None,
+                                reason=f"no block kernels here: {blockdot.unavailable()}")
+
+
+def _blocks(name: str, rows: int, k: int, seed: int = 0) -> np.ndarray:
+    """Random but valid blocks of every quant value (``(rows, row_bytes)`` uint8)."""
+    elems, nbytes = GGML_QUANT_SIZES[_T[name]]
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, size=(rows * k // elems, nbytes), dtype=np.uint8)
+    for at in _HALVES[name]:
+        half = (rng.uniform(-1, 1, size=raw.shape[0]) * 0.01).astype(np.float16)
+        raw[:, at:at + 2] = half.view(np.uint8).reshape(-1, 2)
+    return raw.reshape(rows, -1)
+
+
+def _weight(name: str, rows: int, k: int, seed: int = 0) -> tuple[blockdot.BlockWeight, torch.Tensor]:
+    raw = _blocks(name, rows, k, seed)
+    w = blockdot.BlockWeight(torch.from_numpy(raw.copy()), int(_T[name]), rows, k, name)
+    want = torch.from_numpy(quants.dequantize(raw, _T[name]).reshape(rows, k))
+    return w, want
+
+
+@pytest.mark.parametrize("name", sorted(_HALVES))
+@pytest.mark.parametrize("m", [1, 3, 11])  # 11: more rows than one pass over the weights takes
+def test_products_are_the_dequantised_blocks_times_the_int8_activations(name: str, m: int) -> None:
+    rows, k = 40, 512
+    w, want = _weight(name, rows, k, seed=m)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(1)) * 3
+    y = w(x)
+    assert y.shape == (m, rows) and y.dtype == torch.float32
+    xq = torch.stack([blockdot.q8_roundtrip(r) for r in x]).double()
+    ref = xq @ want.double().T
+    scale = xq.abs() @ want.double().abs().T
+    # integer block sums are exact; the float32 scaling and accumulation round a little
+    assert bool(((y.double() - ref).abs() <= 2.0**-18 * scale + 1e-12).all())
+    # and the products are those of the weight: within int8 rounding of the activations
+    exact = x.double() @ want.double().T
+    assert float((y.double() - exact).abs().max()) <= 0.02 * float(scale.max())
+
+
+@pytest.mark.parametrize("name", sorted(_HALVES))
+def test_rows_decode_to_gguf_pys_floats(name: str) -> None:
+    w, want = _weight(name, 24, 256, seed=5)
+    index = torch.tensor([3, 0, 23, 7])
+    torch.testing.assert_close(w.rows(index), want[index], rtol=2.0**-22, atol=0.0)
+    h = torch.randn(256)
+    got = w.rows_dot(h, index).double()
+    ref = want[index].double() @ h.double()
+    assert bool(((got - ref).abs() <= 2.0**-20 * (want[index].double().abs() @ h.double().abs())).all())
+
+
+def test_int8_activations_round_each_block_to_its_own_scale() -> None:
+    x = torch.randn(96) * torch.tensor([1.0, 100.0, 0.0]).repeat_interleave(32)
+    q = blockdot.q8_roundtrip(x)
+    for b in range(3):
+        xb, qb = x[32 * b:32 * b + 32], q[32 * b:32 * b + 32]
+        step = float(xb.abs().max()) / 127
+        assert float((qb - xb).abs().max()) <= step / 2 * (1 + 1e-6)
+    assert bool((q[64:] == 0).all())  # an all-zero block stays zero (no division by zero)
+
+
+def test_a_group_quantises_once_normalises_and_writes_side_by_side() -> None:
+    k = 256
+    a, wa = _weight("Q5_0", 48, k, seed=1)
+    b, wb = _weight("Q4_K", 20, k, seed=2)
+    group = blockdot.BlockGroup([a, b])
+    x = torch.randn(1, k)
+    plain = group(x, torch.get_num_threads()).clone()
+    assert plain.shape == (1, 68)
+    torch.testing.assert_close(plain, torch.cat([a(x), b(x)], dim=1), rtol=0, atol=0)
+    norm = torch.rand(k) + 0.5
+    got = group(x, 1, norm, 1e-6).clone()
+    xn = F.rms_norm(x, (k,), norm, 1e-6)
+    want = torch.cat([a(xn), b(xn)], dim=1)
+    scale = float((xn.abs() @ torch.cat([wa, wb]).abs().T).max())
+    assert float((got - want).abs().max()) <= scale / 127  # at most a flipped int8 rounding
+
+
+def test_layer_steps_equal_torch() -> None:
+    lib = blockdot.library()
+    torch.manual_seed(0)
+    heads, kv_heads, d, slots = 4, 2, 64, 10
+    # RMS norm with weight, then rotary (x * cos + roll(x, D/2) * sin, sin's first half negated)
+    x = torch.randn(heads, d)
+    w = torch.rand(d) + 0.5
+    cos, sin = torch.rand(d), torch.rand(d)
+    got = x.clone()
+    lib.bd_norm_rope(got.data_ptr(), heads, d, w.data_ptr(), 1e-6, cos.data_ptr(), sin.data_ptr())
+    n = F.rms_norm(x, (d,), w, 1e-6)
+    torch.testing.assert_close(got, n * cos + torch.roll(n, d // 2, -1) * sin, rtol=1e-5, atol=1e-6)
+    got = x.clone()
+    lib.bd_norm_rope(got.data_ptr(), heads, d, None, 0.0, cos.data_ptr(), sin.data_ptr())
+    torch.testing.assert_close(got, x * cos + torch.roll(x, d // 2, -1) * sin)
+    # attention of one query over keys [lo, hi), two query heads per key head
+    q = torch.randn(heads, d)
+    keys, values = torch.randn(1, kv_heads, slots, d), torch.randn(1, kv_heads, slots, d)
+    out = torch.empty(heads, d)
+    lib.bd_attend(q.data_ptr(), heads, kv_heads, d, keys.data_ptr(), values.data_ptr(), slots,
+                  2, 9, 0.125, out.data_ptr())
+    want = F.scaled_dot_product_attention(q.view(1, heads, 1, d), keys[:, :, 2:9], values[:, :, 2:9],
+                                          scale=0.125, enable_gqa=True)
+    torch.testing.assert_close(out, want.view(heads, d), rtol=1e-5, atol=1e-6)
+    # residual: h += rms_norm(a) * w, or h += a
+    h, a, wh = torch.randn(1, 96), torch.randn(1, 96), torch.rand(96)
+    got = h.clone()
+    lib.bd_add_norm(got.data_ptr(), a.data_ptr(), wh.data_ptr(), 96, 1e-6)
+    torch.testing.assert_close(got, h + F.rms_norm(a, (96,), wh, 1e-6), rtol=1e-5, atol=1e-6)
+    got = h.clone()
+    lib.bd_add_norm(got.data_ptr(), a.data_ptr(), None, 96, 0.0)
+    torch.testing.assert_close(got, h + a)
+
+
+def test_certificate_scans_equal_torch() -> None:
+    from kernel_ext.providers.head import _argmax_finite, _at_least
+
+    a = torch.randn(100_003)
+    a[777] = a[90_001] = float(a.max()) + 1  # equal maxima: the first one
+    assert _argmax_finite(a) == 777 == int(torch.argmax(a))
+    assert torch.equal(_at_least(a, 1.5), torch.nonzero(a >= 1.5).flatten())
+    assert _at_least(a, 1e9).numel() == 0
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        b = a.clone()
+        b[5] = bad
+        assert _argmax_finite(b) is None
+
+
+def test_shapes_and_types_the_kernels_do_not_take_are_refused() -> None:
+    assert blockdot.row_bytes(int(_T.Q4_K), 100) == 0  # not whole super-blocks
+    assert blockdot.row_bytes(int(_T.IQ4_NL), 256) == 0
+    assert blockdot.row_bytes(int(_T.F16), 256) == 0
+    with pytest.raises(ValueError, match="do not hold"):
+        blockdot.BlockWeight(torch.zeros(4, 10, dtype=torch.uint8), int(_T.Q8_0), 4, 64, "Q8_0")
+
+
+def _python(code: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False,
+                          env={**os.environ, **env}, timeout=300)
+
+
+def test_the_build_is_kept_per_cpu_and_compiler_and_reused(tmp_path: Path) -> None:
+    code = ("from kernel_ext.gguf import blockdot; import os; print(blockdot.unavailable()); "
+            "print(sorted(os.listdir(os.environ['KERNEL_EXT_CACHE'] + '/native')))")
+    first = _python(code, {"KERNEL_EXT_CACHE": str(tmp_path)})
+    assert first.returncode == 0, first.stderr
+    lines = first.stdout.split("\n")
+    assert lines[0] == "None" and "blockdot-" in lines[1] and ".so" in lines[1]
+    built = next((tmp_path / "native").glob("blockdot-*.so"))
+    stamp = built.stat().st_mtime_ns
+    again = _python(code, {"KERNEL_EXT_CACHE": str(tmp_path)})
+    assert again.stdout == first.stdout and built.stat().st_mtime_ns == stamp  # not rebuilt
+
+
+def test_without_a_compiler_quantized_decoding_keeps_torchs_int4_kernel(tmp_path: Path) -> None:
+    sys_path = str(Path(__file__).parent)
+    code = f"""
+import sys; sys.path.insert(0, {sys_path!r})
+from pathlib import Path
+from tinymodels import write_tiny_llama
+from kernel_ext.gguf import blockdot
+from kernel_ext.gguf.loader import load_transformers
+from kernel_ext.providers.decode import Source, prepare
+print(blockdot.unavailable())
+path = write_tiny_llama(Path({str(tmp_path)!r}) / "q8.gguf", quant="Q8_0", seed=1)
+ready = prepare(load_transformers(path).model, "quantized", source=Source(path))
+print(ready.mode, "|", ready.summary)
+"""
+    done = _python(code, {"KERNEL_EXT_CACHE": str(tmp_path), "CC": "/bin/false"})
+    assert done.returncode == 0, done.stderr
+    why, result = done.stdout.strip().split("\n")[-2:]
+    assert "failed" in why
+    assert result.startswith("quantized |") and "int4 from the file's blocks" in result
+    off = _python(code, {"KERNEL_EXT_BLOCKDOT": "0"})
+    assert "KERNEL_EXT_BLOCKDOT=0" in off.stdout and "int4 from the file's blocks" in off.stdout
