@@ -115,15 +115,24 @@ def test_layer_steps_equal_torch() -> None:
     got = x.clone()
     lib.bd_norm_rope(got.data_ptr(), heads, d, None, 0.0, cos.data_ptr(), sin.data_ptr())
     torch.testing.assert_close(got, x * cos + torch.roll(x, d // 2, -1) * sin)
-    # attention of one query over keys [lo, hi), two query heads per key head
+    # the new key and value stored at two slots (a doubled ring), then the attention of one
+    # query over slots [lo, hi), two query heads per key head
     q = torch.randn(heads, d)
     keys, values = torch.randn(1, kv_heads, slots, d), torch.randn(1, kv_heads, slots, d)
+    k_new, v_new = torch.randn(kv_heads, d), torch.randn(kv_heads, d)
     out = torch.empty(heads, d)
     lib.bd_attend(q.data_ptr(), heads, kv_heads, d, keys.data_ptr(), values.data_ptr(), slots,
-                  2, 9, 0.125, out.data_ptr())
+                  k_new.data_ptr(), v_new.data_ptr(), 3, 8, 2, 9, 0.125, out.data_ptr())
+    for at in (3, 8):
+        assert torch.equal(keys[0, :, at], k_new) and torch.equal(values[0, :, at], v_new)
     want = F.scaled_dot_product_attention(q.view(1, heads, 1, d), keys[:, :, 2:9], values[:, :, 2:9],
                                           scale=0.125, enable_gqa=True)
     torch.testing.assert_close(out, want.view(heads, d), rtol=1e-5, atol=1e-6)
+    before = keys.clone()
+    lib.bd_attend(q.data_ptr(), heads, kv_heads, d, keys.data_ptr(), values.data_ptr(), slots,
+                  k_new.data_ptr(), v_new.data_ptr(), 0, -1, 0, 1, 0.125, out.data_ptr())
+    assert torch.equal(keys[0, :, 0], k_new) and torch.equal(keys[:, :, 1:], before[:, :, 1:])
+    torch.testing.assert_close(out.view(kv_heads, 2, d), v_new[:, None].expand(kv_heads, 2, d))
     # residual: h += rms_norm(a) * w, or h += a
     h, a, wh = torch.randn(1, 96), torch.randn(1, 96), torch.rand(96)
     got = h.clone()

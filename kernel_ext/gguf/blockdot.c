@@ -239,10 +239,21 @@ void bd_norm_rope(float *x, int heads, int D, const float *w, float eps, const f
     }
 }
 
-/* one query position: out (heads x D) = softmax(q . K^T * scale) V over keys [lo, hi) of the
- * cache (kv_heads x slots x D, one query-head group per key head) */
-void bd_attend(const float *q, int heads, int kv_heads, int D, const float *keys,
-               const float *values, long slots, int lo, int hi, float scale, float *out) {
+/* one query position: the new key and value (kv_heads x D each) are stored at slot `at` of
+ * the cache (kv_heads x slots x D; and at slot `at2` too when >= 0: a sliding window's doubled
+ * ring), then out (heads x D) = softmax(q . K^T * scale) V over slots [lo, hi), one query-head
+ * group per key head */
+void bd_attend(const float *q, int heads, int kv_heads, int D, float *keys, float *values,
+               long slots, const float *k_new, const float *v_new, int at, int at2, int lo,
+               int hi, float scale, float *out) {
+    for (int g = 0; g < kv_heads; g++) {
+        for (int c = 0; c < 2; c++) {
+            int slot = c ? at2 : at;
+            if (slot < 0) continue;
+            memcpy(keys + ((long)g * slots + slot) * D, k_new + (long)g * D, sizeof(float) * D);
+            memcpy(values + ((long)g * slots + slot) * D, v_new + (long)g * D, sizeof(float) * D);
+        }
+    }
     int group = heads / kv_heads, n = hi - lo;
     float w[n > 0 ? n : 1];
     for (int h = 0; h < heads; h++) {
@@ -307,6 +318,39 @@ long bd_select_ge(const float *a, long n, float t, long *out, long cap) {
     return c;
 }
 
+/* the certificate's rows: among the r with a[r] >= t, those whose bound
+ * a[r] + u |a[r]| + cw wn[r] + ce en[r] (in double) reaches thr, ascending, at most cap written
+ * to out; their count is returned, *ncand counts the r with a[r] >= t and *outside is the largest
+ * bound of those that did not reach thr (-inf: none) */
+long bd_cert_rows(const float *a, long n, float t, const float *wn, const float *en, double u,
+                  double cw, double ce, double thr, long *out, long cap, long *ncand,
+                  double *outside) {
+    long c = 0, nc = 0;
+    double out_max = -INFINITY;
+    long i = 0;
+    for (; i < n; i += 16) {
+        int any = 0, m = n - i < 16 ? (int)(n - i) : 16;
+        #pragma omp simd reduction(|:any)
+        for (int j = 0; j < m; j++) any |= a[i + j] >= t;
+        if (!any) continue;
+        for (int j = 0; j < m; j++) {
+            long r = i + j;
+            if (!(a[r] >= t)) continue;
+            nc++;
+            double v = a[r], bound = v + u * fabs(v) + cw * wn[r] + ce * en[r];
+            if (bound >= thr) {
+                if (c < cap) out[c] = r;
+                c++;
+            } else if (bound > out_max) {
+                out_max = bound;
+            }
+        }
+    }
+    *ncand = nc;
+    *outside = out_max;
+    return c;
+}
+
 /* ---- whole rows in float32 (the certificate's exact rows) ---------------------------------- */
 static inline void dequant_row(int type, const uint8_t *row, int K, float *out) {
     for (int b = 0; b < K / QK; b++) {
@@ -328,8 +372,9 @@ void bd_rows_dequant(int type, const uint8_t *W, long row_bytes, int K, const lo
 /* out[r] = h . row rows[r] of W, in float32 */
 void bd_rows_dot(int type, const uint8_t *W, long row_bytes, int K, const long *rows, long n,
                  const float *h, float *out) {
-    float v[K];
+    #pragma omp parallel for schedule(static) if (n >= 256)
     for (long r = 0; r < n; r++) {
+        float v[K];
         dequant_row(type, W + rows[r] * row_bytes, K, v);
         float s = 0.0f;
         #pragma omp simd reduction(+:s)
@@ -466,6 +511,80 @@ static inline __attribute__((always_inline)) __m256i k_values(int type, const ui
     return q;
 }
 
+/* one activation row (a decode step): the accumulators stay in registers, and two blocks at a
+ * time feed two independent chains of multiply-adds */
+static inline __attribute__((always_inline)) void rows_one(
+        int type, const uint8_t *W, long row_bytes, int K, int r0, int r1,
+        const int8_t *q, const float *d, const int32_t *s, float *y) {
+    int nb = K / QK;
+    int has_min = type == T_Q4_1 || type == T_Q5_1 || type == T_Q4_K || type == T_Q5_K;
+    for (int r = r0; r < r1; r++) {
+        const uint8_t *row = W + (long)r * row_bytes;
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+        float mins = 0.0f;
+        if (type == T_Q4_K || type == T_Q5_K || type == T_Q6_K) {
+            int sb_bytes = type == T_Q4_K ? 144 : (type == T_Q5_K ? 176 : 210);
+            for (int sb = 0; sb < nb / 8; sb++) {
+                const uint8_t *p = row + (long)sb * sb_bytes;
+                float sc[16], mn[8];
+                if (type == T_Q6_K) {
+                    const int8_t *s6 = (const int8_t *)(p + 192);
+                    float d6 = h2f(p + 208);
+                    for (int i = 0; i < 16; i++) sc[i] = d6 * (float)s6[i];
+                } else {
+                    k_scales(p, sc, mn);
+                }
+                for (int j = 0; j < 8; j += 2) {
+                    int b = sb * 8 + j;
+                    __m256i w0 = k_values(type, p, j), w1 = k_values(type, p, j + 1);
+                    __m256 s0, s1;
+                    if (type == T_Q6_K) {
+                        int at = (j / 4) * 8 + 2 * (j % 4);
+                        s0 = _mm256_setr_m128(_mm_set1_ps(sc[at]), _mm_set1_ps(sc[at + 1]));
+                        s1 = _mm256_setr_m128(_mm_set1_ps(sc[at + 2]), _mm_set1_ps(sc[at + 3]));
+                    } else {
+                        s0 = _mm256_set1_ps(sc[j]);
+                        s1 = _mm256_set1_ps(sc[j + 1]);
+                    }
+                    __m256i x0 = _mm256_loadu_si256((const __m256i *)(q + b * QK));
+                    __m256i x1 = _mm256_loadu_si256((const __m256i *)(q + (b + 1) * QK));
+                    a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot8(w0, x0)),
+                                         _mm256_mul_ps(s0, _mm256_set1_ps(d[b])), a0);
+                    a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot8(w1, x1)),
+                                         _mm256_mul_ps(s1, _mm256_set1_ps(d[b + 1])), a1);
+                    if (has_min)
+                        mins += mn[j] * d[b] * (float)s[b] + mn[j + 1] * d[b + 1] * (float)s[b + 1];
+                }
+            }
+        } else {
+            int b = 0;
+            for (; b + 1 < nb; b += 2) {
+                __m256 s0, s1;
+                float m0, m1;
+                __m256i w0 = load_block(type, row, b, &s0, &m0);
+                __m256i w1 = load_block(type, row, b + 1, &s1, &m1);
+                __m256i x0 = _mm256_loadu_si256((const __m256i *)(q + b * QK));
+                __m256i x1 = _mm256_loadu_si256((const __m256i *)(q + (b + 1) * QK));
+                a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot8(w0, x0)),
+                                     _mm256_mul_ps(s0, _mm256_set1_ps(d[b])), a0);
+                a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot8(w1, x1)),
+                                     _mm256_mul_ps(s1, _mm256_set1_ps(d[b + 1])), a1);
+                if (has_min) mins += m0 * d[b] * (float)s[b] + m1 * d[b + 1] * (float)s[b + 1];
+            }
+            for (; b < nb; b++) {
+                __m256 s0;
+                float m0;
+                __m256i w0 = load_block(type, row, b, &s0, &m0);
+                __m256i x0 = _mm256_loadu_si256((const __m256i *)(q + b * QK));
+                a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot8(w0, x0)),
+                                     _mm256_mul_ps(s0, _mm256_set1_ps(d[b])), a0);
+                if (has_min) mins += m0 * d[b] * (float)s[b];
+            }
+        }
+        y[r] = hsum(_mm256_add_ps(a0, a1)) + mins;
+    }
+}
+
 static inline __attribute__((always_inline)) void rows_typed(
         int type, const uint8_t *W, long row_bytes, int K, int r0, int r1,
         const int8_t *q, const float *d, const int32_t *s, int M, float *y, long ldy) {
@@ -473,6 +592,10 @@ static inline __attribute__((always_inline)) void rows_typed(
     int kq = type == T_Q4_K || type == T_Q5_K || type == T_Q6_K;
     int has_min = type == T_Q4_1 || type == T_Q5_1 || type == T_Q4_K || type == T_Q5_K;
     int sb_bytes = type == T_Q4_K ? 144 : (type == T_Q5_K ? 176 : 210);
+    if (M == 1) { /* decoding: registers only, two independent chains per row */
+        rows_one(type, W, row_bytes, K, r0, r1, q, d, s, y);
+        return;
+    }
     for (int r = r0; r < r1; r++) {
         const uint8_t *row = W + (long)r * row_bytes;
         __m256 acc[MAXM];
@@ -632,4 +755,4 @@ int bd_matmul(int type, const uint8_t *W, long row_bytes, int N, int K,
     return bd_matmul_n(1, &type, &W, &row_bytes, &N, K, x, M, &y, &ldy, threads, NULL, 0.0f);
 }
 
-int bd_version(void) { return 4; }
+int bd_version(void) { return 6; }

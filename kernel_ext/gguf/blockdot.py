@@ -53,7 +53,7 @@ SUPPORTED: frozenset[int] = frozenset(int(t) for t in (
 """GGUF types the products compute from their blocks."""
 
 _SOURCE = Path(__file__).with_name("blockdot.c")
-_VERSION = 4  # bd_version() of the source
+_VERSION = 6  # bd_version() of the source
 _lock = threading.Lock()
 _state: dict[str, Any] = {}  # "lib" or "why"
 
@@ -139,12 +139,15 @@ def _load() -> ctypes.CDLL:
     lib.bd_add_norm.restype = None
     lib.bd_norm_rope.argtypes = [p, i, i, p, f, p, p]
     lib.bd_norm_rope.restype = None
-    lib.bd_attend.argtypes = [p, i, i, i, p, p, lng, i, i, f, p]
+    lib.bd_attend.argtypes = [p, i, i, i, p, p, lng, p, p, i, i, i, i, f, p]
     lib.bd_attend.restype = None
     lib.bd_scan.argtypes = [p, lng, p, p]
     lib.bd_scan.restype = lng
     lib.bd_select_ge.argtypes = [p, lng, f, p, lng]
     lib.bd_select_ge.restype = lng
+    d = ctypes.c_double
+    lib.bd_cert_rows.argtypes = [p, lng, f, p, p, d, d, d, d, p, lng, p, p]
+    lib.bd_cert_rows.restype = lng
     lib.bd_rows_dequant.argtypes = [i, p, lng, i, p, lng, p]
     lib.bd_rows_dequant.restype = None
     lib.bd_rows_dot.argtypes = [i, p, lng, i, p, lng, p, p]

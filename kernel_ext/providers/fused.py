@@ -363,9 +363,12 @@ class FusedDecoder:
             qp = qkv.data_ptr()
             lib.bd_norm_rope(qp, heads, d, blk.q_norm, eps, cp, sp)
             lib.bd_norm_rope(qp + 4 * layer.q_dim, kv_heads, d, blk.k_norm, eps, cp, sp)
-            keys, values, lo, hi = state.write(li, p, blk.k, blk.v)
+            keys, values = state.keys[li], state.values[li]
+            at, at2 = state.slots(li, p)
+            lo, hi = state._range(li, p)
             lib.bd_attend(qp, heads, kv_heads, d, keys.data_ptr(), values.data_ptr(),
-                          int(keys.shape[2]), lo, hi, layer.scaling, blk.attn.data_ptr())
+                          int(keys.shape[2]), qp + 4 * layer.q_dim, qp + 4 * (layer.q_dim + layer.kv_dim),
+                          at, at2, lo, hi, layer.scaling, blk.attn.data_ptr())
             o = blk.o(blk.attn, threads)
             lib.bd_add_norm(hp, o.data_ptr(), blk.post_attn_norm, hidden, eps)
             gu = blk.gate_up(h, threads, layer.ff_norm, eps)
@@ -386,8 +389,6 @@ class _BlockLayer:
     gate_up: Any
     down: Any
     ff: int  # the MLP's width
-    k: torch.Tensor  # (kv_heads, D) views of qkv's output
-    v: torch.Tensor
     attn: torch.Tensor  # (1, heads * D): the attention's output
     qkv_bias: torch.Tensor | None
     q_norm: int | None  # pointers to float32 norm weights (None: no norm)
@@ -419,8 +420,7 @@ def _block_layers(base: Any, int4: dict[Any, Any]) -> list[_BlockLayer] | None:
         if any(b is not None for b in biases):
             bias = torch.cat([b.detach().float() if b is not None else torch.zeros(m.out_features)
                               for b, m in zip(biases, mods[:3])])[None]
-        qd, kvd = attn.q_proj.out_features, attn.k_proj.out_features
-        d = int(attn.head_dim)
+        qd = attn.q_proj.out_features
         norms = []
         for mod in (getattr(attn, "q_norm", None), getattr(attn, "k_norm", None),
                     layer.post_attention_layernorm if gemma else None,
@@ -430,8 +430,6 @@ def _block_layers(base: Any, int4: dict[Any, Any]) -> list[_BlockLayer] | None:
         out.append(_BlockLayer(
             qkv=qkv, o=BlockGroup(ws[3:4]), gate_up=BlockGroup(ws[4:6]), down=BlockGroup(ws[6:]),
             ff=mlp.gate_proj.out_features,
-            k=qkv.out[0, qd:qd + kvd].view(kvd // d, d),
-            v=qkv.out[0, qd + kvd:qd + 2 * kvd].view(kvd // d, d),
             attn=torch.empty(1, qd), qkv_bias=bias,
             q_norm=None if norms[0] is None else norms[0].data_ptr(),
             k_norm=None if norms[1] is None else norms[1].data_ptr(),
@@ -535,6 +533,14 @@ class FusedState:
         else:
             keys[0, :, p] = k
             values[0, :, p] = v
+
+    def slots(self, li: int, p: int) -> tuple[int, int]:
+        """Where position ``p``'s key and value go in layer ``li``'s buffers: a slot, and a
+        second one for a doubled ring (else -1), as :meth:`_put` stores them."""
+        window = self.plan.layers[li].window
+        if window is not None and self.keys[li].shape[2] != self.capacity:
+            return p % window, p % window + window
+        return p, -1
 
     def write(self, li: int, p: int, k: torch.Tensor, v: torch.Tensor
               ) -> tuple[torch.Tensor, torch.Tensor, int, int]:

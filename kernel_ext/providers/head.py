@@ -320,6 +320,31 @@ def _at_least(a: torch.Tensor, t: float) -> torch.Tensor:
     return out[:n]
 
 
+def _bounded_rows(a: torch.Tensor, t: float, screen: Screen, c_w: float, c_e: float, thr: float
+                  ) -> tuple[torch.Tensor, int, float]:
+    """The rows ``r`` with ``a_r >= t`` whose bound ``a_r + u|a_r| + c_w |W_r| + c_e
+    |W_r - Q_r|`` reaches ``thr`` (ascending), the number with ``a_r >= t``, and the largest
+    bound of those under ``thr`` (-inf: none). In C where the block kernels run (one pass,
+    bounds in double), else with torch (float32 bounds)."""
+    lib = _scans()
+    if lib is None or not (a.is_contiguous() and screen.w_norm.is_contiguous()
+                           and screen.err_norm.is_contiguous()):
+        cand = _at_least(a, t)
+        ac = a[cand]
+        upper = ac.abs().mul_(_U_BF16).add_(ac)
+        upper.add_(screen.w_norm[cand], alpha=c_w).add_(screen.err_norm[cand], alpha=c_e)
+        must = upper >= thr
+        below = float(upper.masked_fill(must, -math.inf).max()) if cand.numel() else -math.inf
+        return cand[must], int(cand.numel()), below
+    n = a.numel()
+    out = torch.empty(n, dtype=torch.int64)  # pages are touched only where written
+    n_cand, below = ctypes.c_long(), ctypes.c_double()
+    count = lib.bd_cert_rows(a.data_ptr(), n, t, screen.w_norm.data_ptr(),
+                             screen.err_norm.data_ptr(), _U_BF16, c_w, c_e, thr, out.data_ptr(),
+                             n, ctypes.byref(n_cand), ctypes.byref(below))
+    return out[:count], int(n_cand.value), float(below.value)
+
+
 class Head:
     """The model's LM head (a bias-free linear, optionally soft-capped), recomputed here.
 
@@ -414,12 +439,9 @@ class Head:
         y = thr - gap - s_max
         t = y / (1 + _U_BF16) if y >= 0 else y / (1 - _U_BF16)
         t -= 1e-6 * (1 + abs(t))  # the comparison's own rounding: keep more rows, never fewer
-        cand = _at_least(a, t)
-        ac = a[cand]
-        upper = ac.abs().mul_(_U_BF16).add_(ac)
-        upper.add_(screen.w_norm[cand], alpha=c_w).add_(screen.err_norm[cand], alpha=c_e)
-        must = upper >= thr
-        rows = cand[must]  # ascending: argmax keeps the lowest id on ties
+        # rows (ascending: argmax keeps the lowest id on ties), how many passed the prefilter,
+        # and the largest bound among those that stayed under thr
+        rows, n_cand, below = _bounded_rows(a, t, screen, c_w, c_e, thr)
         if not 0 < rows.numel() <= self.max_exact:
             return None
         raw = self._exact(h, rows)
@@ -430,10 +452,10 @@ class Head:
         if not math.isfinite(b_raw):
             return None
         outside = -math.inf  # an upper bound on every row not computed exactly
-        if cand.numel() < a.numel():
+        if n_cand < a.numel():
             outside = thr - gap
-        if rows.numel() < cand.numel():
-            outside = max(outside, float(upper.masked_fill(must, -math.inf).max()))
+        if rows.numel() < n_cand:
+            outside = max(outside, below)
         # the model's own value of the best row is at least b_raw - margin
         if self.softcap is None:
             if not b_raw - margin > outside:
