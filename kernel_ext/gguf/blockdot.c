@@ -49,9 +49,17 @@ static inline float fp16(const uint8_t *p) {
 }
 
 /* ---- activations ------------------------------------------------------------------------- */
-/* x (K floats) -> q (K int8), d (K/32 floats), s (K/32 int32: the sum of each block's q) */
+/* Each block of 32 values is rounded to int8 twice: q1 with the scale d = max|x|/127 (llama.cpp's
+ * Q8_0), then the remainder x - d q1 (at most d/2) as q2 with the scale d/254. The products are
+ * exact integer sums for each level, so the activations count with ~16 bits (an error of at most
+ * max|x| / 64516 per value) for one more multiply-add per block. */
+#define LEVEL2 (1.0f / 254.0f)
+
+/* x (K floats) -> q (2K int8: q1 then q2), d (K/32 floats), s (2 K/32 int32: the sums of each
+ * block's q1, then of its q2) */
 static void quantize_row(const float *x, int K, int8_t *q, float *d, int32_t *s) {
-    for (int b = 0; b < K / QK; b++) {
+    int nb = K / QK;
+    for (int b = 0; b < nb; b++) {
         const float *xb = x + b * QK;
         float amax = 0.0f;
         for (int i = 0; i < QK; i++) {
@@ -59,25 +67,32 @@ static void quantize_row(const float *x, int K, int8_t *q, float *d, int32_t *s)
             amax = a > amax ? a : amax;
         }
         float scale = amax / 127.0f, inv = scale > 0.0f ? 1.0f / scale : 0.0f;
-        int32_t sum = 0;
+        float scale2 = scale * LEVEL2, inv2 = scale2 > 0.0f ? 1.0f / scale2 : 0.0f;
+        int32_t sum = 0, sum2 = 0;
         for (int i = 0; i < QK; i++) {
             int v = (int)nearbyintf(xb[i] * inv);
             v = v > 127 ? 127 : (v < -127 ? -127 : v);
+            int v2 = (int)nearbyintf((xb[i] - scale * (float)v) * inv2);
+            v2 = v2 > 127 ? 127 : (v2 < -127 ? -127 : v2);
             q[b * QK + i] = (int8_t)v;
+            q[K + b * QK + i] = (int8_t)v2;
             sum += v;
+            sum2 += v2;
         }
         d[b] = scale;
         s[b] = sum;
+        s[nb + b] = sum2;
     }
 }
 
-/* the activations as the products see them: d * q (for error bounds) */
+/* the activations as the products see them: d q1 + (d / 254) q2 (for error bounds and tests) */
 void bd_q8_roundtrip(const float *x, int K, float *out) {
-    int8_t q[K];
+    int8_t q[2 * K];
     float d[K / QK];
-    int32_t s[K / QK];
+    int32_t s[2 * (K / QK)];
     quantize_row(x, K, q, d, s);
-    for (int i = 0; i < K; i++) out[i] = d[i / QK] * (float)q[i];
+    for (int i = 0; i < K; i++)
+        out[i] = d[i / QK] * (float)q[i] + (d[i / QK] * LEVEL2) * (float)q[K + i];
 }
 
 /* ---- one 32-value block: 16 int32 lanes of pairwise products -------------------------------- */
@@ -178,6 +193,9 @@ static inline void unpack(int type, const uint8_t *row, int b, blk *o) {
         o->two = 1;
         break;
     }
+    default: /* not reached: types are checked before (bd_row_bytes) */
+        memset(o, 0, sizeof *o);
+        break;
     }
 }
 
@@ -511,16 +529,29 @@ static inline __attribute__((always_inline)) __m256i k_values(int type, const ui
     return q;
 }
 
-/* one activation row (a decode step): the accumulators stay in registers, and two blocks at a
- * time feed two independent chains of multiply-adds */
-static inline __attribute__((always_inline)) void rows_one(
+/* a block's two products (w times q1 and q2 of activation block b) into the chains A and B,
+ * both scaled by the block's scale times d (B is divided by 254 at the end) */
+#define ACC2(w, scv, b, A, B) do { \
+        __m256i x1_ = _mm256_loadu_si256((const __m256i *)(qm + (b) * QK)); \
+        __m256i x2_ = _mm256_loadu_si256((const __m256i *)(qm + K + (b) * QK)); \
+        __m256 f_ = _mm256_mul_ps((scv), _mm256_set1_ps(dm[b])); \
+        (A) = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot8((w), x1_)), f_, (A)); \
+        (B) = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot8((w), x2_)), f_, (B)); \
+    } while (0)
+
+/* a block's offset (the minimum of Q4_1, Q5_1, Q4_K, Q5_K) times the activation block's sum */
+#define MIN2(minv, b) ((minv) * dm[b] * ((float)sm[b] + LEVEL2 * (float)sm[nb + (b)]))
+
+/* rows [r0, r1) of W times activation row m: y[r] */
+static inline __attribute__((always_inline)) void rows_typed(
         int type, const uint8_t *W, long row_bytes, int K, int r0, int r1,
-        const int8_t *q, const float *d, const int32_t *s, float *y) {
+        const int8_t *qm, const float *dm, const int32_t *sm, float *y) {
     int nb = K / QK;
     int has_min = type == T_Q4_1 || type == T_Q5_1 || type == T_Q4_K || type == T_Q5_K;
     for (int r = r0; r < r1; r++) {
         const uint8_t *row = W + (long)r * row_bytes;
-        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+        __m256 a0 = _mm256_setzero_ps(), b0 = _mm256_setzero_ps();
+        __m256 a1 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps();
         float mins = 0.0f;
         if (type == T_Q4_K || type == T_Q5_K || type == T_Q6_K) {
             int sb_bytes = type == T_Q4_K ? 144 : (type == T_Q5_K ? 176 : 210);
@@ -546,14 +577,9 @@ static inline __attribute__((always_inline)) void rows_one(
                         s0 = _mm256_set1_ps(sc[j]);
                         s1 = _mm256_set1_ps(sc[j + 1]);
                     }
-                    __m256i x0 = _mm256_loadu_si256((const __m256i *)(q + b * QK));
-                    __m256i x1 = _mm256_loadu_si256((const __m256i *)(q + (b + 1) * QK));
-                    a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot8(w0, x0)),
-                                         _mm256_mul_ps(s0, _mm256_set1_ps(d[b])), a0);
-                    a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot8(w1, x1)),
-                                         _mm256_mul_ps(s1, _mm256_set1_ps(d[b + 1])), a1);
-                    if (has_min)
-                        mins += mn[j] * d[b] * (float)s[b] + mn[j + 1] * d[b + 1] * (float)s[b + 1];
+                    ACC2(w0, s0, b, a0, b0);
+                    ACC2(w1, s1, b + 1, a1, b1);
+                    if (has_min) mins += MIN2(mn[j], b) + MIN2(mn[j + 1], b + 1);
                 }
             }
         } else {
@@ -563,104 +589,45 @@ static inline __attribute__((always_inline)) void rows_one(
                 float m0, m1;
                 __m256i w0 = load_block(type, row, b, &s0, &m0);
                 __m256i w1 = load_block(type, row, b + 1, &s1, &m1);
-                __m256i x0 = _mm256_loadu_si256((const __m256i *)(q + b * QK));
-                __m256i x1 = _mm256_loadu_si256((const __m256i *)(q + (b + 1) * QK));
-                a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot8(w0, x0)),
-                                     _mm256_mul_ps(s0, _mm256_set1_ps(d[b])), a0);
-                a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot8(w1, x1)),
-                                     _mm256_mul_ps(s1, _mm256_set1_ps(d[b + 1])), a1);
-                if (has_min) mins += m0 * d[b] * (float)s[b] + m1 * d[b + 1] * (float)s[b + 1];
+                ACC2(w0, s0, b, a0, b0);
+                ACC2(w1, s1, b + 1, a1, b1);
+                if (has_min) mins += MIN2(m0, b) + MIN2(m1, b + 1);
             }
             for (; b < nb; b++) {
                 __m256 s0;
                 float m0;
                 __m256i w0 = load_block(type, row, b, &s0, &m0);
-                __m256i x0 = _mm256_loadu_si256((const __m256i *)(q + b * QK));
-                a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot8(w0, x0)),
-                                     _mm256_mul_ps(s0, _mm256_set1_ps(d[b])), a0);
-                if (has_min) mins += m0 * d[b] * (float)s[b];
+                ACC2(w0, s0, b, a0, b0);
+                if (has_min) mins += MIN2(m0, b);
             }
         }
-        y[r] = hsum(_mm256_add_ps(a0, a1)) + mins;
+        y[r] = hsum(_mm256_add_ps(a0, a1)) + LEVEL2 * hsum(_mm256_add_ps(b0, b1)) + mins;
     }
 }
 
-static inline __attribute__((always_inline)) void rows_typed(
+/* rows [r0, r1) of W (N rows of `row_bytes`) times M quantised activation rows (q: 2K values a
+ * row, d: K/32, s: 2 K/32); the weights of a tile stay in cache across the rows of activations */
+static inline __attribute__((always_inline)) void rows_m(
         int type, const uint8_t *W, long row_bytes, int K, int r0, int r1,
         const int8_t *q, const float *d, const int32_t *s, int M, float *y, long ldy) {
     int nb = K / QK;
-    int kq = type == T_Q4_K || type == T_Q5_K || type == T_Q6_K;
-    int has_min = type == T_Q4_1 || type == T_Q5_1 || type == T_Q4_K || type == T_Q5_K;
-    int sb_bytes = type == T_Q4_K ? 144 : (type == T_Q5_K ? 176 : 210);
-    if (M == 1) { /* decoding: registers only, two independent chains per row */
-        rows_one(type, W, row_bytes, K, r0, r1, q, d, s, y);
-        return;
-    }
-    for (int r = r0; r < r1; r++) {
-        const uint8_t *row = W + (long)r * row_bytes;
-        __m256 acc[MAXM];
-        float mins[MAXM];
-        for (int m = 0; m < M; m++) { acc[m] = _mm256_setzero_ps(); mins[m] = 0.0f; }
-        if (kq) {
-            for (int sb = 0; sb < nb / 8; sb++) {
-                const uint8_t *p = row + (long)sb * sb_bytes;
-                float sc[16], mn[8];
-                if (type == T_Q6_K) {
-                    const int8_t *s6 = (const int8_t *)(p + 192);
-                    float d6 = h2f(p + 208);
-                    for (int i = 0; i < 16; i++) sc[i] = d6 * (float)s6[i];
-                } else {
-                    k_scales(p, sc, mn);
-                }
-                for (int j = 0; j < 8; j++) {
-                    int b = sb * 8 + j;
-                    __m256i w = k_values(type, p, j);
-                    __m256 scv;
-                    if (type == T_Q6_K) {
-                        int at = (j / 4) * 8 + 2 * (j % 4);
-                        scv = _mm256_setr_m128(_mm_set1_ps(sc[at]), _mm_set1_ps(sc[at + 1]));
-                    } else {
-                        scv = _mm256_set1_ps(sc[j]);
-                    }
-                    for (int m = 0; m < M; m++) {
-                        __m256i x = _mm256_loadu_si256((const __m256i *)(q + (long)m * K + b * QK));
-                        float dx = d[(long)m * nb + b];
-                        __m256 pr = _mm256_cvtepi32_ps(dot8(w, x));
-                        acc[m] = _mm256_fmadd_ps(pr, _mm256_mul_ps(scv, _mm256_set1_ps(dx)), acc[m]);
-                        if (has_min) mins[m] += mn[j] * dx * (float)s[(long)m * nb + b];
-                    }
-                }
-            }
-        } else {
-            for (int b = 0; b < nb; b++) {
-                __m256 sc;
-                float minv;
-                __m256i w = load_block(type, row, b, &sc, &minv);
-                for (int m = 0; m < M; m++) {
-                    __m256i x = _mm256_loadu_si256((const __m256i *)(q + (long)m * K + b * QK));
-                    float dx = d[(long)m * nb + b];
-                    __m256 pr = _mm256_cvtepi32_ps(dot8(w, x));
-                    acc[m] = _mm256_fmadd_ps(pr, _mm256_mul_ps(sc, _mm256_set1_ps(dx)), acc[m]);
-                    if (has_min) mins[m] += minv * dx * (float)s[(long)m * nb + b];
-                }
-            }
-        }
-        for (int m = 0; m < M; m++) y[(long)m * ldy + r] = hsum(acc[m]) + mins[m];
-    }
+    for (int m = 0; m < M; m++)
+        rows_typed(type, W, row_bytes, K, r0, r1, q + (long)m * 2 * K, d + (long)m * nb,
+                   s + (long)m * 2 * nb, y + (long)m * ldy);
 }
 
 static void rows_times(int type, const uint8_t *W, long row_bytes, int K, int r0, int r1,
                        const int8_t *q, const float *d, const int32_t *s, int M,
                        float *y, long ldy) {
     switch (type) { /* one specialised loop per type */
-    case T_Q4_0: rows_typed(T_Q4_0, W, row_bytes, K, r0, r1, q, d, s, M, y, ldy); break;
-    case T_Q4_1: rows_typed(T_Q4_1, W, row_bytes, K, r0, r1, q, d, s, M, y, ldy); break;
-    case T_Q5_0: rows_typed(T_Q5_0, W, row_bytes, K, r0, r1, q, d, s, M, y, ldy); break;
-    case T_Q5_1: rows_typed(T_Q5_1, W, row_bytes, K, r0, r1, q, d, s, M, y, ldy); break;
-    case T_Q8_0: rows_typed(T_Q8_0, W, row_bytes, K, r0, r1, q, d, s, M, y, ldy); break;
-    case T_Q4_K: rows_typed(T_Q4_K, W, row_bytes, K, r0, r1, q, d, s, M, y, ldy); break;
-    case T_Q5_K: rows_typed(T_Q5_K, W, row_bytes, K, r0, r1, q, d, s, M, y, ldy); break;
-    case T_Q6_K: rows_typed(T_Q6_K, W, row_bytes, K, r0, r1, q, d, s, M, y, ldy); break;
+    case T_Q4_0: rows_m(T_Q4_0, W, row_bytes, K, r0, r1, q, d, s, M, y, ldy); break;
+    case T_Q4_1: rows_m(T_Q4_1, W, row_bytes, K, r0, r1, q, d, s, M, y, ldy); break;
+    case T_Q5_0: rows_m(T_Q5_0, W, row_bytes, K, r0, r1, q, d, s, M, y, ldy); break;
+    case T_Q5_1: rows_m(T_Q5_1, W, row_bytes, K, r0, r1, q, d, s, M, y, ldy); break;
+    case T_Q8_0: rows_m(T_Q8_0, W, row_bytes, K, r0, r1, q, d, s, M, y, ldy); break;
+    case T_Q4_K: rows_m(T_Q4_K, W, row_bytes, K, r0, r1, q, d, s, M, y, ldy); break;
+    case T_Q5_K: rows_m(T_Q5_K, W, row_bytes, K, r0, r1, q, d, s, M, y, ldy); break;
+    case T_Q6_K: rows_m(T_Q6_K, W, row_bytes, K, r0, r1, q, d, s, M, y, ldy); break;
     }
 }
 
@@ -673,32 +640,31 @@ static void rows_times(int type, const uint8_t *W, long row_bytes, int K, int r0
     int nb = K / QK;
     for (int r = r0; r < r1; r++) {
         const uint8_t *row = W + (long)r * row_bytes;
-        float acc[MAXM][16];
-        float mins[MAXM];
-        memset(acc, 0, sizeof(acc));
-        memset(mins, 0, sizeof(mins));
-        for (int b = 0; b < nb; b++) {
-            blk k;
-            unpack(type, row, b, &k);
-            for (int m = 0; m < M; m++) {
-                int32_t p[16];
-                const int8_t *xq = q + (long)m * K + b * QK;
-                float dx = d[(long)m * nb + b];
-                pairs(k.w, xq, p);
-                if (k.two) {
-                    float sa = k.scale * dx, sb = k.scale2 * dx;
-                    for (int j = 0; j < 8; j++) acc[m][j] += (float)p[j] * sa;
-                    for (int j = 8; j < 16; j++) acc[m][j] += (float)p[j] * sb;
-                } else {
-                    acc16(acc[m], p, k.scale * dx);
-                }
-                mins[m] += k.minv * dx * (float)s[(long)m * nb + b];
-            }
-        }
         for (int m = 0; m < M; m++) {
-            float t = 0.0f;
-            for (int j = 0; j < 16; j++) t += acc[m][j];
-            y[(long)m * ldy + r] = t + mins[m];
+            const int8_t *qm = q + (long)m * 2 * K;
+            const float *dm = d + (long)m * nb;
+            const int32_t *sm = s + (long)m * 2 * nb;
+            float acc[2][16], mins = 0.0f;
+            memset(acc, 0, sizeof(acc));
+            for (int b = 0; b < nb; b++) {
+                blk k;
+                unpack(type, row, b, &k);
+                for (int level = 0; level < 2; level++) {
+                    int32_t p[16];
+                    pairs(k.w, qm + level * K + b * QK, p);
+                    if (k.two) {
+                        float sa = k.scale * dm[b], sb = k.scale2 * dm[b];
+                        for (int j = 0; j < 8; j++) acc[level][j] += (float)p[j] * sa;
+                        for (int j = 8; j < 16; j++) acc[level][j] += (float)p[j] * sb;
+                    } else {
+                        acc16(acc[level], p, k.scale * dm[b]);
+                    }
+                }
+                mins += k.minv * dm[b] * ((float)sm[b] + LEVEL2 * (float)sm[nb + b]);
+            }
+            float t0 = 0.0f, t1 = 0.0f;
+            for (int j = 0; j < 16; j++) { t0 += acc[0][j]; t1 += acc[1][j]; }
+            y[(long)m * ldy + r] = t0 + LEVEL2 * t1 + mins;
         }
     }
 }
@@ -725,9 +691,9 @@ int bd_matmul_n(int n, const int *types, const uint8_t *const *W, const long *ro
     int nb = K / QK, tiles = first[n];
     for (int m0 = 0; m0 < M; m0 += MAXM) {
         int mm = M - m0 < MAXM ? M - m0 : MAXM;
-        int8_t q[(long)mm * K];
+        int8_t q[(long)mm * 2 * K];
         float d[(long)mm * nb];
-        int32_t s[(long)mm * nb];
+        int32_t s[(long)mm * 2 * nb];
         for (int m = 0; m < mm; m++) {
             const float *xm = x + (long)(m0 + m) * K;
             float normed[norm ? K : 1];
@@ -735,7 +701,7 @@ int bd_matmul_n(int n, const int *types, const uint8_t *const *W, const long *ro
                 rms_norm(xm, norm, K, eps, normed);
                 xm = normed;
             }
-            quantize_row(xm, K, q + (long)m * K, d + (long)m * nb, s + (long)m * nb);
+            quantize_row(xm, K, q + (long)m * 2 * K, d + (long)m * nb, s + (long)m * 2 * nb);
         }
         #pragma omp parallel for schedule(static) num_threads(threads) if (total_rows >= 64 && threads > 1)
         for (int t = 0; t < tiles; t++) {
@@ -755,4 +721,4 @@ int bd_matmul(int type, const uint8_t *W, long row_bytes, int N, int K,
     return bd_matmul_n(1, &type, &W, &row_bytes, &N, K, x, M, &y, &ldy, threads, NULL, 0.0f);
 }
 
-int bd_version(void) { return 6; }
+int bd_version(void) { return 7; }

@@ -11,10 +11,14 @@ by memory bandwidth, so what it mainly changes is *which bytes are read per toke
   (:mod:`kernel_ext.providers.head`): greedy text is the text of ``model.generate``. The screen
   kind is picked by timing on this machine; where none is faster, the full head runs.
   Sampling computes the full float32 head.
-* ``"quantized"``: every linear layer whose GGUF tensor has a faithful int4 form is computed
-  from the file's own blocks (:mod:`kernel_ext.gguf.qlinear`, repacked once and kept in the
-  conversion cache, :mod:`kernel_ext.providers.quantized`), with bf16 activations; the other
-  layers run dense. Greedy tokens use the same certified head; sampled ones the int4 head.
+* ``"quantized"``: every linear layer is computed from the GGUF file's own blocks, as
+  llama.cpp computes: the *block kernels* (:mod:`kernel_ext.gguf.blockdot`, C compiled on
+  first use) multiply 8-bit activations with Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K/Q6_K blocks
+  read through the file's map, and run the layer's norms, rotary, attention and residuals
+  beside them. Without a C compiler (or with ``KERNEL_EXT_BLOCKDOT=0``) torch's int4 kernel
+  runs instead on copies repacked once and kept in the conversion cache
+  (:mod:`kernel_ext.gguf.qlinear`, with bf16 activations; Q6_K and other types stay dense).
+  Greedy tokens use the same certified head; sampled ones the head from the file's blocks.
   Logits differ from the float32 model by about llama.cpp's own rounding, so text can change.
 * ``"full"``: the model's own forward and whole head every token: what ``generate`` computes.
 
@@ -23,7 +27,7 @@ Measured on the demo model: see ``benchmarks/bench_decode.py`` and the README.
 **The per-token step.** Prompts run through the model's own forward (a ``DynamicCache``); in
 ``exact`` and ``quantized`` mode each later token then runs the *fused step* of
 :mod:`kernel_ext.providers.fused` where the model's family supports it (llama, mistral, qwen2,
-qwen3, gemma3; float32 on CPU): a static KV cache continued from the prefill's, fused int4
+qwen3, gemma3; float32 on CPU): a static KV cache continued from the prefill's, fused
 projections, precomputed rotary tables, no per-step masks. With dense weights its hidden
 states are bitwise the model's own, so ``exact`` keeps ``generate``'s greedy text. Other models
 keep the model's own forward per token and say so in :attr:`DecodeResult.notes`. Stock
@@ -276,7 +280,8 @@ def _build(model: Any, mode: str, source: Source | None, screen: str) -> Prepare
                 if module is not None and "forward" not in vars(module):  # accelerate hooks
                     linears[module] = w  # keep their own forward
             if not q.weights:
-                notes.append("no layer of this file has an int4 form; decoded exactly")
+                notes.append("no layer of this file has a quantised form the kernels take; "
+                             "decoded exactly")
                 mode = "exact"
             else:
                 fast = _head_int4(model, source, blocks)
@@ -556,7 +561,7 @@ class _Stepper:
         head, hidden = self.head, self.last
         if head is None:
             return _choose(hidden, sampling)
-        # the full logits: the int4 head in quantized mode (when the file's head has that form)
+        # the full logits: the file's head in quantized mode (when it has a form the kernels take)
         full_logits = head.sample_logits if self.mode == "quantized" else head.logits
         if not sampling.greedy or not head.can_screen:
             return _choose(full_logits(hidden), sampling)
@@ -573,8 +578,8 @@ class _Stepper:
 
 @contextlib.contextmanager
 def int4_forwards(linears: dict[Any, Any]) -> Iterator[None]:
-    """While decoding, the int4 linears (mode "quantized": :attr:`Prepared.linears`) replace
-    the modules' forwards; the class's own forward is back afterwards."""
+    """While decoding, the quantised linears (mode "quantized": :attr:`Prepared.linears`, block
+    or int4 weights) replace the modules' forwards; the class's own forward is back afterwards."""
     for module, w in linears.items():
         module.forward = _int4_forward(w, module.bias)
     try:
