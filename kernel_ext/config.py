@@ -80,10 +80,11 @@ class KernelExtConfig(Configurable):
         help="How local models decode on CPU. exact: the model's own float32 weights; greedy "
         "tokens read an int4/int8 screen of the LM head (picked by timing this machine) and are "
         "certified against exact rows, so greedy text equals model.generate's. quantized: linear "
-        "layers computed from the GGUF file's own 4/5/8-bit blocks (torch int4 CPU kernels, "
-        "bf16 activations; repacked once, kept in the conversion cache); fastest and smallest, "
-        "but logits change slightly, so text can change: opt-in. full: the model's own forward "
-        "and whole head every token, as model.generate (no extra memory).",
+        "layers computed on the GGUF file's own 4/5/6/8-bit blocks, as llama.cpp computes "
+        "(block kernels compiled on first use; without a C compiler, or with "
+        "KERNEL_EXT_BLOCKDOT=0, torch's int4 kernel on copies kept in the conversion cache); "
+        "fastest and smallest, but logits change slightly, so text can change: opt-in. full: the "
+        "model's own forward and whole head every token, as model.generate (no extra memory).",
     ).tag(config=True)
     context_overflow = Enum(
         ("refuse", "truncate_left"), "refuse",

@@ -18,6 +18,7 @@
 #include <stdint.h>
 #include <string.h>
 #include <math.h>
+#include <stdlib.h>
 
 #define QK 32
 
@@ -50,10 +51,11 @@ static inline float fp16(const uint8_t *p) {
 
 /* ---- activations ------------------------------------------------------------------------- */
 /* Each block of 32 values is rounded to int8 twice: q1 with the scale d = max|x|/127 (llama.cpp's
- * Q8_0), then the remainder x - d q1 (at most d/2) as q2 with the scale d/254. The products are
- * exact integer sums for each level, so the activations count with ~16 bits (an error of at most
- * max|x| / 64516 per value) for one more multiply-add per block. */
-#define LEVEL2 (1.0f / 254.0f)
+ * Q8_0), then the remainder x - d q1 (at most d/2) as q2 with the scale d/256 (clamped to
+ * +-127). The products are exact integer sums for each level, combined as 256 p1 + p2 in int32,
+ * so the activations count with ~16 bits (an error of at most max|x| / 32512 per value) for one
+ * more integer product per block. */
+#define LEVEL2 (1.0f / 256.0f)
 
 /* x (K floats) -> q (2K int8: q1 then q2), d (K/32 floats), s (2 K/32 int32: the sums of each
  * block's q1, then of its q2) */
@@ -85,7 +87,7 @@ static void quantize_row(const float *x, int K, int8_t *q, float *d, int32_t *s)
     }
 }
 
-/* the activations as the products see them: d q1 + (d / 254) q2 (for error bounds and tests) */
+/* the activations as the products see them: d q1 + (d / 256) q2 (for error bounds and tests) */
 void bd_q8_roundtrip(const float *x, int K, float *out) {
     int8_t q[2 * K];
     float d[K / QK];
@@ -401,7 +403,7 @@ void bd_rows_dot(int type, const uint8_t *W, long row_bytes, int K, const long *
     }
 }
 
-#define MAXM 8 /* activation rows per pass over the weights */
+#define MAXM 64 /* activation rows per pass over the weights (a prompt's chunk) */
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
@@ -441,6 +443,24 @@ static inline __m256i dot8(__m256i w, __m256i x) {
 #endif
 }
 
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define VNNI 1
+#else
+#define VNNI 0
+#endif
+
+/* unsigned int8 w (at most 31 without VNNI: pairs of products must fit int16) times signed x */
+static inline __m256i dotu(__m256i w, __m256i x) {
+#if VNNI
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, x);
+#else
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1));
+#endif
+}
+
+/* whether load_block gives `type`'s values unsigned (with their offset in minv) */
+#define UNSIGNED(type) ((type) != T_Q6_K && ((type) != T_Q8_0 || VNNI))
+
 static inline float hsum(__m256 v) {
     __m128 r = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     r = _mm_add_ps(r, _mm_movehl_ps(r, r));
@@ -456,8 +476,10 @@ static inline __attribute__((always_inline)) __m256i load_block(
     switch (type) {
     case T_Q4_0: {
         const uint8_t *p = row + b * 18;
-        *sc = _mm256_set1_ps(h2f(p));
-        w = _mm256_sub_epi8(nibbles32(p + 2), _mm256_set1_epi8(8));
+        float dw = h2f(p);
+        *sc = _mm256_set1_ps(dw);
+        *minv = -8.0f * dw;  /* d (q - 8) = d q - 8 d */
+        w = nibbles32(p + 2);
         break;
     }
     case T_Q4_1: {
@@ -469,9 +491,11 @@ static inline __attribute__((always_inline)) __m256i load_block(
     }
     case T_Q5_0: {
         const uint8_t *p = row + b * 22;
-        *sc = _mm256_set1_ps(h2f(p));
-        __m256i hi = _mm256_andnot_si256(bits32(p + 2), _mm256_set1_epi8((char)0xF0));
-        w = _mm256_or_si256(nibbles32(p + 6), hi); /* q - 16 in two's complement */
+        float dw = h2f(p);
+        *sc = _mm256_set1_ps(dw);
+        *minv = -16.0f * dw;  /* d (q - 16) = d q - 16 d */
+        __m256i hi = _mm256_and_si256(bits32(p + 2), _mm256_set1_epi8(0x10));
+        w = _mm256_or_si256(nibbles32(p + 6), hi);
         break;
     }
     case T_Q5_1: {
@@ -484,8 +508,13 @@ static inline __attribute__((always_inline)) __m256i load_block(
     }
     case T_Q8_0: {
         const uint8_t *p = row + b * 34;
-        *sc = _mm256_set1_ps(h2f(p));
+        float dw = h2f(p);
+        *sc = _mm256_set1_ps(dw);
         w = _mm256_loadu_si256((const __m256i *)(p + 2));
+        if (VNNI) { /* q + 128 unsigned: d q = d (q + 128) - 128 d */
+            w = _mm256_xor_si256(w, _mm256_set1_epi8((char)0x80));
+            *minv = -128.0f * dw;
+        }
         break;
     }
     default: /* the K types go through k_values */
@@ -529,29 +558,33 @@ static inline __attribute__((always_inline)) __m256i k_values(int type, const ui
     return q;
 }
 
-/* a block's two products (w times q1 and q2 of activation block b) into the chains A and B,
- * both scaled by the block's scale times d (B is divided by 254 at the end) */
-#define ACC2(w, scv, b, A, B) do { \
+/* a block's two products (w times q1 and q2 of activation block b), combined as 256 p1 + p2,
+ * into the chain A scaled by the block's scale times d (A is divided by 256 at the end) */
+#define ACC2(type, w, scv, b, A) do { \
         __m256i x1_ = _mm256_loadu_si256((const __m256i *)(qm + (b) * QK)); \
         __m256i x2_ = _mm256_loadu_si256((const __m256i *)(qm + K + (b) * QK)); \
-        __m256 f_ = _mm256_mul_ps((scv), _mm256_set1_ps(dm[b])); \
-        (A) = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot8((w), x1_)), f_, (A)); \
-        (B) = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot8((w), x2_)), f_, (B)); \
+        __m256i p1_ = UNSIGNED(type) ? dotu((w), x1_) : dot8((w), x1_); \
+        __m256i p2_ = UNSIGNED(type) ? dotu((w), x2_) : dot8((w), x2_); \
+        __m256i p_ = _mm256_add_epi32(_mm256_slli_epi32(p1_, 8), p2_); \
+        (A) = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p_), _mm256_mul_ps((scv), _mm256_set1_ps(dm[b])), (A)); \
     } while (0)
 
-/* a block's offset (the minimum of Q4_1, Q5_1, Q4_K, Q5_K) times the activation block's sum */
+/* a block's offset (the minimum of Q4_1, Q5_1, Q4_K, Q5_K; the zero point of unsigned values)
+ * times the activation block's sum */
 #define MIN2(minv, b) ((minv) * dm[b] * ((float)sm[b] + LEVEL2 * (float)sm[nb + (b)]))
+#define HAS_MIN(type) ((type) == T_Q4_1 || (type) == T_Q5_1 || (type) == T_Q4_K || \
+                       (type) == T_Q5_K || (type) == T_Q4_0 || (type) == T_Q5_0 || \
+                       ((type) == T_Q8_0 && VNNI))
 
 /* rows [r0, r1) of W times activation row m: y[r] */
 static inline __attribute__((always_inline)) void rows_typed(
         int type, const uint8_t *W, long row_bytes, int K, int r0, int r1,
         const int8_t *qm, const float *dm, const int32_t *sm, float *y) {
     int nb = K / QK;
-    int has_min = type == T_Q4_1 || type == T_Q5_1 || type == T_Q4_K || type == T_Q5_K;
+    int has_min = HAS_MIN(type);
     for (int r = r0; r < r1; r++) {
         const uint8_t *row = W + (long)r * row_bytes;
-        __m256 a0 = _mm256_setzero_ps(), b0 = _mm256_setzero_ps();
-        __m256 a1 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps();
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
         float mins = 0.0f;
         if (type == T_Q4_K || type == T_Q5_K || type == T_Q6_K) {
             int sb_bytes = type == T_Q4_K ? 144 : (type == T_Q5_K ? 176 : 210);
@@ -577,8 +610,8 @@ static inline __attribute__((always_inline)) void rows_typed(
                         s0 = _mm256_set1_ps(sc[j]);
                         s1 = _mm256_set1_ps(sc[j + 1]);
                     }
-                    ACC2(w0, s0, b, a0, b0);
-                    ACC2(w1, s1, b + 1, a1, b1);
+                    ACC2(type, w0, s0, b, a0);
+                    ACC2(type, w1, s1, b + 1, a1);
                     if (has_min) mins += MIN2(mn[j], b) + MIN2(mn[j + 1], b + 1);
                 }
             }
@@ -589,29 +622,88 @@ static inline __attribute__((always_inline)) void rows_typed(
                 float m0, m1;
                 __m256i w0 = load_block(type, row, b, &s0, &m0);
                 __m256i w1 = load_block(type, row, b + 1, &s1, &m1);
-                ACC2(w0, s0, b, a0, b0);
-                ACC2(w1, s1, b + 1, a1, b1);
+                ACC2(type, w0, s0, b, a0);
+                ACC2(type, w1, s1, b + 1, a1);
                 if (has_min) mins += MIN2(m0, b) + MIN2(m1, b + 1);
             }
             for (; b < nb; b++) {
                 __m256 s0;
                 float m0;
                 __m256i w0 = load_block(type, row, b, &s0, &m0);
-                ACC2(w0, s0, b, a0, b0);
+                ACC2(type, w0, s0, b, a0);
                 if (has_min) mins += MIN2(m0, b);
             }
         }
-        y[r] = hsum(_mm256_add_ps(a0, a1)) + LEVEL2 * hsum(_mm256_add_ps(b0, b1)) + mins;
+        y[r] = LEVEL2 * hsum(_mm256_add_ps(a0, a1)) + mins;
+    }
+}
+
+#define MG 4 /* activation rows sharing one unpacking of a weight block */
+
+/* rows [r0, r1) of W times MG activation rows (a prompt): each block is unpacked once */
+static inline __attribute__((always_inline)) void rows_group(
+        int type, const uint8_t *W, long row_bytes, int K, int r0, int r1,
+        const int8_t *q, const float *d, const int32_t *s, float *y, long ldy) {
+    int nb = K / QK;
+    int has_min = HAS_MIN(type);
+    int kq = type == T_Q4_K || type == T_Q5_K || type == T_Q6_K;
+    int sb_bytes = type == T_Q4_K ? 144 : (type == T_Q5_K ? 176 : 210);
+    for (int r = r0; r < r1; r++) {
+        const uint8_t *row = W + (long)r * row_bytes;
+        __m256 A[MG];
+        float mins[MG];
+        for (int m = 0; m < MG; m++) { A[m] = _mm256_setzero_ps(); mins[m] = 0.0f; }
+        float sc[16], mn[8];
+        for (int b = 0; b < nb; b++) {
+            __m256i w;
+            __m256 scv;
+            float minv = 0.0f;
+            if (kq) {
+                int j = b % 8;
+                const uint8_t *p = row + (long)(b / 8) * sb_bytes;
+                if (j == 0) {
+                    if (type == T_Q6_K) {
+                        const int8_t *s6 = (const int8_t *)(p + 192);
+                        float d6 = h2f(p + 208);
+                        for (int i = 0; i < 16; i++) sc[i] = d6 * (float)s6[i];
+                    } else {
+                        k_scales(p, sc, mn);
+                    }
+                }
+                w = k_values(type, p, j);
+                if (type == T_Q6_K) {
+                    int at = (j / 4) * 8 + 2 * (j % 4);
+                    scv = _mm256_setr_m128(_mm_set1_ps(sc[at]), _mm_set1_ps(sc[at + 1]));
+                } else {
+                    scv = _mm256_set1_ps(sc[j]);
+                    minv = mn[j];
+                }
+            } else {
+                w = load_block(type, row, b, &scv, &minv);
+            }
+            for (int m = 0; m < MG; m++) {
+                const int8_t *qm = q + (long)m * 2 * K;
+                const float *dm = d + (long)m * nb;
+                const int32_t *sm = s + (long)m * 2 * nb;
+                ACC2(type, w, scv, b, A[m]);
+                if (has_min) mins[m] += MIN2(minv, b);
+            }
+        }
+        for (int m = 0; m < MG; m++)
+            y[(long)m * ldy + r] = LEVEL2 * hsum(A[m]) + mins[m];
     }
 }
 
 /* rows [r0, r1) of W (N rows of `row_bytes`) times M quantised activation rows (q: 2K values a
- * row, d: K/32, s: 2 K/32); the weights of a tile stay in cache across the rows of activations */
+ * row, d: K/32, s: 2 K/32): groups of MG rows share each block's unpacking, the rest one by one */
 static inline __attribute__((always_inline)) void rows_m(
         int type, const uint8_t *W, long row_bytes, int K, int r0, int r1,
         const int8_t *q, const float *d, const int32_t *s, int M, float *y, long ldy) {
-    int nb = K / QK;
-    for (int m = 0; m < M; m++)
+    int nb = K / QK, m = 0;
+    for (; m + MG <= M; m += MG)
+        rows_group(type, W, row_bytes, K, r0, r1, q + (long)m * 2 * K, d + (long)m * nb,
+                   s + (long)m * 2 * nb, y + (long)m * ldy, ldy);
+    for (; m < M; m++)
         rows_typed(type, W, row_bytes, K, r0, r1, q + (long)m * 2 * K, d + (long)m * nb,
                    s + (long)m * 2 * nb, y + (long)m * ldy);
 }
@@ -676,7 +768,8 @@ static void rows_times(int type, const uint8_t *W, long row_bytes, int K, int r0
 /* n weights that read the same input, in one call: y_i (M x ldy_i floats, columns [0, N_i)) =
  * x (M x K floats) times W_i^T, W_i: N_i rows of GGUF blocks of types[i]. The activations are
  * quantised once (after an RMS norm with weight `norm`, when not NULL); the rows of all weights
- * are split across `threads` threads. Returns 0, or -1 when a type, K or n is not supported. */
+ * are split across `threads` threads. Returns 0, -1 when a type, K or n is not supported, -2 when
+ * the activations' buffers cannot be allocated. */
 int bd_matmul_n(int n, const int *types, const uint8_t *const *W, const long *row_bytes,
                 const int *N, int K, const float *x, int M, float *const *y, const long *ldy,
                 int threads, const float *norm, float eps) {
@@ -689,11 +782,16 @@ int bd_matmul_n(int n, const int *types, const uint8_t *const *W, const long *ro
         total_rows += N[i];
     }
     int nb = K / QK, tiles = first[n];
+    int rows_max = M < MAXM ? M : MAXM;
+    int8_t *q = malloc((size_t)rows_max * 2 * K);
+    float *d = malloc(sizeof(float) * (size_t)rows_max * nb);
+    int32_t *s = malloc(sizeof(int32_t) * (size_t)rows_max * 2 * nb);
+    if (!q || !d || !s) {
+        free(q); free(d); free(s);
+        return -2;
+    }
     for (int m0 = 0; m0 < M; m0 += MAXM) {
         int mm = M - m0 < MAXM ? M - m0 : MAXM;
-        int8_t q[(long)mm * 2 * K];
-        float d[(long)mm * nb];
-        int32_t s[(long)mm * 2 * nb];
         for (int m = 0; m < mm; m++) {
             const float *xm = x + (long)(m0 + m) * K;
             float normed[norm ? K : 1];
@@ -712,6 +810,7 @@ int bd_matmul_n(int n, const int *types, const uint8_t *const *W, const long *ro
                        y[i] + (long)m0 * ldy[i], ldy[i]);
         }
     }
+    free(q); free(d); free(s);
     return 0;
 }
 
@@ -721,4 +820,4 @@ int bd_matmul(int type, const uint8_t *W, long row_bytes, int N, int K,
     return bd_matmul_n(1, &type, &W, &row_bytes, &N, K, x, M, &y, &ldy, threads, NULL, 0.0f);
 }
 
-int bd_version(void) { return 7; }
+int bd_version(void) { return 8; }

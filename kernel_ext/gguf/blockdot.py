@@ -53,7 +53,7 @@ SUPPORTED: frozenset[int] = frozenset(int(t) for t in (
 """GGUF types the products compute from their blocks."""
 
 _SOURCE = Path(__file__).with_name("blockdot.c")
-_VERSION = 7  # bd_version() of the source
+_VERSION = 8  # bd_version() of the source
 _lock = threading.Lock()
 _state: dict[str, Any] = {}  # "lib" or "why"
 
