@@ -5,6 +5,7 @@ against torch; the build, its cache and the fallback when no compiler is there."
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -163,6 +164,34 @@ def test_shapes_and_types_the_kernels_do_not_take_are_refused() -> None:
     assert blockdot.row_bytes(int(_T.F16), 256) == 0
     with pytest.raises(ValueError, match="do not hold"):
         blockdot.BlockWeight(torch.zeros(4, 10, dtype=torch.uint8), int(_T.Q8_0), 4, 64, "Q8_0")
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="the portable build is checked on x86-64")
+def test_the_portable_build_computes_what_the_vectorised_one_does(tmp_path: Path) -> None:
+    """CPUs without AVX2 get plain C of the same arithmetic (built here for baseline x86-64)."""
+    import ctypes
+
+    cc = blockdot._compiler()
+    assert cc is not None
+    target = tmp_path / "portable.so"
+    blockdot._build(cc, target, arch=("-march=x86-64",))
+    portable = blockdot._declare(ctypes.CDLL(str(target)), target)
+    native = blockdot.library()
+    for name in sorted(_HALVES):
+        w, _ = _weight(name, 24, 512, seed=7)
+        for m in (1, 5):
+            x = torch.randn(m, 512, generator=torch.Generator().manual_seed(m))
+            ys = []
+            for lib in (native, portable):
+                y = torch.empty(m, 24)
+                assert lib.bd_matmul(int(_T[name]), w.blocks.data_ptr(), w.blocks.shape[1], 24, 512,
+                                     x.data_ptr(), m, y.data_ptr(), 24, 1) == 0
+                ys.append(y)
+            torch.testing.assert_close(ys[1], ys[0], rtol=1e-5, atol=1e-5, msg=name)
+        out = [torch.empty(512) for _ in range(2)]
+        for lib, o in zip((native, portable), out):
+            lib.bd_q8_roundtrip(x[0].contiguous().data_ptr(), 512, o.data_ptr())
+        assert torch.equal(out[0], out[1])
 
 
 def _python(code: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:

@@ -79,11 +79,13 @@ def _compiler() -> list[str] | None:
     return [path, *cc.split()[1:]] if path else None
 
 
-def _build(cc: list[str], target: Path) -> None:
+def _build(cc: list[str], target: Path, arch: tuple[str, ...] = ("-march=native",)) -> None:
+    """Compile ``blockdot.c`` into ``target`` (``arch``: the target CPU's flags; the tests also
+    build the portable version, for a CPU without AVX2)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
-        cmd = [*cc, "-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11",
+        cmd = [*cc, "-O3", *arch, "-fopenmp", "-fPIC", "-shared", "-std=c11",
                "-o", str(out), str(_SOURCE), "-lm"]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
         if done.returncode != 0:
@@ -110,8 +112,6 @@ def library() -> ctypes.CDLL:
 
 
 def _load() -> ctypes.CDLL:
-    if os.environ.get("KERNEL_EXT_BLOCKDOT", "1") == "0":
-        raise OSError("KERNEL_EXT_BLOCKDOT=0")
     if platform.system() != "Linux":
         raise OSError(f"the block kernels are built on Linux only, not {platform.system()}")
     cc = _compiler()
@@ -123,7 +123,11 @@ def _load() -> ctypes.CDLL:
     target = user_cache_dir() / "native" / f"blockdot-{key}.so"
     if not target.exists():
         _build(cc, target)
-    lib = ctypes.CDLL(str(target))
+    return _declare(ctypes.CDLL(str(target)), target)
+
+
+def _declare(lib: ctypes.CDLL, target: Path) -> ctypes.CDLL:
+    """``lib``'s functions with their C signatures (ctypes checks nothing otherwise)."""
     if lib.bd_version() != _VERSION:
         raise OSError(f"{target} is version {lib.bd_version()}, expected {_VERSION}")
     lib.bd_row_bytes.argtypes = [ctypes.c_int, ctypes.c_int]
