@@ -175,7 +175,9 @@ def test_batched_rows_decode_like_a_single_call_in_its_decode_mode(
     path = write_tiny_llama(tmp_path / "q8.gguf", seed=3, quant="Q8_0")
     ip.run_line_magic("config", f"KernelExt.decode_mode = {mode!r}")
     ip.run_line_magic("model", f"load {path} --no-progress")
-    provider = session_of(ip).models.get().provider
+    models = session_of(ip).models
+    models.wait_idle()  # the load's own preparation first: ours must not race it
+    provider = models.get().provider
     local = provider.local
     prepare(local.model, mode, screen="int8")  # a tiny head: the timing would pick no screen
     prompts = ["a", "the cat sat on", "1 2 3", "hello world, this is longer"]

@@ -18,7 +18,13 @@ ops and the fewest calls:
 * **rotary from a table** computed once by the model's own rotary module for every position
   (local and global bases of Gemma 3 each), applied with one ``roll`` (``rotate_half`` is
   ``roll(x, D/2)`` with the first half's sine negated);
-* norms with the model's own formula (Gemma's ``(1 + w)`` weights folded in once).
+* norms with the model's own formula (Gemma's ``(1 + w)`` weights folded in once);
+* in ``decode_mode='quantized'`` with every projection on the file's blocks
+  (:mod:`kernel_ext.gguf.blockdot`), a layer is about ten C calls
+  (:meth:`FusedDecoder._step_blocks`): the input and feed-forward norms folded into the
+  products' input, q/k norms and rotary in place, the KV write with the attention, the
+  post-norms with the residual adds. Its hidden states equal the unfused quantized path's to
+  float32 rounding (``tests/test_fused.py``).
 
 Supported: ``llama``, ``mistral``, ``qwen2`` (q/k/v biases), ``qwen3`` (q/k norms) and
 ``gemma3_text`` (q/k norms, four norms per layer, embedding scale, local/global rope, sliding

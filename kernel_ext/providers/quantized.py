@@ -1,10 +1,16 @@
 """Decoding copies of a loaded model, built once and kept in the conversion cache.
 
-* :func:`repack_model` (``decode_mode='quantized'``): every ``nn.Linear`` whose weight came from
-  a GGUF tensor with a faithful int4 form (:mod:`kernel_ext.gguf.qlinear`) is repacked from the
-  file's own blocks, the LM head included. Each repacked weight is checked against the model's
-  dense weight (:func:`_mismatch`), so a wrong tensor mapping stays dense instead of giving
-  wrong answers.
+* :func:`block_model` (``decode_mode='quantized'`` where the block kernels run): every
+  ``nn.Linear`` whose weight came from a GGUF tensor of a type :mod:`kernel_ext.gguf.blockdot`
+  takes is computed on the file's blocks as they are (read through its map: nothing to build
+  or cache).
+* :func:`repack_model` (``decode_mode='quantized'`` without the block kernels): every
+  ``nn.Linear`` whose weight came from a GGUF tensor with a faithful int4 form
+  (:mod:`kernel_ext.gguf.qlinear`) is repacked from the file's own blocks, the LM head
+  included.
+
+  Either way each weight is checked against the model's dense weight (:func:`_mismatch`), so
+  a wrong tensor mapping stays dense instead of giving wrong answers.
 * :func:`head_screen`: the int4/int8 screen of the LM head that the exact default certifies
   (:mod:`kernel_ext.providers.head`).
 
