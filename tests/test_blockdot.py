@@ -231,5 +231,6 @@ print(ready.mode, "|", ready.summary)
     why, result = done.stdout.strip().split("\n")[-2:]
     assert "failed" in why
     assert result.startswith("quantized |") and "int4 from the file's blocks" in result
+    assert "block kernels unavailable: " in result and "failed" in result  # %model info says why
     off = _python(code, {"KERNEL_EXT_BLOCKDOT": "0"})
     assert "KERNEL_EXT_BLOCKDOT=0" in off.stdout and "int4 from the file's blocks" in off.stdout

@@ -273,6 +273,8 @@ def _build(model: Any, mode: str, source: Source | None, screen: str) -> Prepare
                 notes.append(f"quantized decoding unavailable ({e}); decoded exactly")
                 return _build(model, "exact", source, screen)._with_notes(notes)
             summary = q.summary()
+            if not blocks:  # %model info says why the slower kernel runs
+                summary += f" (block kernels unavailable: {blockdot.unavailable()})"
             nbytes += q.nbytes
             modules = dict(_named_linears(model))
             for name, w in q.weights.items():
