@@ -244,6 +244,8 @@ def test_block_kernels_run_the_whole_layer_step(quantized: tuple[Any, Path]) -> 
     plan = FusedDecoder(model, ready.linears, ready.fused_groups)
     blocks = all(isinstance(w, BlockWeight) for w in ready.linears.values())
     assert (plan.blocks is not None) == blocks
+    if plan.blocks is not None:  # gelu-tanh (gemma3) and SiLU (the others): one C call a layer
+        assert all(b.spec is not None for b in plan.blocks)
 
 
 def test_quantized_greedy_tokens_equal_todays_path(quantized: tuple[Any, Path]) -> None:

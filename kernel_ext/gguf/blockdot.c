@@ -814,10 +814,105 @@ int bd_matmul_n(int n, const int *types, const uint8_t *const *W, const long *ro
     return 0;
 }
 
+/* ---- a whole decoder layer in one call (decode_mode "quantized", one token) ------------------ */
+/* tanh as a rational function (Eigen's float tanh: a few ulp), so the compiler can vectorise it */
+static inline float tanh_r(float x) {
+    const float lim = 7.90531110763549805f;
+    x = x > lim ? lim : (x < -lim ? -lim : x);
+    float x2 = x * x;
+    float p = -2.76076847742355e-16f;
+    p = p * x2 + 2.00018790482477e-13f;
+    p = p * x2 + -8.60467152213735e-11f;
+    p = p * x2 + 5.12229709037114e-08f;
+    p = p * x2 + 1.48572235717979e-05f;
+    p = p * x2 + 6.37261928875436e-04f;
+    p = p * x2 + 4.89352455891786e-03f;
+    p = p * x;
+    float q = 1.19825839466702e-06f;
+    q = q * x2 + 1.18534705686654e-04f;
+    q = q * x2 + 2.26843463243900e-03f;
+    q = q * x2 + 4.89352518554385e-03f;
+    return p / q;
+}
+
+enum { ACT_GELU_TANH = 1, ACT_SILU = 2 };
+
+/* out[i] = act(gate[i]) * up[i] */
+void bd_gated(const float *gate, const float *up, int n, int kind, float *out) {
+    if (kind == ACT_GELU_TANH) {
+        #pragma omp simd
+        for (int i = 0; i < n; i++) {
+            float g = gate[i];
+            out[i] = 0.5f * g * (1.0f + tanh_r(0.7978845608028654f * (g + 0.044715f * g * g * g))) * up[i];
+        }
+    } else { /* silu: g sigmoid(g), sigmoid(g) = (1 + tanh(g / 2)) / 2 */
+        #pragma omp simd
+        for (int i = 0; i < n; i++) {
+            float g = gate[i];
+            out[i] = g * 0.5f * (1.0f + tanh_r(0.5f * g)) * up[i];
+        }
+    }
+}
+
+typedef struct {
+    int n[4];                       /* products: 0 q|k|v, 1 o, 2 gate|up, 3 down */
+    int types[4][MAXW];
+    const uint8_t *W[4][MAXW];
+    long row_bytes[4][MAXW];
+    int N[4][MAXW];
+    int K[4];
+    float *out[4];                  /* each product's output row, its weights side by side */
+    const float *qkv_bias;          /* NULL: none */
+    const float *in_norm, *q_norm, *k_norm, *post_attn_norm, *ff_norm, *post_ff_norm;
+    float *attn;                    /* heads x D */
+    float *gated;                   /* the MLP's width */
+    int heads, kv_heads, D, q_dim, kv_dim, ff, hidden, act;
+    float eps, scaling;
+} bd_layer;
+
+static int product(const bd_layer *L, int g, const float *x, const float *norm, int threads) {
+    float *y[MAXW];
+    long ldy[MAXW];
+    int total = 0;
+    for (int i = 0; i < L->n[g]; i++) total += L->N[g][i];
+    for (int i = 0, at = 0; i < L->n[g]; i++) {
+        y[i] = L->out[g] + at;
+        ldy[i] = total;
+        at += L->N[g][i];
+    }
+    return bd_matmul_n(L->n[g], L->types[g], L->W[g], L->row_bytes[g], L->N[g], L->K[g], x, 1,
+                       y, ldy, threads, norm, L->eps);
+}
+
+/* one token through layer L: h (hidden floats) is updated in place; the new key and value go to
+ * slots at (and at2 >= 0) of keys/values (kv_heads x slots x D), the query attends to [lo, hi).
+ * What the fused step's torch path computes, as one call; returns 0, or what a product said. */
+int bd_layer_step(const bd_layer *L, float *h, const float *cos, const float *sin, float *keys,
+                  float *values, long slots, int at, int at2, int lo, int hi, int threads) {
+    int rc;
+    if ((rc = product(L, 0, h, L->in_norm, threads))) return rc;
+    float *qkv = L->out[0];
+    if (L->qkv_bias)
+        for (int i = 0; i < L->q_dim + 2 * L->kv_dim; i++) qkv[i] += L->qkv_bias[i];
+    bd_norm_rope(qkv, L->heads, L->D, L->q_norm, L->eps, cos, sin);
+    bd_norm_rope(qkv + L->q_dim, L->kv_heads, L->D, L->k_norm, L->eps, cos, sin);
+    bd_attend(qkv, L->heads, L->kv_heads, L->D, keys, values, slots, qkv + L->q_dim,
+              qkv + L->q_dim + L->kv_dim, at, at2, lo, hi, L->scaling, L->attn);
+    if ((rc = product(L, 1, L->attn, NULL, threads))) return rc;
+    bd_add_norm(h, L->out[1], L->post_attn_norm, L->hidden, L->eps);
+    if ((rc = product(L, 2, h, L->ff_norm, threads))) return rc;
+    bd_gated(L->out[2], L->out[2] + L->ff, L->ff, L->act, L->gated);
+    if ((rc = product(L, 3, L->gated, NULL, threads))) return rc;
+    bd_add_norm(h, L->out[3], L->post_ff_norm, L->hidden, L->eps);
+    return 0;
+}
+
+long bd_layer_size(void) { return (long)sizeof(bd_layer); }
+
 /* one weight: see bd_matmul_n */
 int bd_matmul(int type, const uint8_t *W, long row_bytes, int N, int K,
               const float *x, int M, float *y, long ldy, int threads) {
     return bd_matmul_n(1, &type, &W, &row_bytes, &N, K, x, M, &y, &ldy, threads, NULL, 0.0f);
 }
 
-int bd_version(void) { return 8; }
+int bd_version(void) { return 9; }

@@ -44,7 +44,8 @@ from ..paths import user_cache_dir
 from .dequant import type_name
 
 __all__ = [
-    "SUPPORTED", "BlockGroup", "BlockWeight", "library", "q8_roundtrip", "row_bytes", "unavailable",
+    "ACTIVATIONS", "SUPPORTED", "BlockGroup", "BlockWeight", "LayerSpec", "layer_spec", "library",
+    "q8_roundtrip", "row_bytes", "unavailable",
 ]
 
 _T = GGMLQuantizationType
@@ -53,7 +54,7 @@ SUPPORTED: frozenset[int] = frozenset(int(t) for t in (
 """GGUF types the products compute from their blocks."""
 
 _SOURCE = Path(__file__).with_name("blockdot.c")
-_VERSION = 8  # bd_version() of the source
+_VERSION = 9  # bd_version() of the source
 _lock = threading.Lock()
 _state: dict[str, Any] = {}  # "lib" or "why"
 
@@ -152,6 +153,14 @@ def _declare(lib: ctypes.CDLL, target: Path) -> ctypes.CDLL:
     d = ctypes.c_double
     lib.bd_cert_rows.argtypes = [p, lng, f, p, p, d, d, d, d, p, lng, p, p]
     lib.bd_cert_rows.restype = lng
+    lib.bd_gated.argtypes = [p, p, i, i, p]
+    lib.bd_gated.restype = None
+    lib.bd_layer_step.argtypes = [p, p, p, p, p, p, lng, i, i, i, i, i]
+    lib.bd_layer_step.restype = i
+    lib.bd_layer_size.restype = lng
+    if lib.bd_layer_size() != ctypes.sizeof(LayerSpec):
+        raise OSError(f"{target}: its layer record has {lib.bd_layer_size()} bytes, "
+                      f"ours {ctypes.sizeof(LayerSpec)}")
     lib.bd_rows_dequant.argtypes = [i, p, lng, i, p, lng, p]
     lib.bd_rows_dequant.restype = None
     lib.bd_rows_dot.argtypes = [i, p, lng, i, p, lng, p, p]
@@ -273,6 +282,76 @@ class BlockWeight:
         if row_order is not None:
             blocks, keep = blocks[row_order].contiguous(), None
         return cls(blocks, int(info.ggml_type), n, k, type_name(info.ggml_type), keep)
+
+
+_MAXW = 8  # weights per product (MAXW in blockdot.c)
+ACTIVATIONS = {"GELUTanh": 1, "PytorchGELUTanh": 1, "NewGELUActivation": 1,
+               "SiLUActivation": 2, "SiLU": 2}
+"""The MLP activations :func:`layer_spec` computes in C (``bd_gated``), by module class name:
+gelu with the tanh approximation, and SiLU (both through a rational tanh, a few ulp)."""
+
+
+class LayerSpec(ctypes.Structure):
+    """``bd_layer`` of ``blockdot.c``: everything one decoder layer's step reads."""
+
+    _fields_ = [
+        ("n", ctypes.c_int * 4),
+        ("types", (ctypes.c_int * _MAXW) * 4),
+        ("W", (ctypes.c_void_p * _MAXW) * 4),
+        ("row_bytes", (ctypes.c_long * _MAXW) * 4),
+        ("N", (ctypes.c_int * _MAXW) * 4),
+        ("K", ctypes.c_int * 4),
+        ("out", ctypes.c_void_p * 4),
+        ("qkv_bias", ctypes.c_void_p),
+        ("in_norm", ctypes.c_void_p),
+        ("q_norm", ctypes.c_void_p),
+        ("k_norm", ctypes.c_void_p),
+        ("post_attn_norm", ctypes.c_void_p),
+        ("ff_norm", ctypes.c_void_p),
+        ("post_ff_norm", ctypes.c_void_p),
+        ("attn", ctypes.c_void_p),
+        ("gated", ctypes.c_void_p),
+        ("heads", ctypes.c_int),
+        ("kv_heads", ctypes.c_int),
+        ("D", ctypes.c_int),
+        ("q_dim", ctypes.c_int),
+        ("kv_dim", ctypes.c_int),
+        ("ff", ctypes.c_int),
+        ("hidden", ctypes.c_int),
+        ("act", ctypes.c_int),
+        ("eps", ctypes.c_float),
+        ("scaling", ctypes.c_float),
+    ]
+
+
+def layer_spec(groups: list[BlockGroup], norms: dict[str, torch.Tensor | None],
+               qkv_bias: torch.Tensor | None, *, heads: int, kv_heads: int, head_dim: int,
+               act: int, eps: float, scaling: float) -> tuple[LayerSpec, tuple[Any, ...]]:
+    """The record of one layer (``groups``: q|k|v, o, gate|up, down) and what it points into
+    (keep it alive as long as the record)."""
+    spec = LayerSpec()
+    for g, group in enumerate(groups):
+        spec.n[g] = len(group.weights)
+        spec.K[g] = group.in_features
+        spec.out[g] = group.out.data_ptr()
+        for i, w in enumerate(group.weights):
+            spec.types[g][i] = int(w.ggml_type)
+            spec.W[g][i] = w.blocks.data_ptr()
+            spec.row_bytes[g][i] = int(w.blocks.shape[1])
+            spec.N[g][i] = w.out_features
+    for name in ("in_norm", "q_norm", "k_norm", "post_attn_norm", "ff_norm", "post_ff_norm"):
+        t = norms.get(name)
+        setattr(spec, name, None if t is None else t.data_ptr())
+    spec.qkv_bias = None if qkv_bias is None else qkv_bias.data_ptr()
+    q_dim = heads * head_dim
+    ff = groups[2].weights[0].out_features
+    attn, gated = torch.empty(1, q_dim), torch.empty(1, ff)
+    spec.attn, spec.gated = attn.data_ptr(), gated.data_ptr()
+    spec.heads, spec.kv_heads, spec.D = heads, kv_heads, head_dim
+    spec.q_dim, spec.kv_dim = q_dim, kv_heads * head_dim
+    spec.ff, spec.hidden = ff, groups[1].weights[0].out_features
+    spec.act, spec.eps, spec.scaling = act, eps, scaling
+    return spec, (groups, norms, qkv_bias, attn, gated)
 
 
 class BlockGroup:

@@ -363,15 +363,21 @@ class FusedDecoder:
         for li, (layer, blk) in enumerate(zip(self.layers, self.blocks)):
             cos, sin = state.rope[layer.rope]
             cp, sp = cos.data_ptr() + 4 * p * d, sin.data_ptr() + 4 * p * d
+            keys, values = state.keys[li], state.values[li]
+            at, at2 = state.slots(li, p)
+            lo, hi = state._range(li, p)
+            if blk.spec is not None:  # the whole layer in one call
+                rc = lib.bd_layer_step(blk.spec_ref, hp, cp, sp, keys.data_ptr(), values.data_ptr(),
+                                       int(keys.shape[2]), at, at2, lo, hi, threads)
+                if rc != 0:
+                    raise RuntimeError(f"the block kernels refused layer {li} ({rc})")
+                continue
             qkv = blk.qkv(h, threads, layer.in_norm, eps)
             if blk.qkv_bias is not None:
                 qkv.add_(blk.qkv_bias)
             qp = qkv.data_ptr()
             lib.bd_norm_rope(qp, heads, d, blk.q_norm, eps, cp, sp)
             lib.bd_norm_rope(qp + 4 * layer.q_dim, kv_heads, d, blk.k_norm, eps, cp, sp)
-            keys, values = state.keys[li], state.values[li]
-            at, at2 = state.slots(li, p)
-            lo, hi = state._range(li, p)
             lib.bd_attend(qp, heads, kv_heads, d, keys.data_ptr(), values.data_ptr(),
                           int(keys.shape[2]), qp + 4 * layer.q_dim, qp + 4 * (layer.q_dim + layer.kv_dim),
                           at, at2, lo, hi, layer.scaling, blk.attn.data_ptr())
@@ -402,12 +408,16 @@ class _BlockLayer:
     post_attn_norm: int | None
     post_ff_norm: int | None
     keep: tuple[Any, ...]  # what the pointers point into
+    spec: Any = None  # the layer's record for one bd_layer_step call (None: an activation C lacks)
+    spec_ref: Any = None  # ctypes.byref(spec), made once
 
 
 def _block_layers(base: Any, int4: dict[Any, Any]) -> list[_BlockLayer] | None:
     """The layers as block-kernel calls when every projection of every layer is a
     :class:`~kernel_ext.gguf.blockdot.BlockWeight`, else None (the torch path runs)."""
-    from ..gguf.blockdot import BlockGroup, BlockWeight
+    import ctypes
+
+    from ..gguf.blockdot import ACTIVATIONS, BlockGroup, BlockWeight, layer_spec
 
     out = []
     gemma = base.config.model_type in _GEMMA
@@ -433,15 +443,30 @@ def _block_layers(base: Any, int4: dict[Any, Any]) -> list[_BlockLayer] | None:
                     layer.post_feedforward_layernorm if gemma else None):
             norms.append(None if mod is None else
                          _norm_weight(mod, gemma)[0].detach().float().contiguous())
+        groups = [qkv, BlockGroup(ws[3:4]), BlockGroup(ws[4:6]), BlockGroup(ws[6:])]
+        spec = keep = None
+        act = ACTIVATIONS.get(type(mlp.act_fn).__name__)
+        if act is not None:  # the whole layer as one C call
+            in_norm = _norm_weight(layer.input_layernorm, gemma)[0]
+            ff_norm = _norm_weight(layer.pre_feedforward_layernorm if gemma
+                                   else layer.post_attention_layernorm, gemma)[0]
+            d = int(attn.head_dim)
+            spec, keep = layer_spec(
+                groups, dict(zip(("q_norm", "k_norm", "post_attn_norm", "post_ff_norm"), norms),
+                             in_norm=in_norm.detach().float().contiguous(),
+                             ff_norm=ff_norm.detach().float().contiguous()),
+                bias, heads=qd // d, kv_heads=attn.k_proj.out_features // d, head_dim=d,
+                act=act, eps=_norm_weight(base.norm, gemma)[1], scaling=float(attn.scaling))
         out.append(_BlockLayer(
-            qkv=qkv, o=BlockGroup(ws[3:4]), gate_up=BlockGroup(ws[4:6]), down=BlockGroup(ws[6:]),
+            qkv=qkv, o=groups[1], gate_up=groups[2], down=groups[3],
             ff=mlp.gate_proj.out_features,
             attn=torch.empty(1, qd), qkv_bias=bias,
             q_norm=None if norms[0] is None else norms[0].data_ptr(),
             k_norm=None if norms[1] is None else norms[1].data_ptr(),
             post_attn_norm=None if norms[2] is None else norms[2].data_ptr(),
             post_ff_norm=None if norms[3] is None else norms[3].data_ptr(),
-            keep=tuple(norms),
+            keep=(tuple(norms), keep),
+            spec=spec, spec_ref=None if spec is None else ctypes.byref(spec),
         ))
     return out
 
