@@ -1,19 +1,27 @@
-/* Matrix-vector products on GGUF's own quantised blocks, with 8-bit activations.
+/* Products on GGUF's own quantised blocks with 8-bit activations, and the small steps of a
+ * decoder layer around them (decode_mode "quantized" of kernel_ext).
  *
- * Built on the machine that runs it by kernel_ext/gguf/blockdot.py (gcc -O3 -march=native,
- * into the user cache, keyed by this file, the compiler and the CPU), loaded with ctypes.
+ * Built on the machine that runs it by kernel_ext/gguf/blockdot.py (cc -O3 -march=native
+ * -fopenmp, into the user cache, keyed by this file, the compiler and the CPU), loaded with
+ * ctypes.
  *
  *   y[m][r] = sum over the row's blocks of  W_block(r) . X_block(m)
  *
  * X is quantised per block of 32 values as llama.cpp quantises activations (Q8_0: int8 values
- * and one scale, max|x|/127, kept here in float32). The weight blocks are read as they are in
- * the GGUF file (the map, or a copy with permuted rows); each block's integer dot product is
- * exact in int32, scaled in float32. Supported: Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q4_K Q5_K Q6_K.
+ * and one scale, max|x|/127, kept here in float32), and the remainder once more with a 256x
+ * finer scale (quantize_row). The weight blocks are read as they are in the GGUF file (the map,
+ * or a copy with permuted rows); each level's dot product with a block is exact in int32, the
+ * two are combined as 256 p1 + p2 and scaled in float32. Supported: Q4_0 Q4_1 Q5_0 Q5_1 Q8_0
+ * Q4_K Q5_K Q6_K.
  *
- * The loops are written for the compiler's vectoriser: a block's weights are unpacked to int8,
- * multiplied pairwise into 16 int32 lanes, and those lanes accumulate into 16 float lanes with
- * the block's scale (no horizontal sum per block). Rows are split across OpenMP threads (the
- * libgomp torch already loaded, so no second thread pool).
+ * With AVX2/FMA/F16C (and AVX-512 VNNI where present) the blocks are unpacked into 32 int8
+ * lanes and multiplied with vpdpbusd (or maddubs/madd), accumulating 8 float lanes per row;
+ * other CPUs run a portable C version of the same arithmetic. Rows are split across OpenMP
+ * threads (the libgomp torch already loaded, so no second thread pool).
+ *
+ * Also here: bd_layer_step (one token through a whole layer: norms, rotary, the KV write and
+ * attention, the gated activation, residuals), and the LM head certificate's scans and exact
+ * rows (kernel_ext/providers/head.py).
  */
 #include <stdint.h>
 #include <string.h>

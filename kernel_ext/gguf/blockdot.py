@@ -8,12 +8,18 @@ does the same for ``Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q4_K Q5_K Q6_K``:
 
 * the weights are the file's blocks, read through the memory map (no copy, nothing to cache;
   a row permutation, e.g. llama's q/k, makes one permuted copy);
-* each 32-value block's dot product is exact in int32 and scaled in float32; activations are
-  rounded to int8 with a float32 scale per block (llama.cpp's Q8_0 keeps an fp16 scale);
+* activations are rounded to int8 with a float32 scale per block of 32 (llama.cpp's Q8_0
+  keeps an fp16 scale), and the remainder again with a 256x finer scale: ~16 bits, at the cost
+  of a second integer product per block (next-token logits of the demo model within 0.003 of
+  the float32 model's, llama.cpp's single level: 0.99); each product is exact in int32 and
+  scaled in float32;
+* :func:`layer_spec` describes a whole decoder layer for one ``bd_layer_step`` call (the
+  fused step of :mod:`kernel_ext.providers.fused`);
 * rows are split across the threads torch uses, through the OpenMP runtime torch loaded.
 
 The C file is compiled on first use on the machine that runs it (``$CC``, else ``cc``, with
-``-O3 -march=native -fopenmp``) into ``<user cache>/native/``, named by a digest of the source,
+``-O3 -march=native -fopenmp``) into ``native/`` of the user cache (``$KERNEL_EXT_CACHE``, else
+``~/.cache/kernel_ext``; the ``cache_dir`` setting does not move it), named by a digest of the source,
 the compiler's version and the CPU's model and flags: a copied home directory on another CPU
 builds its own, and nothing built for one CPU runs on another. Without a compiler, or with
 ``KERNEL_EXT_BLOCKDOT=0``, :func:`unavailable` says why and the callers keep torch's int4 path.
