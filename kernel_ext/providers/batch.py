@@ -280,7 +280,7 @@ class BatchEngine:
             self.screened += sum(t is not None for t in got)
         rest = [i for i, t in enumerate(picks) if t is None]
         if rest:
-            # as decoding alone does: the int4 head for quantized sampling, else the exact one
+            # as decoding alone does: the file's head for quantized sampling, else the exact one
             full = head.sample_logits if self.mode == "quantized" else head.logits
             logits = full(last[rest])
             for j, i in enumerate(rest):

@@ -19,7 +19,8 @@ by memory bandwidth, so what it mainly changes is *which bytes are read per toke
   runs instead on copies repacked once and kept in the conversion cache
   (:mod:`kernel_ext.gguf.qlinear`, with bf16 activations; Q6_K and other types stay dense).
   Greedy tokens use the same certified head; sampled ones the head from the file's blocks.
-  Logits differ from the float32 model by about llama.cpp's own rounding, so text can change.
+  Logits differ slightly from the float32 model's (on the demo model: up to 0.003 with the
+  block kernels, ~0.2 with the int4 fallback; llama.cpp: ~1), so text can change.
 * ``"full"``: the model's own forward and whole head every token: what ``generate`` computes.
 
 Measured on the demo model: see ``benchmarks/bench_decode.py`` and the README.
@@ -286,7 +287,7 @@ def _build(model: Any, mode: str, source: Source | None, screen: str) -> Prepare
                              "decoded exactly")
                 mode = "exact"
             else:
-                fast = _head_int4(model, source, blocks)
+                fast = _head_of_file(model, source, blocks)
     screen_obj = None
     record = source.entry.parent / "decode-screens.json" if source and source.entry else None
     kind = _screen_kind(weight, screen, record)
@@ -336,7 +337,7 @@ def _shared_screen(model: Any, weight: Any, kind: str) -> Any:
     return None
 
 
-def _head_int4(model: Any, source: Source, blocks: bool = False) -> Callable[[], Any]:
+def _head_of_file(model: Any, source: Source, blocks: bool = False) -> Callable[[], Any]:
     """The LM head computed from the file's blocks (``blocks``: as they are, with the block
     kernels; else an int4 copy, built or read from the cache) the first time sampling or an
     uncertified greedy token needs it; None when it has no such form."""
@@ -642,7 +643,8 @@ def _cache_kwarg(module: Any) -> str:
 
 def copy_bytes(model: Any) -> int:
     """Bytes of the decoding copies kept for ``model`` (the LM head's screen, the int4 repacks
-    and the int4 head once built): memory the model costs beyond its own weights, counted by
+    or the file's blocks, and the file's head once built): memory the model costs beyond its
+    own weights (mapped blocks counted whole, as they become resident when read), counted by
     the model registry (``%model list``/``info``, the dashboard, its LRU cap)."""
     total = 0
     screens: set[int] = set()

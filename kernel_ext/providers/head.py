@@ -351,8 +351,9 @@ class Head:
     ``screen`` certifies greedy tokens (see the module docstring) against exact rows: the
     model's own, or ``rows(index)`` (float32 rows equal to them, e.g. dequantised from the
     file's blocks, which keeps the float32 head out of memory). ``fast()`` (built on first use)
-    gives an int4 head for the logits of ``decode_mode='quantized'``, or None. Works on a
-    batch of hidden states ``(B, K)``; each row is certified on its own.
+    gives the head computed from the file's blocks for the logits of
+    ``decode_mode='quantized'``, or None. Works on a batch of hidden states ``(B, K)``; each row
+    is certified on its own.
     """
 
     def __init__(self, weight: torch.Tensor, softcap: float | None, screen: Screen | None = None,
@@ -389,12 +390,12 @@ class Head:
         return self.cap(F.linear(hidden, self.weight)).float()
 
     def fast_built(self) -> Any:
-        """The int4 head if it was built already (without building it), else None."""
+        """The file's head if it was built already (without building it), else None."""
         peek = getattr(self.fast, "built", None)
         return peek[0] if peek else None
 
     def sample_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """All logits from the int4 head when there is one, else the exact ones."""
+        """All logits from the file's head when there is one, else the exact ones."""
         fast = self.fast() if self.fast is not None else None
         if fast is None:
             return self.logits(hidden)
@@ -405,7 +406,7 @@ class Head:
 
         ``settle_ties``: a near-tie among the exact rows is decided by our exact logits (lowest
         id first) instead of returning None; for ``decode_mode='quantized'``, whose hidden
-        states are approximate anyway, so that the float32 rows decide rather than the int4 head.
+        states are approximate anyway, so that the float32 rows decide rather than the file's head.
         """
         assert self.screen is not None
         h32 = hidden.float()
