@@ -30,6 +30,7 @@ demo: $(STAMP)
 ## test: the whole suite, slow real-model, browser and llama.cpp-server tests included (CI runs this)
 test: $(TEST_STAMP) browser-deps llama-server
 	KERNEL_EXT_LLAMA_PYTHON="$$(.ci/build-llama-server.sh)" KERNEL_EXT_REQUIRE_LLAMA_SERVER=1 \
+		KERNEL_EXT_REQUIRE_BLOCKDOT=1 \
 		$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 ## test-fast: everything but the tests marked slow

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from block_kernels import require_block_kernels
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
 
 from kernel_ext.gguf import blockdot
@@ -23,8 +24,10 @@ _T = GGMLQuantizationType
 _HALVES = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,),
            "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
 
-pytestmark = pytest.mark.skipif(blockdot.unavailable() is not None,
-                                reason=f"no block kernels here: {blockdot.unavailable()}")
+
+@pytest.fixture(autouse=True)
+def _kernels() -> None:
+    require_block_kernels()
 
 
 def _blocks(name: str, rows: int, k: int, seed: int = 0) -> np.ndarray:
@@ -222,27 +225,3 @@ def test_the_build_is_kept_per_cpu_and_compiler_and_reused(tmp_path: Path) -> No
     stamp = built.stat().st_mtime_ns
     again = _python(code, {"KERNEL_EXT_CACHE": str(tmp_path)})
     assert again.stdout == first.stdout and built.stat().st_mtime_ns == stamp  # not rebuilt
-
-
-def test_without_a_compiler_quantized_decoding_keeps_torchs_int4_kernel(tmp_path: Path) -> None:
-    sys_path = str(Path(__file__).parent)
-    code = f"""
-import sys; sys.path.insert(0, {sys_path!r})
-from pathlib import Path
-from tinymodels import write_tiny_llama
-from kernel_ext.gguf import blockdot
-from kernel_ext.gguf.loader import load_transformers
-from kernel_ext.providers.decode import Source, prepare
-print(blockdot.unavailable())
-path = write_tiny_llama(Path({str(tmp_path)!r}) / "q8.gguf", quant="Q8_0", seed=1)
-ready = prepare(load_transformers(path).model, "quantized", source=Source(path))
-print(ready.mode, "|", ready.summary)
-"""
-    done = _python(code, {"KERNEL_EXT_CACHE": str(tmp_path), "CC": "/bin/false"})
-    assert done.returncode == 0, done.stderr
-    why, result = done.stdout.strip().split("\n")[-2:]
-    assert "failed" in why
-    assert result.startswith("quantized |") and "int4 from the file's blocks" in result
-    assert "block kernels unavailable: " in result and "failed" in result  # %model info says why
-    off = _python(code, {"KERNEL_EXT_BLOCKDOT": "0"})
-    assert "KERNEL_EXT_BLOCKDOT=0" in off.stdout and "int4 from the file's blocks" in off.stdout

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import torch
+from block_kernels import require_block_kernels
 from tinyarch import Dims, write_tiny
 from tinymodels import write_tiny_gemma3, write_tiny_llama
 
@@ -180,6 +181,8 @@ def quantized(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
     (``blockdot``: the file's blocks, int8 activations) or torch's int4 kernel (the fallback
     where no C compiler is, ``KERNEL_EXT_BLOCKDOT=0``)."""
     family, quant, kernels = request.param
+    if kernels == "blocks":
+        require_block_kernels()
     folder = tmp_path_factory.mktemp(family)
     if family == "qwen3":  # K-quant blocks need rows of 256
         path = write_tiny(folder / "qwen3.gguf", "qwen3", quant=quant, seed=4,
