@@ -10,45 +10,25 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from block_kernels import require_block_kernels
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
+from gguf import GGMLQuantizationType, quants
+from quant_blocks import SCALES_AT, random_blocks
 
 from kernel_ext.gguf import blockdot
 
 _T = GGMLQuantizationType
-# where each type keeps its fp16 scale (and minimum), so random blocks get sane values there
-_HALVES = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,),
-           "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
-
-
-@pytest.fixture(autouse=True)
-def _kernels() -> None:
-    require_block_kernels()
-
-
-def _blocks(name: str, rows: int, k: int, seed: int = 0) -> np.ndarray:
-    """Random but valid blocks of every quant value (``(rows, row_bytes)`` uint8)."""
-    elems, nbytes = GGML_QUANT_SIZES[_T[name]]
-    rng = np.random.default_rng(seed)
-    raw = rng.integers(0, 256, size=(rows * k // elems, nbytes), dtype=np.uint8)
-    for at in _HALVES[name]:
-        half = (rng.uniform(-1, 1, size=raw.shape[0]) * 0.01).astype(np.float16)
-        raw[:, at:at + 2] = half.view(np.uint8).reshape(-1, 2)
-    return raw.reshape(rows, -1)
 
 
 def _weight(name: str, rows: int, k: int, seed: int = 0) -> tuple[blockdot.BlockWeight, torch.Tensor]:
-    raw = _blocks(name, rows, k, seed)
+    raw = random_blocks(name, rows, k, seed)
     w = blockdot.BlockWeight(torch.from_numpy(raw.copy()), int(_T[name]), rows, k, name)
     want = torch.from_numpy(quants.dequantize(raw, _T[name]).reshape(rows, k))
     return w, want
 
 
-@pytest.mark.parametrize("name", sorted(_HALVES))
+@pytest.mark.parametrize("name", sorted(SCALES_AT))
 @pytest.mark.parametrize("m", [1, 3, 11])  # 11: more rows than one pass over the weights takes
 def test_products_are_the_dequantised_blocks_times_the_int8_activations(name: str, m: int) -> None:
     rows, k = 40, 512
@@ -66,7 +46,7 @@ def test_products_are_the_dequantised_blocks_times_the_int8_activations(name: st
     assert float((y.double() - exact).abs().max()) <= 2.0**-11 * float(scale.max())
 
 
-@pytest.mark.parametrize("name", sorted(_HALVES))
+@pytest.mark.parametrize("name", sorted(SCALES_AT))
 def test_rows_decode_to_gguf_pys_floats(name: str) -> None:
     w, want = _weight(name, 24, 256, seed=5)
     index = torch.tensor([3, 0, 23, 7])
@@ -192,7 +172,7 @@ def test_the_portable_build_computes_what_the_vectorised_one_does(tmp_path: Path
     blockdot._build(cc, target, arch=("-march=x86-64",))
     portable = blockdot._declare(ctypes.CDLL(str(target)), target)
     native = blockdot.library()
-    for name in sorted(_HALVES):
+    for name in sorted(SCALES_AT):
         w, _ = _weight(name, 24, 512, seed=7)
         for m in (1, 5):
             x = torch.randn(m, 512, generator=torch.Generator().manual_seed(m))

@@ -10,7 +10,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
+from gguf import GGMLQuantizationType, quants
+from quant_blocks import SCALES_AT, random_blocks
 from tinymodels import write_tiny_gemma3, write_tiny_llama
 
 from kernel_ext.gguf import qlinear
@@ -18,20 +19,7 @@ from kernel_ext.gguf.cache import decode_path
 from kernel_ext.providers import quantized
 
 _T = GGMLQuantizationType
-# where each type keeps its fp16 scale (and minimum), so random blocks get sane values there
-_HALVES = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,),
-           "Q4_K": (0, 2), "Q5_K": (0, 2)}
-
-
-def _blocks(name: str, rows: int, k: int, seed: int = 0) -> np.ndarray:
-    """Random but valid blocks of every quant value (``(rows, row_bytes)`` uint8)."""
-    elems, nbytes = GGML_QUANT_SIZES[_T[name]]
-    rng = np.random.default_rng(seed)
-    raw = rng.integers(0, 256, size=(rows * k // elems, nbytes), dtype=np.uint8)
-    for at in _HALVES[name]:
-        half = (rng.uniform(-1, 1, size=raw.shape[0]) * 0.01).astype(np.float16)
-        raw[:, at:at + 2] = half.view(np.uint8).reshape(-1, 2)
-    return raw.reshape(rows, -1)
+_REPACKABLE = sorted(name for name in SCALES_AT if name != "Q6_K")  # Q6_K has no int4 form
 
 
 def _reader(raw: np.ndarray) -> Any:
@@ -40,12 +28,12 @@ def _reader(raw: np.ndarray) -> Any:
     return read
 
 
-@pytest.mark.parametrize("name", sorted(_HALVES))
+@pytest.mark.parametrize("name", _REPACKABLE)
 def test_repacking_round_trips_against_gguf_py(name: str) -> None:
     """The parts reproduce gguf-py's dequantisation: exactly with float32 scales, and within
     the bf16 rounding of each group's scale and zero with the scales the kernel uses."""
     rows, k = 40, 512
-    raw = _blocks(name, rows, k)
+    raw = random_blocks(name, rows, k)
     want = torch.from_numpy(quants.dequantize(raw, _T[name]).reshape(rows, k)).double()
     parts = qlinear.repack_rows(torch.from_numpy(raw).reshape(-1), int(_T[name]), k)
     assert len(parts) == (1 if name in ("Q4_0", "Q4_1", "Q4_K") else 2)
@@ -59,10 +47,10 @@ def test_repacking_round_trips_against_gguf_py(name: str) -> None:
     assert float((got - want).abs().max()) > 0 or name == "Q4_0"  # bf16 did round something
 
 
-@pytest.mark.parametrize("name", sorted(_HALVES))
+@pytest.mark.parametrize("name", _REPACKABLE)
 def test_the_packed_kernel_computes_with_the_repacked_values(name: str) -> None:
     rows, k = 40, 512  # 40 rows: padded to 48 for the packing kernel, cut off again
-    raw = _blocks(name, rows, k, seed=1)
+    raw = random_blocks(name, rows, k, seed=1)
     w = qlinear.repack(_reader(raw), int(_T[name]), (k, rows))
     assert (w.out_features, w.in_features, w.source) == (rows, k, name)
     assert w.repeat == (1 if name in ("Q4_0", "Q4_1", "Q4_K") else 2)
@@ -80,7 +68,7 @@ def test_the_packed_kernel_computes_with_the_repacked_values(name: str) -> None:
 
 def test_a_row_order_moves_whole_rows() -> None:
     rows, k = 64, 256
-    raw = _blocks("Q4_K", rows, k, seed=3)
+    raw = random_blocks("Q4_K", rows, k, seed=3)
     order = torch.randperm(rows, generator=torch.Generator().manual_seed(4))
     plain = qlinear.repack(_reader(raw), int(_T.Q4_K), (k, rows))
     moved = qlinear.repack(_reader(raw), int(_T.Q4_K), (k, rows), order)

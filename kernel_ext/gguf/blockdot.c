@@ -124,9 +124,20 @@ typedef struct {
     int two;          /* 1: scale2 applies to w[16..31]                                     */
 } blk;
 
+/* the 32 values of a Q5_0/Q5_1 block: low nibbles qs, fifth bits qh, less `offset` */
+static inline void five_bits(const uint8_t *qs, const uint8_t *qh_bytes, int offset, int8_t *w) {
+    uint32_t qh;
+    memcpy(&qh, qh_bytes, 4);
+    for (int i = 0; i < 16; i++) {
+        w[i] = (int8_t)(((qs[i] & 15) | (((qh >> i) & 1) << 4)) - offset);
+        w[i + 16] = (int8_t)(((qs[i] >> 4) | (((qh >> (i + 16)) & 1) << 4)) - offset);
+    }
+}
+
 static inline void unpack(int type, const uint8_t *row, int b, blk *o) {
     int i;
     o->minv = 0.0f;
+    o->scale2 = 0.0f;
     o->two = 0;
     switch (type) {
     case T_Q4_0: {
@@ -143,26 +154,16 @@ static inline void unpack(int type, const uint8_t *row, int b, blk *o) {
         break;
     }
     case T_Q5_0: {
-        const uint8_t *p = row + b * 22, *qs = p + 6;
-        uint32_t qh;
-        memcpy(&qh, p + 2, 4);
+        const uint8_t *p = row + b * 22;
         o->scale = fp16(p);
-        for (i = 0; i < 16; i++) {
-            o->w[i] = (int8_t)(((qs[i] & 15) | (((qh >> i) & 1) << 4)) - 16);
-            o->w[i + 16] = (int8_t)(((qs[i] >> 4) | (((qh >> (i + 16)) & 1) << 4)) - 16);
-        }
+        five_bits(p + 6, p + 2, 16, o->w);
         break;
     }
     case T_Q5_1: {
-        const uint8_t *p = row + b * 24, *qs = p + 8;
-        uint32_t qh;
-        memcpy(&qh, p + 4, 4);
+        const uint8_t *p = row + b * 24;
         o->scale = fp16(p);
         o->minv = fp16(p + 2);
-        for (i = 0; i < 16; i++) {
-            o->w[i] = (int8_t)((qs[i] & 15) | (((qh >> i) & 1) << 4));
-            o->w[i + 16] = (int8_t)((qs[i] >> 4) | (((qh >> (i + 16)) & 1) << 4));
-        }
+        five_bits(p + 8, p + 4, 0, o->w);
         break;
     }
     case T_Q8_0: {

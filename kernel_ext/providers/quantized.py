@@ -347,9 +347,13 @@ def _from_cache(params: dict[str, tuple[torch.nn.Linear, tuple[str, ...]]], sour
     return QuantizedLinears(weights, dense, from_cache=True, sources=used)
 
 
-def _build(params: dict[str, tuple[torch.nn.Linear, tuple[str, ...]]],
-           sources: dict[str, RowSource], gf: GGUFFile) -> QuantizedLinears:
-    weights: dict[str, qlinear.Int4Weight] = {}
+def _copies(params: dict[str, tuple[torch.nn.Linear, tuple[str, ...]]],
+            sources: dict[str, RowSource], gf: GGUFFile,
+            make: Callable[[RowSource, Any], Any], kind: str) -> QuantizedLinears:
+    """A copy of each weight in ``params`` made by ``make(source, tensor_info)`` (the copy, or
+    why there is none), each checked against the model's dense weight; ``kind`` names the copy
+    in the reasons of the weights that stay dense."""
+    weights: dict[str, Any] = {}
     dense: dict[str, str] = {}
     used: dict[str, RowSource] = {}
     for name, (module, aliases) in params.items():
@@ -362,21 +366,33 @@ def _build(params: dict[str, tuple[torch.nn.Linear, tuple[str, ...]]],
         if (n, k) != tuple(module.weight.shape):
             dense[name] = f"GGUF shape {info.shape} does not fit {tuple(module.weight.shape)}"
             continue
-        try:
-            w = qlinear.repack(_rows_of(gf, src.tensor, info.nbytes // n), info.ggml_type,
-                               (k, n), src.row_order)
-        except qlinear.NotRepackable as e:
-            dense[name] = str(e)
+        w = make(src, info)
+        if isinstance(w, str):
+            dense[name] = w
             continue
         why = _mismatch(w, module.weight.detach())
         if why is not None:
-            log.warning("kernel_ext: the int4 copy of %s does not match the model (%s); "
-                        "it stays dense", name, why)
-            dense[name] = f"repacked {src.tensor} does not match the model's weight ({why})"
+            log.warning("kernel_ext: the %s of %s does not match the model (%s); it stays dense",
+                        kind, name, why)
+            label = f"repacked {src.tensor}" if kind == "int4 copy" else src.tensor
+            dense[name] = f"{label} does not match the model's weight ({why})"
             continue
         weights[name] = w
         used[name] = src
     return QuantizedLinears(weights, dense, sources=used)
+
+
+def _build(params: dict[str, tuple[torch.nn.Linear, tuple[str, ...]]],
+           sources: dict[str, RowSource], gf: GGUFFile) -> QuantizedLinears:
+    def repacked(src: RowSource, info: Any) -> qlinear.Int4Weight | str:
+        k, n = (int(d) for d in info.shape)
+        try:
+            return qlinear.repack(_rows_of(gf, src.tensor, info.nbytes // n), info.ggml_type,
+                                  (k, n), src.row_order)
+        except qlinear.NotRepackable as e:
+            return str(e)
+
+    return _copies(params, sources, gf, repacked, "int4 copy")
 
 
 def block_model(model: Any, gguf_path: str | Path, *, part: str = "body") -> QuantizedLinears:
@@ -391,34 +407,16 @@ def block_model(model: Any, gguf_path: str | Path, *, part: str = "body") -> Qua
     t0 = time.perf_counter()
     head = model.get_output_embeddings()
     params = {k: v for k, v in _linear_params(model).items() if (v[0] is head) == (part == "head")}
-    weights: dict[str, Any] = {}
-    dense: dict[str, str] = {}
-    used: dict[str, RowSource] = {}
+
+    def blocks(src: RowSource, info: Any) -> blockdot.BlockWeight | str:
+        if blockdot.row_bytes(info.ggml_type, int(info.shape[0])) == 0:
+            return f"{info.type_name} has no block kernel"
+        return blockdot.BlockWeight.from_file(gguf_path, info, src.row_order)
+
     with read_gguf(gguf_path) as gf:
-        sources = weight_sources(model, gf)
-        for name, (module, aliases) in params.items():
-            src = next((sources[a] for a in aliases if a in sources), None)
-            if src is None:
-                dense[name] = "no GGUF tensor maps onto it by rows"
-                continue
-            info = gf.tensors[src.tensor]
-            k, n = (int(d) for d in info.shape)
-            if (n, k) != tuple(module.weight.shape):
-                dense[name] = f"GGUF shape {info.shape} does not fit {tuple(module.weight.shape)}"
-                continue
-            if blockdot.row_bytes(info.ggml_type, k) == 0:
-                dense[name] = f"{info.type_name} has no block kernel"
-                continue
-            w = blockdot.BlockWeight.from_file(gguf_path, info, src.row_order)
-            why = _mismatch(w, module.weight.detach())
-            if why is not None:
-                log.warning("kernel_ext: the blocks of %s do not match the model (%s); "
-                            "it stays dense", name, why)
-                dense[name] = f"{src.tensor} does not match the model's weight ({why})"
-                continue
-            weights[name] = w
-            used[name] = src
-    return QuantizedLinears(weights, dense, seconds=time.perf_counter() - t0, sources=used)
+        result = _copies(params, weight_sources(model, gf), gf, blocks, "blocks")
+    result.seconds = time.perf_counter() - t0
+    return result
 
 
 # --- the LM head's screen -----------------------------------------------------------------------------
